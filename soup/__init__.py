@@ -1,0 +1,1 @@
+"""soup: model soups for fine-tuned models."""

@@ -1,0 +1,263 @@
+"""Evaluator plug-ins: the one abstract base class, the candidate it scores, and how they are loaded.
+
+An evaluator turns a *candidate* (an ingredient or a soup of ingredients) into a score. It has one
+required method, ``score(candidate)``, and a declared direction (``"maximize"`` or ``"minimize"``, as
+in optuna), so that a loss is never maximised by mistake.
+
+A candidate offers two forms, each built lazily on first use:
+- ``candidate.path()``: an HF-layout folder (sharded safetensors + config/tokenizer files) for
+  external harnesses; written to a temporary folder and removed when the candidate is closed;
+- ``candidate.state_dict(device)``: ``{name: tensor}`` in memory on a device, for in-process
+  evaluators; no disk at all.
+
+Evaluators are found by entry point (group ``soup.evaluators``; the built-ins are registered that
+way), by ``module:Class`` or by ``path/to/file.py:Class``; keyword arguments come from the recipe.
+
+Contract: ``score`` may be called many times on one instance, from one thread at a time; an
+evaluator may keep a model resident between calls. ``close()`` releases it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import math
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import EvaluatorError
+
+__all__ = ["Candidate", "Evaluator", "Score", "load_evaluator", "evaluator_names", "run_evaluator"]
+
+ENTRY_POINT_GROUP = "soup.evaluators"
+
+
+@dataclass(frozen=True)
+class Score:
+    """The result of one evaluation: the primary value, used for selection, plus all metrics."""
+
+    value: float  # the primary metric
+    metrics: dict[str, float] = field(default_factory=dict)  # every named metric, primary included
+    primary: str = "score"  # the name of the primary metric
+
+
+class Candidate:
+    """Something to score: a weighted mean of ingredients, materialised on demand.
+
+    Args:
+        name: a human label naming the candidate in progress lines and errors
+            (e.g. ``"ingredient 3/8 (ft-ocr)"``, ``"greedy candidate 5/8"``).
+        key: the content identity (ingredient fingerprints + weights) used by the score cache.
+        state_dict_fn: ``fn(device) -> {name: tensor}``, builds the weights in memory.
+        write_fn: ``fn(folder)``, writes an HF-layout checkpoint into an existing empty folder.
+        weights: ``{ingredient label: weight}``, for reports.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        key: str,
+        *,
+        state_dict_fn: Callable[[str], dict[str, Any]],
+        write_fn: Callable[[Path], None],
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        self.name = name
+        self.key = key
+        self.weights = dict(weights or {})
+        self._state_dict_fn = state_dict_fn
+        self._write_fn = write_fn
+        self._tmp: Path | None = None
+
+    @classmethod
+    def from_state_dict(cls, name: str, state_dict: Mapping[str, Any], *, key: str | None = None,
+                        config_dir: str | Path | None = None) -> Candidate:
+        """A candidate over tensors already in memory (tests, training scripts).
+
+        ``config_dir``: a folder whose config/tokenizer files are copied next to the weights when a
+        folder is asked for.
+        """
+        from safetensors.torch import save_file
+
+        def to_device(device: str) -> dict[str, Any]:
+            return {k: v.to(device) for k, v in state_dict.items()}
+
+        def write(folder: Path) -> None:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()},
+                      str(folder / "model.safetensors"), metadata={"format": "pt"})
+            if config_dir is not None:
+                from .writer import copy_aux_files
+                copy_aux_files(Path(config_dir), folder)
+
+        return cls(name, key or f"memory:{id(state_dict)}", state_dict_fn=to_device, write_fn=write)
+
+    def state_dict(self, device: str = "cpu") -> dict[str, Any]:
+        """The candidate's weights as ``{name: tensor}`` on ``device`` (built anew on each call)."""
+        return self._state_dict_fn(device)
+
+    def path(self) -> Path:
+        """An HF-layout folder holding the candidate; written on first call, removed by ``close``."""
+        if self._tmp is None:
+            tmp = Path(tempfile.mkdtemp(prefix="soup-candidate-"))
+            try:
+                self._write_fn(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self._tmp = tmp
+        return self._tmp
+
+    def close(self) -> None:
+        """Remove the temporary folder, if one was written."""
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> Candidate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Candidate({self.name!r})"
+
+
+class Evaluator(ABC):
+    """Base class of evaluator plug-ins: implement ``score``; set ``direction`` if lower is better.
+
+    ``score(candidate)`` returns a float, or a mapping of named metrics in which ``primary`` (the
+    class attribute, or the ``primary=`` keyword) names the one used for selection.
+
+    Keyword arguments given to the constructor (from the recipe) are kept in ``self.args`` and, with
+    ``name`` and ``version``, make up the evaluator's identity in the score cache: bump ``version``
+    when a change to the code changes the scores.
+    """
+
+    name: ClassVar[str] = ""  # the registry name; defaults to the class name
+    version: ClassVar[str] = "1"  # part of the cache key
+    direction: str = "maximize"  # "maximize" or "minimize"
+    primary: str | None = None  # for mapping results: the metric used for selection
+
+    def __init__(self, **args: Any) -> None:
+        self.args = dict(args)
+        if "direction" in args:
+            self.direction = args["direction"]
+        if "primary" in args:
+            self.primary = args["primary"]
+        if self.direction not in ("maximize", "minimize"):
+            raise EvaluatorError(f"evaluator {self.label}: direction must be 'maximize' or 'minimize', "
+                                 f"got {self.direction!r}")
+
+    @abstractmethod
+    def score(self, candidate: Candidate) -> float | Mapping[str, float]:
+        """Score one candidate."""
+
+    def close(self) -> None:
+        """Release resources (a resident model, a GPU); called once when the run ends."""
+
+    @property
+    def label(self) -> str:
+        return self.name or type(self).__name__
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two evaluations comparable: name, version, arguments."""
+        return {"name": self.label, "version": self.version, "args": self.args,
+                "direction": self.direction, "primary": self.primary}
+
+    def better(self, a: float, b: float) -> bool:
+        """True if score ``a`` is strictly better than ``b`` in this evaluator's direction."""
+        return a > b if self.direction == "maximize" else a < b
+
+
+def run_evaluator(evaluator: Evaluator, candidate: Candidate) -> Score:
+    """Call ``evaluator.score`` and normalise the result; any failure becomes an EvaluatorError."""
+    try:
+        raw = evaluator.score(candidate)
+    except EvaluatorError as e:
+        raise EvaluatorError(f"evaluator {evaluator.label} failed on {candidate.name}: {e}") from e
+    except Exception as e:  # a plug-in crash: keep the cause, name the candidate
+        raise EvaluatorError(f"evaluator {evaluator.label} failed on {candidate.name}: "
+                             f"{type(e).__name__}: {e}") from e
+    if isinstance(raw, Mapping):
+        metrics = {str(k): _finite(evaluator, candidate, v, str(k)) for k, v in raw.items()}
+        primary = evaluator.primary or (next(iter(metrics)) if len(metrics) == 1 else None)
+        if primary not in metrics:
+            raise EvaluatorError(f"evaluator {evaluator.label} returned metrics {sorted(metrics)} for "
+                                 f"{candidate.name} but its primary metric is {primary!r}")
+        return Score(metrics[primary], metrics, primary)
+    value = _finite(evaluator, candidate, raw, "score")
+    return Score(value, {"score": value}, "score")
+
+
+def _finite(evaluator: Evaluator, candidate: Candidate, value: Any, metric: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise EvaluatorError(f"evaluator {evaluator.label} returned a non-number {value!r} "
+                             f"({metric}) for {candidate.name}") from None
+    if not math.isfinite(value):
+        raise EvaluatorError(f"evaluator {evaluator.label} returned a non-finite score {value} "
+                             f"({metric}) for {candidate.name}")
+    return value
+
+
+def evaluator_names() -> list[str]:
+    """Names registered under the ``soup.evaluators`` entry-point group."""
+    return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_evaluator(spec: str | type[Evaluator] | Evaluator, **args: Any) -> Evaluator:
+    """Build an evaluator from an entry-point name, ``module:Class`` or ``file.py:Class``.
+
+    An Evaluator instance is returned as is; a class is instantiated with ``args``.
+    Raises EvaluatorError naming the valid entry-point names when ``spec`` is unknown.
+    """
+    if isinstance(spec, Evaluator):
+        return spec
+    if isinstance(spec, type):
+        cls = spec
+    elif ":" in spec:
+        cls = _load_attr(spec)
+    else:
+        eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        if spec not in eps:
+            raise EvaluatorError(f"unknown evaluator {spec!r}; valid names: {', '.join(sorted(eps))} "
+                                 f"(or 'module:Class', 'path/to/file.py:Class')")
+        cls = eps[spec].load()
+    if not (isinstance(cls, type) and issubclass(cls, Evaluator)):
+        raise EvaluatorError(f"evaluator {spec!r} is not a subclass of soup.Evaluator")
+    try:
+        return cls(**args)
+    except EvaluatorError:
+        raise
+    except TypeError as e:
+        raise EvaluatorError(f"evaluator {spec!r}: bad arguments {sorted(args)}: {e}") from e
+
+
+def _load_attr(spec: str) -> Any:
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise EvaluatorError(f"evaluator file not found: {path}")
+            mod_name = f"soup_user_evaluator_{abs(hash(str(path.resolve())))}"
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except EvaluatorError:
+        raise
+    except Exception as e:
+        raise EvaluatorError(f"cannot import evaluator {spec!r}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, attr):
+        raise EvaluatorError(f"evaluator {spec!r}: {target} has no attribute {attr!r}")
+    return getattr(module, attr)
