@@ -1,1 +1,19 @@
-"""soup: model soups for fine-tuned models."""
+"""soup: model soups for fine-tuned (vision-)language models.
+
+Streaming weight merging (``merge``), evaluator-driven soups and hub publishing. Every soup is a
+weighted mean of ingredient checkpoints; strategies decide the weights, one engine applies them.
+"""
+
+from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
+from .evaluate import Candidate, Evaluator, Score, load_evaluator
+from .inspect import inspect
+from .merge import MergeResult, merge, soup_version
+
+__version__ = soup_version()
+
+__all__ = [
+    "merge", "MergeResult", "inspect",
+    "Evaluator", "Candidate", "Score", "load_evaluator",
+    "SoupError", "RecipeError", "CheckpointError", "IncompatibleIngredients", "EvaluatorError", "HubError",
+    "__version__",
+]

@@ -1,0 +1,141 @@
+"""The ``soup`` command line: one typer app, one function per subcommand.
+
+Progress goes to stderr, results to stdout. Exit codes: 0 success, 1 a soup error (one line, no
+traceback unless ``--debug`` or ``SOUP_DEBUG=1``), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import SoupError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Model soups: merge fine-tuned checkpoints by weighted averaging, "
+                       "driven by evaluation scores.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"debug": os.environ.get("SOUP_DEBUG", "") not in ("", "0")}
+
+# options shared by several subcommands
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder "
+                                         "(only once the new soup is complete).")]
+Endpoint = Annotated[Optional[str], typer.Option("--endpoint", envvar="HF_ENDPOINT",
+                                                 help="Hub endpoint for hf:// ingredients and pushes.")]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+@contextmanager
+def _errors():
+    """Turn a SoupError into one line on stderr and exit 1; Ctrl-C into exit 130."""
+    try:
+        yield
+    except SoupError as e:
+        if _state["debug"]:
+            raise
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was written", markup=False)
+        raise typer.Exit(130) from None
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--weights")
+
+
+@app.command()
+def merge(
+    ingredients: Annotated[list[str], typer.Argument(help="Checkpoint folders, weight files or hf://owner/name@revision.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created atomically).")],
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per ingredient "
+                                                   "(default uniform), normalised to sum to 1.")] = None,
+    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Use the weights as given.")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="Output dtype of float tensors: bfloat16, float16, "
+                                                 "float32 (default: the ingredients').")] = None,
+    accumulate: Annotated[str, typer.Option(help="Accumulation dtype: float32 or float64.")] = "float32",
+    shard_size: Annotated[str, typer.Option(help="Maximum bytes per output shard, e.g. 5GB, 500MB.")] = "5GB",
+    device: Annotated[str, typer.Option(help="Where the math runs: cpu or cuda.")] = "cpu",
+    rule: Annotated[Optional[list[str]], typer.Option("--rule", help="Per-tensor rule, first match wins: "
+                                                      "'PATTERN=take:N', 'PATTERN=drop' or 'PATTERN=W1,W2,...'. "
+                                                      "Repeatable.")] = None,
+    config_from: Annotated[str, typer.Option(help="Ingredient (index or name) whose config, tokenizer and "
+                                             "processor files are copied.")] = "0",
+    strict: Annotated[bool, typer.Option(help="Differing integer/bool buffers are an error, not a warning.")] = False,
+    overwrite: Overwrite = False,
+    endpoint: Endpoint = None,
+    quiet: Quiet = False,
+) -> None:
+    """Merge checkpoints into their weighted mean (a model soup), streaming tensor by tensor."""
+    from .ingredients import HubOptions
+    from .inspect import human_bytes
+    from .merge import merge as run_merge
+
+    w = _weights(weights)
+    with _errors():
+        result = run_merge(ingredients, output, weights=w, normalize=not no_normalize, dtype=dtype,
+                           accumulate=accumulate, shard_size=shard_size, device=device, rules=rule or (),
+                           strict=strict, config_from=config_from, overwrite=overwrite, progress=not quiet,
+                           hub=HubOptions(endpoint=endpoint))
+    m = result.manifest
+    out.print(f"{result.path}\t{m['tensors']} tensors\t{human_bytes(m['total_size'])}\t"
+              f"{len(m['files'])} shard(s)\t{result.seconds:.1f}s")
+
+
+@app.command()
+def inspect(
+    paths: Annotated[list[str], typer.Argument(help="One checkpoint to describe, or several to compare.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Describe a checkpoint (tensors, parameters, dtypes, shards, bytes), or check several for compatibility."""
+    from .inspect import human_bytes, inspect as run_inspect
+
+    with _errors():
+        report = run_inspect(*paths)
+    if as_json:
+        out.print(json.dumps(report, indent=2), markup=False)
+    else:
+        for s in report.get("ingredients", [report]):
+            out.print(f"{s['name']}: {s['tensors']} tensors, {s['parameters']:,} parameters, "
+                      f"{human_bytes(s['bytes'])}, dtypes {s['dtypes']}, {len(s['files'])} file(s)", markup=False)
+            for f, size in s["files"].items():
+                out.print(f"  {f}\t{human_bytes(size)}", markup=False)
+        if "compatible" in report:
+            if report["compatible"]:
+                out.print("compatible: yes")
+            else:
+                out.print(f"compatible: no ({report['difference_count']} tensor(s) differ)")
+                for d in report["differences"]:
+                    out.print(f"  {d['tensor']}: {d['issue']} {d['values']}", markup=False)
+    if report.get("compatible") is False:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SoupError as e:  # raised outside a command body (e.g. by a callback)
+        if _state["debug"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,212 @@
+"""``merge``: the streaming engine end to end — ingredients -> plan -> stream -> combine -> write.
+
+Every soup is a weighted mean of ingredients; strategies only decide the weights and call this.
+With ``out`` the soup is written as HF-loadable sharded safetensors (atomically, manifest last);
+without it the soup is returned in memory as a state dict on ``device`` (same plan, other sink).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, parse_dtype
+from .combine import Combiner
+from .errors import RecipeError, SoupError
+from .ingredients import HubOptions, IngredientSpec, describe, resolve_all
+from .plan import Job, Plan, build_plan
+from .progress import Reporter, RichReporter
+from .rules import Rule, parse_rules
+from .stream import TensorReader
+from .writer import MANIFEST, MemorySink, OutputDir, ShardWriter, copy_aux_files, parse_size, write_manifest
+
+__all__ = ["merge", "MergeResult", "soup_version"]
+
+
+def soup_version() -> str:
+    try:
+        return importlib.metadata.version("soup-merge")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced: the output folder (or the state dict) and its manifest."""
+
+    path: Path | None
+    manifest: dict[str, Any]
+    state_dict: dict[str, torch.Tensor] | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def merge(
+    ingredients: Sequence[IngredientSpec],
+    out: str | Path | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    dtype: str | torch.dtype | None = None,
+    accumulate: str = "float32",
+    shard_size: str | int = "5GB",
+    device: str = "cpu",
+    rules: Sequence[str | Mapping[str, Any] | Rule] = (),
+    strict: bool = False,
+    config_from: int | str = 0,
+    overwrite: bool = False,
+    progress: bool | Reporter = False,
+    on_shard: Callable[[Path], None] | None = None,
+    labels: Sequence[str | None] | None = None,
+    hub: HubOptions | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
+) -> MergeResult:
+    """Merge ingredients into their weighted mean, streaming tensor by tensor.
+
+    Args:
+        ingredients: folders, weight files, ``hf://owner/name@rev``, state dicts or Checkpoints.
+        out: output folder; None returns the soup in memory (``result.state_dict`` on ``device``).
+        weights: one per ingredient (default uniform); normalised to sum to 1 unless ``normalize=False``.
+        dtype: output dtype of float tensors (default: the ingredients').
+        accumulate: "float32" (default) or "float64".
+        shard_size: bytes per output shard, e.g. "5GB" or 2_000_000_000.
+        device: where the math runs ("cpu", "cuda").
+        rules: per-tensor rules, ``"PATTERN=take:N"``, ``"PATTERN=drop"``, ``"PATTERN=W1,W2"``.
+        strict: differing integer/bool buffers are an error, not a warning.
+        config_from: ingredient (index or label) whose config/tokenizer/processor files are copied.
+        overwrite: replace an existing ``out`` (only once the new soup is complete).
+        progress: True for rich progress on stderr, or a Reporter.
+        on_shard: called with each shard's path as soon as it is written (e.g. a hub uploader).
+        manifest_extra: extra keys for ``soup.json`` (method, evaluation, recipe).
+
+    Returns:
+        MergeResult with the output path and manifest (or the state dict).
+
+    Raises:
+        SoupError: bad input (CheckpointError, IncompatibleIngredients, RecipeError); nothing is written.
+    """
+    t0 = time.perf_counter()
+    reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
+    out_dtype = parse_dtype(dtype)
+    acc_dtype = {"float32": torch.float32, "float64": torch.float64}.get(str(accumulate))
+    if acc_dtype is None:
+        raise RecipeError(f"accumulate: {accumulate!r} is not float32 or float64")
+    _check_device(device)
+    output = OutputDir(out, overwrite=overwrite) if out is not None else None  # fail fast on an existing out
+    rule_list = parse_rules(rules)
+    cks = resolve_all(ingredients, labels=labels, hub=hub)
+    plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=normalize)
+    source = _config_source(cks, config_from)
+    readers = [TensorReader(ck) for ck in cks]
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        reporter.warn(msg)
+
+    combiner = Combiner([c.label for c in cks], where=lambda i, name: _where(cks[i], name),
+                        accumulate=acc_dtype, device=device, strict=strict, warn=warn)
+    for r in plan.unused_rules:
+        warn(f"rule {r} matched no tensor")
+    following = {a.name: b for a, b in zip(plan.jobs, plan.jobs[1:])}
+    try:
+        with reporter.bytes_task("merging", plan.input_bytes) as advance:
+            def produce(job: Job):
+                srcs = range(len(cks)) if job.kind == "copy" else job.sources()
+                views = [readers[i].view(job.name) if i in srcs else None for i in range(len(cks))]
+                nxt = following.get(job.name)
+                if nxt is not None:
+                    for i in (range(len(cks)) if nxt.kind == "copy" else nxt.sources()):
+                        readers[i].readahead(nxt.name)
+                per_element = sum(cks[i].tensors[job.name].dtype.itemsize for i in srcs)
+                for block in combiner.blocks(job, views):
+                    yield block
+                    advance(block.numel() * per_element)
+
+            if output is None:
+                state = MemorySink(device).write(plan.jobs, produce)
+                manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, manifest_extra)
+                return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
+            with output as tmp:
+                writer = ShardWriter(tmp, plan.jobs, shard_size=parse_size(shard_size), on_shard=on_shard)
+                writer.write(produce)
+                if source is not None and source.root is not None:
+                    copy_aux_files(source.root, tmp, dtype=out_dtype)
+                manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, writer.files,
+                                     manifest_extra)
+                write_manifest(tmp, manifest)
+                path = output.commit()
+    finally:
+        for r in readers:
+            r.close()
+    return MergeResult(path, manifest, None, time.perf_counter() - t0, warnings)
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RecipeError(f"device: {device!r} is not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SoupError(f"device {device}: no CUDA device is available here (use --device cpu)")
+
+
+def _config_source(cks: Sequence[Checkpoint], config_from: int | str) -> Checkpoint | None:
+    if isinstance(config_from, int) or str(config_from).isdigit():
+        i = int(config_from)
+        if not 0 <= i < len(cks):
+            raise RecipeError(f"config_from: index {i} out of range (0..{len(cks) - 1})")
+        return cks[i]
+    for ck in cks:
+        if ck.label == config_from:
+            return ck
+    raise RecipeError(f"config_from: no ingredient named {config_from!r}")
+
+
+def _where(ck: Checkpoint, name: str) -> str:
+    f = ck.tensors[name].file
+    return str(f) if f is not None else ck.label
+
+
+def _manifest(cks: Sequence[Checkpoint], plan: Plan, rules: Sequence[Rule], dtype: torch.dtype | None,
+              accumulate: str, source: Checkpoint | None, files: Mapping[str, Any],
+              extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    out_dtypes = sorted({str(j.out_dtype).removeprefix("torch.") for j in plan.jobs})
+    uniform = all(abs(w - plan.weights[0]) < 1e-12 for w in plan.weights)
+    manifest: dict[str, Any] = {
+        "soup_version": soup_version(),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "method": {"name": "average" if uniform else "weighted",
+                   "reference": "https://arxiv.org/abs/2203.05482"},
+        "ingredients": [{**describe(ck), "weight": w} for ck, w in zip(cks, plan.weights)],
+        "rules": [r.to_dict() for r in rules],
+        "dropped": plan.dropped,
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else ",".join(out_dtypes),
+        "accumulate": accumulate,
+        "config_from": source.label if source is not None else None,
+        "tensors": len(plan.jobs),
+        "files": dict(files),
+        "total_size": sum(j.nbytes for j in plan.jobs),
+    }
+    manifest.update(extra or {})
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Read a soup's ``soup.json``."""
+    import json
+
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SoupError(f"{path}: not found: {folder} is not a finished soup") from None
+    except ValueError as e:
+        raise SoupError(f"{path}: corrupt manifest ({e})") from None

@@ -1,0 +1,164 @@
+"""The merge plan: check that ingredients fit together, then decide what happens to every tensor.
+
+Nothing is read or written here: the plan is built from the tensor tables alone, so every
+incompatibility (a missing tensor, a shape or dtype mismatch, a rule naming an unknown ingredient)
+is reported before any output exists. Each output tensor becomes one ``Job``:
+
+- ``mean``: weighted mean over ingredients (weights normalised to sum to 1 unless told otherwise);
+- ``take``: copied from one ingredient (a ``take`` rule, or a one-hot weight vector: no math at all);
+- ``copy``: a non-float tensor (integer/bool buffer) copied from the first ingredient after checking
+  it is equal in every ingredient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import IncompatibleIngredients, RecipeError
+from .rules import Rule, match_rule
+
+__all__ = ["Job", "Plan", "build_plan", "normalise_weights"]
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "mean", "take" or "copy"
+    out_dtype: torch.dtype
+    weights: tuple[float, ...] = ()  # mean: one per ingredient (zeros are skipped)
+    source: int = 0  # take/copy: the ingredient read
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+    def sources(self) -> list[int]:
+        """Indices of the ingredients this job reads."""
+        if self.kind == "mean":
+            return [i for i, w in enumerate(self.weights) if w != 0.0]
+        return [self.source]
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]
+    dropped: list[str]
+    weights: tuple[float, ...]  # the global weights, as applied
+    input_bytes: int  # bytes read from the ingredients
+    unused_rules: list[str]  # rules that matched no tensor (likely typos)
+
+
+def normalise_weights(weights: Sequence[float] | None, n: int, *, normalize: bool = True,
+                      where: str = "weights") -> tuple[float, ...]:
+    """Uniform weights when None; else checked (one per ingredient, >= 0) and scaled to sum to 1."""
+    if weights is None:
+        return tuple(1.0 / n for _ in range(n))
+    w = tuple(float(x) for x in weights)
+    if len(w) != n:
+        raise RecipeError(f"{where}: {len(w)} weights given for {n} ingredients")
+    if not normalize:
+        return w
+    if any(x < 0 for x in w):
+        raise RecipeError(f"{where}: weights must be >= 0 to be normalised, got {list(w)}")
+    total = sum(w)
+    if total <= 0:
+        raise RecipeError(f"{where}: weights sum to {total}; at least one must be positive")
+    return tuple(x / total for x in w)
+
+
+def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | None = None,
+               rules: Sequence[Rule] = (), dtype: torch.dtype | None = None,
+               normalize: bool = True) -> Plan:
+    """Check compatibility and plan every tensor.
+
+    Raises:
+        IncompatibleIngredients: names, shapes or dtypes differ (names the tensor and ingredients).
+        RecipeError: bad weights or a rule naming an unknown ingredient.
+    """
+    if not checkpoints:
+        raise RecipeError("no ingredients given")
+    check_compatible(checkpoints, allow_float_mix=dtype is not None)
+    n = len(checkpoints)
+    glob_w = normalise_weights(weights, n, normalize=normalize)
+    labels = {c.label: i for i, c in enumerate(checkpoints)}
+    rule_w = {r: normalise_weights(r.weights, n, normalize=normalize, where=f"rule {r}")
+              for r in rules if r.action == "weights"}
+    takes = {r: _index(r, labels, n) for r in rules if r.action == "take"}  # checked even if unused
+    used: set[Rule] = set()
+    first = checkpoints[0]
+    jobs, dropped, input_bytes = [], [], 0
+    for name, info in first.tensors.items():
+        rule = match_rule(rules, name)
+        if rule is not None:
+            used.add(rule)
+        if rule is not None and rule.action == "drop":
+            dropped.append(name)
+            continue
+        floating = info.dtype.is_floating_point
+        out = dtype if (dtype is not None and floating) else info.dtype
+        if not floating:
+            job = Job(name, info.shape, "copy", out, source=0)
+        elif rule is not None and rule.action == "take":
+            job = Job(name, info.shape, "take", out, source=takes[rule])
+        else:
+            w = rule_w[rule] if rule is not None else glob_w
+            nonzero = [i for i, x in enumerate(w) if x != 0.0]
+            if not nonzero:
+                raise RecipeError(f"tensor {name}: every weight is zero")
+            if len(nonzero) == 1 and w[nonzero[0]] == 1.0:
+                job = Job(name, info.shape, "take", out, source=nonzero[0])
+            else:
+                job = Job(name, info.shape, "mean", out, weights=w)
+        jobs.append(job)
+        read = range(n) if job.kind == "copy" else job.sources()
+        input_bytes += sum(checkpoints[i].tensors[name].nbytes for i in read)
+    unused = [str(r) for r in rules if r not in used]
+    return Plan(jobs, dropped, glob_w, input_bytes, unused)
+
+
+def _index(rule: Rule, labels: dict[str, int], n: int) -> int:
+    ing = rule.ingredient
+    if isinstance(ing, int):
+        if 0 <= ing < n:
+            return ing
+        raise RecipeError(f"rule {rule}: ingredient index {ing} out of range (0..{n - 1})")
+    if ing in labels:
+        return labels[ing]
+    raise RecipeError(f"rule {rule}: no ingredient named {ing!r} (have: {', '.join(labels)})")
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint], *, allow_float_mix: bool = False) -> None:
+    """Same tensor names, shapes and dtypes in every ingredient, or IncompatibleIngredients."""
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        missing = [k for k in first.tensors if k not in other.tensors]
+        extra = [k for k in other.tensors if k not in first.tensors]
+        if missing or extra:
+            name, (has, lacks) = (missing[0], (first, other)) if missing else (extra[0], (other, first))
+            count = len(missing) + len(extra)
+            raise IncompatibleIngredients(f"tensor {name} is in {has.label} but not in {lacks.label} "
+                                          f"({count} tensor name(s) differ)")
+        for name, a in first.tensors.items():
+            b = other.tensors[name]
+            if a.shape != b.shape:
+                raise IncompatibleIngredients(f"tensor {name}: shape {list(a.shape)} in {first.label} but "
+                                              f"{list(b.shape)} in {other.label}")
+            if a.dtype != b.dtype:
+                mixable = allow_float_mix and a.dtype.is_floating_point and b.dtype.is_floating_point
+                if not mixable:
+                    raise IncompatibleIngredients(
+                        f"tensor {name}: dtype {a.dtype} in {first.label} but {b.dtype} in {other.label}"
+                        + (" (pass --dtype to merge mixed float dtypes)" if a.dtype.is_floating_point
+                           and b.dtype.is_floating_point else ""))

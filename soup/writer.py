@@ -1,0 +1,264 @@
+"""Writing a soup: sharded safetensors, tensor by tensor, into a folder that appears atomically.
+
+- Shards are planned up front from the known shapes (huggingface_hub's splitter and its
+  ``model-0000i-of-0000N.safetensors`` names); each shard's header is written first, then tensors
+  stream in block by block: no shard is ever held in memory.
+- Bytes are written and sha256-hashed by a background thread, so disk writes and hashing overlap
+  the math.
+- Everything goes to a temporary folder beside the destination; ``soup.json`` (the manifest) is
+  written last and the folder is renamed into place, so a failure or Ctrl-C leaves the destination
+  as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_state_dict_into_shards_factory
+from huggingface_hub.serialization._base import parse_size_to_int
+
+from .checkpoint import SAFETENSORS_INDEX, dtype_name
+from .errors import SoupError
+from .plan import Job
+
+__all__ = ["ShardWriter", "MemorySink", "OutputDir", "copy_aux_files", "parse_size", "MANIFEST",
+           "AUX_FILES"]
+
+MANIFEST = "soup.json"
+# config, generation, tokenizer and processor files copied from one ingredient (vision-language
+# models have processor files and chat templates)
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+             "merges.txt", "spiece.model", "preprocessor_config.json", "processor_config.json",
+             "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"``, ``"500MB"`` or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return parse_size_to_int(text)
+    except ValueError as e:
+        raise SoupError(f"shard size {size!r}: {e}") from None
+
+
+def plan_shards(jobs: Sequence[Job], shard_size: int) -> dict[str, list[Job]]:
+    """Group jobs into shard files (in order), named as transformers names them."""
+    by_name = {j.name: j for j in jobs}
+    split = split_state_dict_into_shards_factory(
+        by_name, get_storage_size=lambda j: j.nbytes, filename_pattern="model{suffix}.safetensors",
+        max_shard_size=shard_size)
+    return {fname: [by_name[n] for n in names] for fname, names in split.filename_to_tensors.items()}
+
+
+class _HashingWriter:
+    """Writes and hashes byte blocks on a background thread, from a small pool of reused buffers."""
+
+    def __init__(self, block_bytes: int, depth: int = 3) -> None:
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(depth):
+            self._free.put(torch.empty(block_bytes, dtype=torch.uint8))
+        self._todo: queue.Queue[Any] = queue.Queue()
+        self._error: BaseException | None = None
+        self._fh = None
+        self._sha = None
+        self._thread = threading.Thread(target=self._run, name="soup-writer", daemon=True)
+        self._thread.start()
+
+    def open(self, path: Path, header: bytes) -> None:
+        self._todo.put(("open", path, header))
+
+    def write(self, block: torch.Tensor) -> None:
+        raw = block.reshape(-1).view(torch.uint8)
+        pos = 0
+        while pos < raw.numel():
+            self._check()
+            buf = self._free.get()
+            n = min(buf.numel(), raw.numel() - pos)
+            buf[:n].copy_(raw[pos:pos + n])
+            self._todo.put(("data", buf, n))
+            pos += n
+
+    def close_file(self) -> str:
+        """Finish the current file; returns its sha256 hex digest."""
+        done: queue.Queue[str] = queue.Queue()
+        self._todo.put(("close", done))
+        while True:
+            self._check()
+            try:
+                return done.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def shutdown(self) -> None:
+        self._todo.put(None)
+        self._thread.join()
+        if self._fh is not None:
+            self._fh.close()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise SoupError(f"writing the soup failed: {self._error}") from self._error
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            try:
+                if item[0] == "data":
+                    _, buf, n = item
+                    if self._error is None:
+                        view = memoryview(buf.numpy())[:n]
+                        self._fh.write(view)
+                        self._sha.update(view)
+                    self._free.put(buf)
+                elif item[0] == "open":
+                    _, path, header = item
+                    self._fh, self._sha = open(path, "wb"), hashlib.sha256()
+                    self._fh.write(header)
+                    self._sha.update(header)
+                elif item[0] == "close":
+                    self._fh.close()
+                    self._fh = None
+                    item[1].put(self._sha.hexdigest())
+            except BaseException as e:  # reported to the producer on its next call
+                self._error = e
+                if item[0] == "data":
+                    self._free.put(item[1])
+
+
+class ShardWriter:
+    """The disk sink: writes planned shards into ``folder``; ``on_shard(path)`` after each file."""
+
+    def __init__(self, folder: Path, jobs: Sequence[Job], *, shard_size: int,
+                 on_shard: Callable[[Path], None] | None = None, block_bytes: int = 8 << 20) -> None:
+        self.folder = folder
+        self.shards = plan_shards(jobs, shard_size)
+        self.on_shard = on_shard
+        self.files: dict[str, dict[str, Any]] = {}
+        self._block_bytes = block_bytes
+
+    def write(self, produce: Callable[[Job], Iterable[torch.Tensor]]) -> None:
+        """Write every shard; ``produce(job)`` yields the job's output blocks in order."""
+        out = _HashingWriter(self._block_bytes)
+        try:
+            for fname, jobs in self.shards.items():
+                path = self.folder / fname
+                header = _header(jobs)
+                out.open(path, header)
+                for job in jobs:
+                    written = 0
+                    for block in produce(job):
+                        out.write(block)
+                        written += block.numel() * block.element_size()
+                    if written != job.nbytes:
+                        raise SoupError(f"tensor {job.name}: produced {written} bytes, expected {job.nbytes}")
+                sha = out.close_file()
+                self.files[fname] = {"sha256": sha, "size": path.stat().st_size}
+                if self.on_shard is not None:
+                    self.on_shard(path)
+        finally:
+            out.shutdown()
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(j.nbytes for js in self.shards.values() for j in js)},
+                     "weight_map": {j.name: f for f, js in self.shards.items() for j in js}}
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _header(jobs: Sequence[Job]) -> bytes:
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for job in jobs:
+        entries[job.name] = {"dtype": dtype_name(job.out_dtype), "shape": list(job.shape),
+                             "data_offsets": [pos, pos + job.nbytes]}
+        pos += job.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as safetensors does
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class MemorySink:
+    """The in-memory sink: ``{name: tensor}`` on a device, for in-process evaluators."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.state_dict: dict[str, torch.Tensor] = {}
+
+    def write(self, jobs: Sequence[Job], produce: Callable[[Job], Iterable[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        for job in jobs:
+            t = torch.empty(job.shape, dtype=job.out_dtype, device=self.device)
+            flat, pos = t.reshape(-1), 0
+            for block in produce(job):
+                flat[pos:pos + block.numel()].copy_(block)
+                pos += block.numel()
+            self.state_dict[job.name] = t
+        return self.state_dict
+
+
+class OutputDir:
+    """A temporary folder beside ``dest``, renamed into place by ``commit()``; removed on failure.
+
+    With ``overwrite``, an existing destination is swapped out only once the new one is complete.
+    """
+
+    def __init__(self, dest: str | Path, *, overwrite: bool = False) -> None:
+        self.dest = Path(dest).absolute()
+        if self.dest.exists() and not overwrite and not (self.dest.is_dir() and not any(self.dest.iterdir())):
+            raise SoupError(f"{self.dest}: already exists (pass --overwrite to replace it)")
+        self.tmp = self.dest.parent / f".{self.dest.name}.soup-tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self) -> Path:
+        old = None
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.soup-old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.dest, old)
+        os.rename(self.tmp, self.dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        return self.dest
+
+
+def copy_aux_files(src: Path, dst: Path, *, dtype: torch.dtype | None = None) -> list[str]:
+    """Copy config/tokenizer/processor files from ``src`` to ``dst``; set the config's dtype if given."""
+    copied = []
+    for name in AUX_FILES:
+        f = src / name
+        if not f.is_file():
+            continue
+        if name == "config.json" and dtype is not None:
+            cfg = json.loads(f.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg:
+                    cfg[key] = str(dtype).removeprefix("torch.")
+            (dst / name).write_text(json.dumps(cfg, indent=2) + "\n")
+        else:
+            shutil.copyfile(f, dst / name)
+        copied.append(name)
+    return copied
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``soup.json``: the last file of a finished soup."""
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, folder / MANIFEST)

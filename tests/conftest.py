@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny real checkpoints written to tmp_path (safetensors, sharded, .bin)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def make_state(seed: int, dtype: torch.dtype = torch.bfloat16, *, big: int = 50_000) -> dict[str, torch.Tensor]:
+    """A small multi-part model: vision tower, projector, LLM layers, an integer buffer."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g).to(dtype)
+
+    return {
+        "model.vision_tower.patch_embed.weight": r(16, 3, 4, 4),
+        "model.vision_tower.norm.weight": r(16),
+        "model.mm_projector.weight": r(24, 16),
+        "model.layers.0.self_attn.q_proj.weight": r(24, 24),
+        "model.layers.0.mlp.up_proj.weight": r(big // 24, 24),
+        "model.layers.0.mlp.up_proj.lora_A.weight": r(4, 24),
+        "model.norm.weight": r(24),
+        "model.scalar": r(),
+        "model.position_ids": torch.arange(12, dtype=torch.int64),
+        "model.mask": torch.tensor([True, False, True]),
+    }
+
+
+def write_checkpoint(folder: Path, state: dict[str, torch.Tensor], *, shards: int = 1, fmt: str = "safetensors",
+                     config: dict | None = None) -> Path:
+    """Write ``state`` in HF layout: single file or ``shards`` shards with an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(state)
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    base = "model" if fmt == "safetensors" else "pytorch_model"
+
+    def save(sd, path):
+        if fmt == "safetensors":
+            save_file(sd, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(sd, path)
+
+    if shards == 1:
+        save(state, folder / f"{base}.{ext}")
+    else:
+        weight_map = {}
+        for s in range(shards):
+            part = names[s::shards]
+            fname = f"{base}-{s + 1:05d}-of-{shards:05d}.{ext}"
+            save({k: state[k].contiguous() for k in part}, folder / fname)
+            weight_map.update({k: fname for k in part})
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (folder / f"{base}.{ext}.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(config or {"model_type": "toy", "torch_dtype": "bfloat16"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_size": 4}))
+    return folder
+
+
+@pytest.fixture
+def make_ingredients(tmp_path):
+    """``make_ingredients(n, dtype=..., shards=..., fmt=...)`` -> (paths, states)."""
+
+    def make(n: int = 3, *, dtype=torch.bfloat16, shards: int = 1, fmt: str = "safetensors", big: int = 50_000):
+        paths, states = [], []
+        for i in range(n):
+            st = make_state(100 + i, dtype, big=big)
+            paths.append(write_checkpoint(tmp_path / f"ing{i}", st, shards=shards, fmt=fmt))
+            states.append(st)
+        return paths, states
+
+    return make
+
+
+def reference_mean(states, weights, out_dtype=None, acc=torch.float32):
+    """The definition: acc = x0*w0; acc = acc + xi*wi (each in ``acc`` dtype); cast back."""
+    ref = {}
+    for name, t0 in states[0].items():
+        if not t0.is_floating_point():
+            ref[name] = t0
+            continue
+        total = states[0][name].to(acc) * weights[0]
+        for st, w in zip(states[1:], weights[1:]):
+            total = total + st[name].to(acc) * w
+        ref[name] = total.to(out_dtype or t0.dtype)
+    return ref
+
+
+def load_soup(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
