@@ -252,14 +252,19 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def memory_checkpoint(state_dict: dict[str, torch.Tensor], *, label: str) -> Checkpoint:
-    """Wrap in-memory tensors (a training script's state dict) as a checkpoint; fingerprint = content hash."""
+def memory_checkpoint(state_dict: dict[str, torch.Tensor], *, label: str,
+                      fingerprint: str | None = None) -> Checkpoint:
+    """Wrap in-memory tensors (a training script's state dict) as a checkpoint.
+
+    The fingerprint is a content hash unless one is given (a pass over the tensors is then saved).
+    """
     tensors, digest = {}, hashlib.sha256()
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{label}: {name} is not a tensor")
         tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), None, None)
-        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        digest.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        if fingerprint is None:
+            digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            digest.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
     return Checkpoint(label=label, source=f"memory:{label}", root=None, files=[], tensors=tensors,
-                      fingerprint="memory-" + digest.hexdigest(), memory=dict(state_dict))
+                      fingerprint=fingerprint or "memory-" + digest.hexdigest(), memory=dict(state_dict))

@@ -130,6 +130,79 @@ def inspect(
         raise typer.Exit(1)
 
 
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Override the recipe's output.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; evaluate and write nothing.")] = False,
+    cache: Annotated[Optional[str], typer.Option(help="Score cache: a sqlite path or sqlite:/// URL.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Evaluate everything; store nothing.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Cook the soup a recipe describes: evaluate, choose weights, merge, report (and push)."""
+    from .cook import describe_recipe, run_recipe
+    from .recipe import load_recipe
+    from .report import format_report
+
+    with _errors():
+        r = load_recipe(recipe)
+        if dry_run:
+            out.print(describe_recipe(r), markup=False)
+            return
+        if no_cache:
+            from .cache import ScoreCache
+
+            chosen = ScoreCache(None)
+        else:
+            chosen = cache
+        result = run_recipe(r, overwrite=overwrite, cache=chosen, progress=not quiet, output=output)
+        out.print(format_report(result.manifest), markup=False)
+        out.print(f"wrote {result.path}", markup=False)
+        _push_after(r, result.path, quiet=quiet)
+
+
+def _push_after(recipe, folder, *, quiet: bool) -> None:
+    """Push a finished soup when the recipe says so (hub support lives in soup.hub)."""
+    if not recipe.push_to:
+        return
+    from .hub import push
+
+    opts = dict(recipe.push_to)
+    repo = opts.pop("repo")
+    res = push(folder, repo, endpoint=recipe.endpoint, **opts)
+    out.print(f"pushed {repo}: {res.url if hasattr(res, 'url') else res}", markup=False)
+
+
+@app.command()
+def validate(recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")]) -> None:
+    """Check a recipe: every error is printed with its field path; exit 1 if any."""
+    from .errors import RecipeError
+    from .recipe import load_recipe
+
+    try:
+        load_recipe(recipe)
+    except RecipeError as e:
+        for line in getattr(e, "errors", [str(e)]):
+            err.print(f"{recipe}: {line}", markup=False)
+        raise typer.Exit(1) from None
+    out.print(f"{recipe}: ok", markup=False)
+
+
+@app.command()
+def report(
+    folder: Annotated[Path, typer.Argument(help="A soup output folder (with soup.json).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Print a soup's report: ingredients, weights, scores, greedy trajectory, soup score."""
+    from .merge import read_manifest
+    from .report import format_report
+
+    with _errors():
+        manifest = read_manifest(folder)
+    out.print(json.dumps(manifest, indent=2) if as_json else format_report(manifest), markup=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

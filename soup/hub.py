@@ -5,9 +5,10 @@
   with transformers, reused, and usable offline once cached).
 - ``push`` uploads a finished output folder as ONE commit whose parent is the branch head read at
   the start: if someone else pushed in between, the hub refuses (412) and the user gets a clear
-  error instead of a silent overwrite. ``ShardUploader`` does the same while the merge is still
-  running: each finished shard is pre-uploaded (LFS) in a background thread, and ``finish`` commits
-  the pre-uploaded shards together with the remaining files.
+  error instead of a silent overwrite. Remote weight files (shards, indexes) that the folder does
+  not have are deleted by the same commit; other remote files are kept.
+- ``ShardUploader`` pushes while the merge is still running: each finished shard is pre-uploaded
+  (LFS) in a background thread, and ``finish`` commits them with the remaining files.
 - Transient failures (connection errors, 5xx, 429) are retried with exponential backoff; every
   other hub failure becomes one ``HubError`` line that names the repo and revision. Tokens are never
   printed, logged or written; a push only ever reads the local folder.
@@ -29,7 +30,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_cached_repo_tree, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    RepoFile,
+    constants,
+    get_cached_repo_tree,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
     GatedRepoError,
@@ -40,20 +49,12 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import repo_folder_name
 
 from .errors import HubError
 
-__all__ = [
-    "HUB_PREFIX",
-    "PULL_PATTERNS",
-    "PulledRepo",
-    "PushResult",
-    "RetryPolicy",
-    "ShardUploader",
-    "parse_hub_spec",
-    "pull",
-    "push",
-]
+__all__ = ["HUB_PREFIX", "PULL_PATTERNS", "PulledRepo", "PushResult", "RetryPolicy", "ShardUploader",
+           "parse_hub_spec", "pull", "push"]
 
 HUB_PREFIX = "hf://"
 # what an ingredient needs: weights (+ index), config, tokenizer, processor files, chat templates
@@ -63,7 +64,9 @@ PULL_PATTERNS = [
     "vocab.*", "merges.txt", "*.model", "preprocessor_config.json", "processor_config.json",
     "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja",
 ]
-WEIGHT_PATTERNS = re.compile(r"(^|/)(.*\.safetensors|pytorch_model.*\.bin)$")
+WEIGHTS = re.compile(r"(\.safetensors|(^|/)pytorch_model[^/]*\.bin)$")
+# weights and their indexes: a push deletes the remote ones its folder lacks (no stale shards left)
+STALE = re.compile(r"(\.safetensors|\.safetensors\.index\.json|(^|/)pytorch_model[^/]*\.bin(\.index\.json)?)$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHA = re.compile(r"^[0-9a-f]{40}$")
 SKIP_DIRS = {".git", ".cache"}  # huggingface_hub refuses to commit under these
@@ -167,23 +170,48 @@ def pull(repo_id: str, *, revision: str | None = None, endpoint: str | None = No
     except Exception as err:
         raise _hub_error(err, where, token=token, offline=offline) from None
     commit = commit or path.name
+    if not offline:
+        _remember_ref(cache, repo_id, revision or constants.DEFAULT_REVISION, commit)
     oids = _file_oids(repo_id, commit, path, cache)
-    if not any(WEIGHT_PATTERNS.search(name) for name in oids):
+    if not any(WEIGHTS.search(name) for name in oids):
         raise HubError(f"hub: {repo_id}@{commit[:12]} has no weight files (*.safetensors or pytorch_model*.bin)")
     return PulledRepo(repo_id=repo_id, revision=revision, commit=commit, path=path, file_oids=oids)
 
 
-def _file_oids(repo_id: str, commit: str, path: Path, cache: str) -> dict[str, str]:
-    """``{file: oid}`` for the files of the snapshot, from the cached tree listing (or blob names)."""
-    local = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+def _remember_ref(cache: str, repo_id: str, revision: str, commit: str) -> None:
+    """Record ``revision -> commit`` in the cache (``refs/<revision>``), as huggingface_hub does when it
+    downloads by name, so an offline pull of the same branch finds the commit seen last."""
+    if revision == commit or ".." in revision.split("/") or revision.startswith("/"):
+        return
+    ref = Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
     try:
-        tree = get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache)
-        oids = {f.path: (f.lfs.sha256 if f.lfs else f.blob_id) for f in tree if f.path in local}
-    except CachedRepoTreeNotFoundError:
-        oids = {}
-    for name in local - oids.keys():  # cache files are links to blobs/<etag>: the same oid
-        oids[name] = Path(os.path.realpath(path / name)).name
-    return dict(sorted(oids.items()))
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, ref)
+    except OSError:
+        pass  # a read-only cache: offline pulls then need a pinned sha
+
+
+def _file_oids(repo_id: str, commit: str, path: Path, cache: str) -> dict[str, str]:
+    """``{file: oid}`` for the snapshot's files: sha256 for LFS files, the git blob oid otherwise.
+
+    Cache snapshot files link to ``blobs/<etag>``, and the etag is exactly that oid. Without links
+    (symlinks disabled), the cached tree listing gives the git blob oid of each file.
+    """
+    local = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    oids = {}
+    for name in local:
+        target = Path(os.path.realpath(path / name))
+        if target.parent.name == "blobs":
+            oids[name] = target.name
+    if len(oids) < len(local):
+        try:
+            tree = {f.path: f.blob_id for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache)}
+        except CachedRepoTreeNotFoundError:
+            tree = {}
+        oids.update({name: tree[name] for name in local if name not in oids and name in tree})
+    return oids
 
 
 # ---- push ------------------------------------------------------------------------------------------
@@ -194,7 +222,8 @@ def push(folder: str | Path, repo_id: str, *, revision: str | None = None, priva
 
     The repo is created if needed (and the branch, from the default branch); the commit's parent is
     the branch head read at the start, so a concurrent push makes this one fail rather than
-    overwrite it. The folder is only read.
+    overwrite it. Remote weight files and indexes the folder lacks are deleted by the same commit.
+    The folder is only read.
 
     Args:
         folder: the soup's output folder.
@@ -255,17 +284,15 @@ class ShardUploader:
                  token: str | bool | None = None, retry: RetryPolicy | None = None, max_workers: int = 2) -> None:
         _check_repo_id(repo_id)
         self.repo_id, self.branch = repo_id, revision or constants.DEFAULT_REVISION
+        self.where = f"{repo_id}@{self.branch}"  # names the target in errors
         self.private, self.create_pr, self.commit_message = private, create_pr, commit_message
         self.retry, self.token, self.max_workers = retry, token, max_workers
         self.api = HfApi(endpoint=_endpoint(endpoint), token=token)
         self.repo_url: str | None = None
         self.parent: str | None = None  # the branch head read by start(): the commit's parent
+        self.remote_files: set[str] = set()  # files at ``parent``
         self._shards: dict[str, tuple[CommitOperationAdd, tuple[int, int], Future]] = {}
         self._pool: ThreadPoolExecutor | None = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.repo_id}@{self.branch}"
 
     def start(self) -> None:
         """Create the repo if needed, create the branch if missing, and read its head.
@@ -280,6 +307,9 @@ class ShardUploader:
             if self.parent is None and self.branch != constants.DEFAULT_REVISION:
                 self._call(lambda: self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True))
                 self.parent = self._head()
+            if self.parent is not None:
+                self.remote_files = self._call(lambda: {f.path for f in self.api.list_repo_tree(
+                    self.repo_id, revision=self.parent, recursive=True) if isinstance(f, RepoFile)})
         except Exception as err:
             raise _hub_error(err, self.where, token=self.token) from None
         self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="soup-upload")
@@ -300,6 +330,8 @@ class ShardUploader:
     def finish(self, folder: Path, *, files: list[Path] | None = None) -> PushResult:
         """Wait for the pre-uploads, then commit every file of ``folder`` in ONE commit.
 
+        The same commit deletes remote weight files and indexes that ``folder`` does not have.
+
         Args:
             folder: the finished output folder (may be the renamed temporary folder).
             files: the files to commit (default: every file under ``folder``).
@@ -315,9 +347,12 @@ class ShardUploader:
         folder = Path(folder)
         files = _folder_files(folder) if files is None else files
         try:
-            operations = [self._operation(folder, path) for path in files]
+            operations: list = [self._operation(folder, path) for path in files]
         finally:
             self.close()
+        names = {op.path_in_repo for op in operations}
+        operations += [CommitOperationDelete(path_in_repo=p) for p in sorted(self.remote_files - names)
+                       if STALE.search(p)]
         message = self.commit_message or _default_message(folder, len(operations))
         try:
             info = self._call(lambda: self.api.create_commit(
@@ -363,9 +398,10 @@ class ShardUploader:
         name = path.relative_to(folder).as_posix()
         shard = self._shards.get(name)
         if shard is not None:
-            op, (size, mtime), future = shard
+            op, stamp, future = shard
             stat = path.stat()
-            if future.exception() is None and op._is_uploaded and (stat.st_size, stat.st_mtime_ns) == (size, mtime):
+            uploaded = not future.cancelled() and future.exception() is None and op._is_uploaded
+            if uploaded and (stat.st_size, stat.st_mtime_ns) == stamp:
                 return op
         return CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
 
@@ -388,7 +424,7 @@ def _retrying(fn: Callable[[], T], policy: RetryPolicy | None) -> T:
 
 def _causes(err: BaseException) -> Iterable[BaseException]:
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
+    while err is not None and id(err) not in seen:  # __cause__/__context__ may form a cycle
         seen.add(id(err))
         yield err
         err = err.__cause__ or err.__context__
@@ -478,13 +514,11 @@ def _endpoint(endpoint: str | None) -> str:
 
 
 def _cache_dir(cache_dir: str | Path | None) -> str:
+    """explicit > ``HF_HUB_CACHE`` > ``HF_HOME/hub`` (read now, not at import) > huggingface_hub's."""
     if cache_dir is not None:
         return str(cache_dir)
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return constants.HF_HUB_CACHE
+    home = os.environ.get("HF_HOME")
+    return os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else constants.HF_HUB_CACHE)
 
 
 def _offline() -> bool:

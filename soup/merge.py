@@ -54,6 +54,7 @@ def merge(
     *,
     weights: Sequence[float] | None = None,
     normalize: bool = True,
+    mixed_float: bool = False,
     dtype: str | torch.dtype | None = None,
     accumulate: str = "float32",
     shard_size: str | int = "5GB",
@@ -67,6 +68,7 @@ def merge(
     labels: Sequence[str | None] | None = None,
     hub: HubOptions | None = None,
     manifest_extra: Mapping[str, Any] | None = None,
+    finalize: Callable[[dict[str, Any], Path | None], None] | None = None,
 ) -> MergeResult:
     """Merge ingredients into their weighted mean, streaming tensor by tensor.
 
@@ -74,6 +76,7 @@ def merge(
         ingredients: folders, weight files, ``hf://owner/name@rev``, state dicts or Checkpoints.
         out: output folder; None returns the soup in memory (``result.state_dict`` on ``device``).
         weights: one per ingredient (default uniform); normalised to sum to 1 unless ``normalize=False``.
+        mixed_float: allow float dtypes to differ between ingredients (output: the first's).
         dtype: output dtype of float tensors (default: the ingredients').
         accumulate: "float32" (default) or "float64".
         shard_size: bytes per output shard, e.g. "5GB" or 2_000_000_000.
@@ -85,6 +88,8 @@ def merge(
         progress: True for rich progress on stderr, or a Reporter.
         on_shard: called with each shard's path as soon as it is written (e.g. a hub uploader).
         manifest_extra: extra keys for ``soup.json`` (method, evaluation, recipe).
+        finalize: ``fn(manifest, folder)`` called before the manifest is written (folder None in
+            memory): may edit the manifest and add files (a plot) to the still-temporary folder.
 
     Returns:
         MergeResult with the output path and manifest (or the state dict).
@@ -102,7 +107,8 @@ def merge(
     output = OutputDir(out, overwrite=overwrite) if out is not None else None  # fail fast on an existing out
     rule_list = parse_rules(rules)
     cks = resolve_all(ingredients, labels=labels, hub=hub)
-    plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=normalize)
+    plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=normalize,
+                      mixed_float=mixed_float)
     source = _config_source(cks, config_from)
     readers = [TensorReader(ck) for ck in cks]
     warnings: list[str] = []
@@ -133,6 +139,8 @@ def merge(
             if output is None:
                 state = MemorySink(device).write(plan.jobs, produce)
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, manifest_extra)
+                if finalize is not None:
+                    finalize(manifest, None)
                 return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
             with output as tmp:
                 writer = ShardWriter(tmp, plan.jobs, shard_size=parse_size(shard_size), on_shard=on_shard)
@@ -141,6 +149,8 @@ def merge(
                     copy_aux_files(source.root, tmp, dtype=out_dtype)
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, writer.files,
                                      manifest_extra)
+                if finalize is not None:
+                    finalize(manifest, tmp)
                 write_manifest(tmp, manifest)
                 path = output.commit()
     finally:

@@ -80,16 +80,18 @@ def normalise_weights(weights: Sequence[float] | None, n: int, *, normalize: boo
 
 def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | None = None,
                rules: Sequence[Rule] = (), dtype: torch.dtype | None = None,
-               normalize: bool = True) -> Plan:
+               normalize: bool = True, mixed_float: bool = False) -> Plan:
     """Check compatibility and plan every tensor.
 
     Raises:
         IncompatibleIngredients: names, shapes or dtypes differ (names the tensor and ingredients).
         RecipeError: bad weights or a rule naming an unknown ingredient.
+
+    With ``mixed_float``, float dtypes may differ between ingredients; the output takes the first's.
     """
     if not checkpoints:
         raise RecipeError("no ingredients given")
-    check_compatible(checkpoints, allow_float_mix=dtype is not None)
+    check_compatible(checkpoints, allow_float_mix=dtype is not None or mixed_float)
     n = len(checkpoints)
     glob_w = normalise_weights(weights, n, normalize=normalize)
     labels = {c.label: i for i, c in enumerate(checkpoints)}

@@ -1,0 +1,423 @@
+"""Perplexity evaluator: token-weighted cross-entropy of a causal LM on a text or chat data set.
+
+One model stays resident for the whole run: the first ``score`` builds the architecture from a
+config (no weights read from disk), and every call, the first included, copies the candidate's
+weights into it in place from ``candidate.state_dict(device)``. Later candidates cost no model
+construction and no disk.
+
+Data (``data=``), one example per record:
+
+- ``.txt``: one document per non-empty line (``documents="lines"``), or the whole file as one text
+  cut into windows of ``max_length`` tokens (``documents="whole"``). Every token is scored.
+- ``.jsonl`` (or ``.json`` holding a list), each record one of:
+  ``{"text": ...}``: every token is scored;
+  ``{"prompt": ..., "response": ...}`` (or ``"completion"``): the text is ``prompt + response``
+  exactly as given (add any separator or template yourself) and only response tokens are scored;
+  ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the tokenizer's chat
+  template, and only the assistant turns (with their end-of-turn markers) are scored.
+
+Prompt tokens get the label -100. The loss is ``sum of token losses / number of scored tokens`` over
+the whole data set (not a mean of batch means); ``perplexity = exp(loss)``.
+
+Example::
+
+    ev = PerplexityEvaluator(data="val.jsonl", model="base-model/", max_length=512)
+    ev.score(candidate)  # {"loss": 2.31, "perplexity": 10.07, "tokens": 18211.0}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from soup.errors import EvaluatorError
+from soup.evaluate import Candidate, Evaluator
+
+__all__ = ["PerplexityEvaluator", "load_records"]
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+           "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+           "half": "float16"}
+
+# a parsed record: ("text", text) | ("pair", prompt, response) | ("chat", messages)
+Record = tuple
+
+
+def load_records(path: str | Path, *, documents: str = "lines") -> list[Record]:
+    """Parse a data file into records (see the module docstring for the formats).
+
+    Args:
+        path: a ``.txt``, ``.jsonl`` or ``.json`` file.
+        documents: for ``.txt``: ``"lines"`` (one document per non-empty line) or ``"whole"``.
+
+    Returns:
+        A list of ``("text", str)``, ``("pair", prompt, response)``, ``("chat", messages)`` or, for
+        ``documents="whole"``, one ``("whole", str)``.
+
+    Raises:
+        EvaluatorError: the file is missing, unreadable, or a record has none of the known fields.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluatorError(f"perplexity data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvaluatorError(f"cannot read perplexity data {path}: {e}") from e
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        if suffix == ".json":
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise EvaluatorError(f"{path}: invalid JSON: {e}") from e
+            if not isinstance(rows, list):
+                raise EvaluatorError(f"{path}: expected a JSON list of records")
+            numbered = [(i + 1, row) for i, row in enumerate(rows)]
+        else:
+            numbered = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        numbered.append((lineno, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise EvaluatorError(f"{path}:{lineno}: invalid JSON: {e}") from e
+        return [_record(row, f"{path}:{n}") for n, row in numbered]
+    if documents == "whole":
+        return [("whole", text)] if text.strip() else []
+    return [("text", line) for line in text.splitlines() if line.strip()]
+
+
+def _record(row: Any, where: str) -> Record:
+    if not isinstance(row, Mapping):
+        raise EvaluatorError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if isinstance(row.get("messages"), list):
+        for m in row["messages"]:
+            if not (isinstance(m, Mapping) and "role" in m and "content" in m):
+                raise EvaluatorError(f"{where}: each message needs 'role' and 'content'")
+        return ("chat", [dict(m) for m in row["messages"]])
+    response = row.get("response", row.get("completion"))
+    if isinstance(row.get("prompt"), str) and isinstance(response, str):
+        return ("pair", row["prompt"], response)
+    if isinstance(row.get("text"), str):
+        return ("text", row["text"])
+    raise EvaluatorError(f"{where}: a record needs 'text', 'prompt'+'response' or 'messages'; "
+                         f"got keys {sorted(row)}")
+
+
+class PerplexityEvaluator(Evaluator):
+    """Mean token cross-entropy of each candidate on ``data``; lower is better.
+
+    Args:
+        data: the data file (``.txt``, ``.jsonl``, ``.json``; see the module docstring).
+        model: a folder with ``config.json`` (and tokenizer files) to build the resident model from;
+            default: the first candidate's folder (``candidate.path()``, written once).
+        tokenizer: a folder to load the tokenizer from; default: the same folder as the config.
+        max_length: longest sequence in tokens; longer documents are truncated (``"whole"``: the
+            window size).
+        batch_size: sequences per forward pass.
+        max_samples: score only the first N records (``"whole"``: the first N windows).
+        device: ``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: ``"auto"`` (float32 on cpu; the config's dtype, else bfloat16, on cuda),
+            ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        documents: for ``.txt`` data: ``"lines"`` or ``"whole"``.
+        auto_class: the ``transformers`` auto class that builds the model.
+        strict: refuse checkpoint tensors the model does not have (missing weights are always
+            refused, except ones tied to a loaded weight, such as a tied ``lm_head``).
+        trust_remote_code: passed to ``transformers``.
+        primary: ``"loss"`` or ``"perplexity"`` (same ranking).
+
+    Returns (from ``score``): ``{"loss", "perplexity", "tokens"}``.
+
+    Raises:
+        EvaluatorError: bad arguments, an unreadable data file, a checkpoint whose tensors do not
+            match the model, or no token to score.
+    """
+
+    name = "perplexity"
+    version = "1"
+    direction = "minimize"
+    primary = "loss"
+
+    def __init__(self, *, data: str | Path, model: str | Path | None = None,
+                 tokenizer: str | Path | None = None, max_length: int = 1024, batch_size: int = 8,
+                 max_samples: int | None = None, device: str = "auto", dtype: str = "auto",
+                 documents: str = "lines", auto_class: str = "AutoModelForCausalLM",
+                 strict: bool = True, trust_remote_code: bool = False,
+                 primary: str = "loss") -> None:
+        super().__init__(data=str(data), model=None if model is None else str(model),
+                         tokenizer=None if tokenizer is None else str(tokenizer),
+                         max_length=max_length, batch_size=batch_size, max_samples=max_samples,
+                         device=device, dtype=dtype, documents=documents, auto_class=auto_class,
+                         strict=strict, trust_remote_code=trust_remote_code, primary=primary)
+        if primary not in ("loss", "perplexity"):
+            raise EvaluatorError(f"perplexity: primary must be 'loss' or 'perplexity', got {primary!r}")
+        if not (isinstance(max_length, int) and max_length >= 2):
+            raise EvaluatorError(f"perplexity: max_length must be an integer >= 2, got {max_length!r}")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise EvaluatorError(f"perplexity: batch_size must be an integer >= 1, got {batch_size!r}")
+        if max_samples is not None and not (isinstance(max_samples, int) and max_samples >= 1):
+            raise EvaluatorError(f"perplexity: max_samples must be a positive integer, got {max_samples!r}")
+        if documents not in ("lines", "whole"):
+            raise EvaluatorError(f"perplexity: documents must be 'lines' or 'whole', got {documents!r}")
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise EvaluatorError(f"perplexity: unknown dtype {dtype!r}; valid: auto, {', '.join(_DTYPES)}")
+        self._records = load_records(data, documents=documents)
+        if documents == "lines" and max_samples is not None:
+            self._records = self._records[:max_samples]
+        if not self._records:
+            raise EvaluatorError(f"perplexity: no records in {data}")
+        self._data_sha256 = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+        self._model: Any = None  # the resident model
+        self._tokenizer: Any = None
+        self._batches: list[tuple[Any, Any, Any]] | None = None  # (input_ids, attention, labels)
+        self._device: str | None = None
+
+    # --- public ---------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Any:
+        """The resident ``transformers`` model (None before the first ``score`` and after ``close``)."""
+        return self._model
+
+    def identity(self) -> dict[str, Any]:
+        """Name, version and arguments, plus the data file's sha256 (a changed file is a new key)."""
+        ident = super().identity()
+        ident["data_sha256"] = self._data_sha256
+        return ident
+
+    def score(self, candidate: Candidate) -> dict[str, float]:
+        """Load ``candidate``'s weights into the resident model and score the data.
+
+        Args:
+            candidate: the weights to score; its ``state_dict(device)`` is read once.
+
+        Returns:
+            ``{"loss": mean token loss, "perplexity": exp(loss), "tokens": scored token count}``.
+
+        Raises:
+            EvaluatorError: see the class docstring.
+        """
+        import torch
+
+        if self._model is None:
+            self._build(candidate)
+        self._load_weights(candidate)
+        model = self._model
+        loss_sum = 0.0
+        n_tokens = 0
+        with torch.inference_mode():
+            for input_ids, attention, labels in self._batches:
+                logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+                # position t predicts token t+1: (b, t-1, vocab) against (b, t-1)
+                targets = labels[:, 1:]
+                scored = targets != -100
+                picked = logits[:, :-1][scored].float()  # (n_scored, vocab), only scored positions
+                loss = torch.nn.functional.cross_entropy(picked, targets[scored], reduction="sum")
+                loss_sum += float(loss.double().item())
+                n_tokens += int(scored.sum().item())
+        loss_mean = loss_sum / n_tokens
+        ppl = math.exp(loss_mean) if loss_mean < 700 else math.inf
+        return {"loss": loss_mean, "perplexity": ppl, "tokens": float(n_tokens)}
+
+    def close(self) -> None:
+        """Free the resident model, its batches and, on cuda, the cached GPU memory."""
+        device, self._model, self._batches, self._tokenizer = self._device, None, None, None
+        if device is not None and device.startswith("cuda"):
+            import gc
+
+            import torch
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    # --- building -------------------------------------------------------------------------------
+
+    def _build(self, candidate: Candidate) -> None:
+        """Build the tokenizer, the batches and the resident model (weights left uninitialised)."""
+        import torch
+        import transformers
+
+        a = self.args
+        folder = Path(a["model"]) if a["model"] else candidate.path()
+        tok_folder = Path(a["tokenizer"]) if a["tokenizer"] else folder
+        device = a["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                folder, trust_remote_code=a["trust_remote_code"])
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                tok_folder, trust_remote_code=a["trust_remote_code"])
+        except Exception as e:
+            raise EvaluatorError(f"perplexity: cannot load config/tokenizer from {folder}: "
+                                 f"{type(e).__name__}: {e}") from e
+        if not getattr(tokenizer, "is_fast", False):
+            raise EvaluatorError(f"perplexity: the tokenizer in {tok_folder} is not a fast "
+                                 f"tokenizer; character offsets are needed to mask prompts")
+        dtype = self._resolve_dtype(config, device)
+        self._tokenizer = tokenizer
+        self._batches = self._make_batches(tokenizer, device)
+        auto = getattr(transformers, a["auto_class"], None)
+        if auto is None or not hasattr(auto, "from_config"):
+            raise EvaluatorError(f"perplexity: transformers has no auto class {a['auto_class']!r}")
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        try:
+            with _no_init_weights(), torch.device(device):
+                model = auto.from_config(config, trust_remote_code=a["trust_remote_code"],
+                                         **{dtype_kw: dtype})
+        except Exception as e:
+            raise EvaluatorError(f"perplexity: cannot build {a['auto_class']} from {folder}/config.json: "
+                                 f"{type(e).__name__}: {e}") from e
+        if hasattr(model, "tie_weights"):  # skipped with the initialisation: tie lm_head again
+            model.tie_weights()
+        model.eval()
+        model.requires_grad_(False)
+        self._model, self._device = model, device
+
+    def _resolve_dtype(self, config: Any, device: str) -> Any:
+        """The torch dtype of the resident model (see ``dtype`` in the class docstring)."""
+        import torch
+
+        if self.args["dtype"] != "auto":
+            return getattr(torch, _DTYPES[self.args["dtype"]])
+        if device.startswith("cpu"):
+            return torch.float32
+        cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        cfg = str(cfg).removeprefix("torch.") if cfg is not None else None
+        return getattr(torch, cfg if cfg in ("float32", "bfloat16", "float16") else "bfloat16")
+
+    def _make_batches(self, tokenizer: Any, device: str) -> list[tuple[Any, Any, Any]]:
+        import torch
+
+        max_length = self.args["max_length"]
+        seqs: list[tuple[list[int], list[int]]] = []
+        for record in self._records:
+            if record[0] == "whole":
+                ids = tokenizer(record[1], add_special_tokens=True)["input_ids"]
+                seqs += [(ids[i:i + max_length], ids[i:i + max_length])
+                         for i in range(0, len(ids), max_length)]
+                if self.args["max_samples"] is not None:
+                    seqs = seqs[: self.args["max_samples"]]
+            else:
+                ids, labels = _encode(tokenizer, record)
+                seqs.append((ids[:max_length], labels[:max_length]))
+        seqs = [s for s in seqs if any(x != -100 for x in s[1][1:])]  # something to predict
+        if not seqs:
+            raise EvaluatorError(f"perplexity: no token to score in {self.args['data']} "
+                                 f"(responses empty or truncated away by max_length={max_length})")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # little padding
+        batches = []
+        for start in range(0, len(order), self.args["batch_size"]):
+            group = [seqs[i] for i in order[start:start + self.args["batch_size"]]]
+            width = max(len(ids) for ids, _ in group)
+            input_ids = torch.full((len(group), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(group), width), dtype=torch.long)
+            labels = torch.full((len(group), width), -100, dtype=torch.long)
+            for row, (ids, lab) in enumerate(group):  # right padding
+                input_ids[row, :len(ids)] = torch.tensor(ids)
+                attention[row, :len(ids)] = 1
+                labels[row, :len(lab)] = torch.tensor(lab)
+            batches.append((input_ids.to(device), attention.to(device), labels.to(device)))
+        return batches
+
+    # --- weights --------------------------------------------------------------------------------
+
+    def _load_weights(self, candidate: Candidate) -> None:
+        """Copy ``candidate``'s tensors into the resident model in place; refuse missing weights."""
+        model = self._model
+        state = candidate.state_dict(self._device)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatch
+            raise EvaluatorError(f"perplexity: {candidate.name} does not fit the model: "
+                                 f"{str(e).splitlines()[0]} ...") from e
+        params = dict(model.named_parameters(remove_duplicate=False))
+        loaded = {id(params[k]) for k in state if k in params}
+        # a missing weight is fine only when it is tied to a loaded one (e.g. lm_head -> embeddings)
+        missing = [k for k in result.missing_keys if k in params and id(params[k]) not in loaded]
+        del state
+        if missing:
+            raise EvaluatorError(f"perplexity: {candidate.name} lacks {len(missing)} model weights, "
+                                 f"e.g. {', '.join(missing[:5])}")
+        if result.unexpected_keys and self.args["strict"]:
+            raise EvaluatorError(f"perplexity: {candidate.name} has {len(result.unexpected_keys)} "
+                                 f"tensors the model lacks, e.g. {', '.join(result.unexpected_keys[:5])} "
+                                 f"(strict=false ignores them)")
+
+
+def _encode(tokenizer: Any, record: Record) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 where not scored) of one record."""
+    kind = record[0]
+    if kind == "text":
+        ids = tokenizer(record[1], add_special_tokens=True)["input_ids"]
+        return ids, list(ids)
+    if kind == "pair":
+        text, spans, special = record[1] + record[2], [(len(record[1]), len(record[1] + record[2]))], True
+    else:
+        text, spans = _render_chat(tokenizer, record[1])
+        special = False  # chat templates write their own special tokens
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels, prev = [], False
+    for tok_id, (s, e) in zip(ids, enc["offset_mapping"]):
+        # a zero-width (added special) token goes with the token before it
+        scored = prev if s == e else any(s < b and e > a for a, b in spans)
+        labels.append(tok_id if scored else -100)
+        prev = scored
+    return ids, labels
+
+
+def _render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvaluatorError("perplexity: 'messages' data needs a tokenizer with a chat template")
+
+    def render(msgs: list[dict], generation_prompt: bool = False) -> str:
+        if not msgs:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    try:
+        full = render(messages)
+        spans, consistent = [], True
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, upto = render(messages[:i], True), render(messages[: i + 1])
+            if not (full.startswith(upto) and upto.startswith(before)):
+                consistent = False
+                break
+            spans.append((len(before), len(upto)))
+        if not consistent:  # e.g. templates that rewrite earlier turns: score the last turn only
+            spans = []
+            if messages[-1]["role"] == "assistant":
+                before = render(messages[:-1], True)
+                if full.startswith(before):
+                    spans = [(len(before), len(full))]
+            if not spans:
+                raise EvaluatorError("perplexity: the chat template does not render the conversation "
+                                     "as a prefix of itself; cannot find the assistant tokens")
+    except EvaluatorError:
+        raise
+    except Exception as e:
+        raise EvaluatorError(f"perplexity: the chat template failed: {type(e).__name__}: {e}") from e
+    return full, spans
+
+
+def _no_init_weights() -> contextlib.AbstractContextManager:
+    """Skip random initialisation (every weight is overwritten anyway), where transformers can."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()

@@ -1,0 +1,187 @@
+"""Table evaluator: scores read from a file computed elsewhere (dry runs, offline benchmarks).
+
+The file is one of:
+
+- CSV with a header: the first column holds the candidate, the others metrics
+  (``candidate,score[,metric2...]``); empty cells are left out;
+- JSON or YAML mapping ``{candidate: score}`` or ``{candidate: {metric: value, ...}}``.
+
+Lookup order for a candidate (the first hit wins):
+
+1. ``candidate.name``;
+2. the ingredient label, when the candidate is one ingredient at weight 1 (all other weights 0);
+3. for a uniform soup of two or more ingredients, their labels sorted and joined with ``+``
+   (``a+b``; a file key ``b+a`` is found too, since file keys with ``+`` are sorted the same way);
+4. ``candidate.key``.
+
+A row with one metric scores as that number; with several, as a mapping whose ``primary`` defaults to
+the first metric column of a CSV, or to ``score`` when every row of a JSON/YAML file has one.
+
+Example::
+
+    TableEvaluator(path="scores.csv")  # candidate,score / ft-ocr,0.71 / ft-chat,0.64 / ...
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from soup.errors import EvaluatorError
+from soup.evaluate import Candidate, Evaluator
+
+__all__ = ["TableEvaluator", "load_table", "soup_label"]
+
+
+def soup_label(labels: list[str] | tuple[str, ...]) -> str:
+    """The table key of a uniform soup: ingredient labels sorted and joined with ``+``."""
+    return "+".join(sorted(labels))
+
+
+def load_table(path: str | Path) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Read a score table.
+
+    Args:
+        path: a ``.csv``, ``.json``, ``.yaml`` or ``.yml`` file.
+
+    Returns:
+        ``({candidate: {metric: value}}, metric names in file order)``.
+
+    Raises:
+        EvaluatorError: the file is missing, malformed, has a duplicate row or a non-number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluatorError(f"score table not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvaluatorError(f"cannot read score table {path}: {e}") from e
+    table: dict[str, dict[str, float]] = {}
+    metrics: list[str] = []
+    if suffix == ".csv":
+        rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+        if not rows or len(rows[0]) < 2:
+            raise EvaluatorError(f"{path}: a CSV score table needs a header 'candidate,score[,...]'")
+        header = [h.strip() for h in rows[0]]
+        metrics = header[1:]
+        for lineno, row in enumerate(rows[1:], 2):
+            name = row[0].strip()
+            if name in table:
+                raise EvaluatorError(f"{path}: candidate {name!r} appears twice")
+            table[name] = {m: _number(v, f"{path}:{lineno} ({m})") for m, v in zip(metrics, row[1:])
+                           if v.strip() != ""}
+        return table, metrics
+    if suffix in (".json", ".yaml", ".yml"):
+        try:
+            if suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+                data = yaml.safe_load(text)
+        except Exception as e:
+            raise EvaluatorError(f"{path}: invalid {suffix[1:].upper()}: {e}") from e
+        if not isinstance(data, Mapping):
+            raise EvaluatorError(f"{path}: expected a mapping {{candidate: score or {{metric: value}}}}")
+        for name, value in data.items():
+            if isinstance(value, Mapping):
+                table[str(name)] = {str(m): _number(v, f"{path}: {name}.{m}") for m, v in value.items()}
+            else:
+                table[str(name)] = {"score": _number(value, f"{path}: {name}")}
+            metrics += [m for m in table[str(name)] if m not in metrics]
+        return table, metrics
+    raise EvaluatorError(f"{path}: a score table must be .csv, .json, .yaml or .yml")
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise EvaluatorError(f"{where}: {value!r} is not a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise EvaluatorError(f"{where}: {value!r} is not a number") from None
+
+
+class TableEvaluator(Evaluator):
+    """Look each candidate's score up in a table file (see the module docstring for the order).
+
+    Args:
+        path: the CSV / JSON / YAML file, read once at construction.
+        direction: ``"maximize"`` (default) or ``"minimize"``.
+        primary: with several metrics per row, the one used for selection.
+
+    Raises:
+        EvaluatorError: the file cannot be read (at construction); a candidate has no row (from
+            ``score``, naming the candidate, the keys tried and the file).
+    """
+
+    name = "table"
+    version = "1"
+
+    def __init__(self, *, path: str | Path, direction: str = "maximize",
+                 primary: str | None = None) -> None:
+        table, metrics = load_table(path)
+        if primary is None and len(metrics) > 1:
+            if Path(path).suffix.lower() == ".csv":
+                primary = metrics[0]
+            elif all("score" in row for row in table.values()):
+                primary = "score"
+        super().__init__(path=str(path), direction=direction, primary=primary)
+        self._table = table
+        # file keys of soups ("b+a") are also found under their sorted form ("a+b")
+        for name, row in list(table.items()):
+            if "+" in name:
+                self._table.setdefault(soup_label([p.strip() for p in name.split("+")]), row)
+        self._sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """Name, version, arguments, plus the table file's sha256."""
+        ident = super().identity()
+        ident["table_sha256"] = self._sha256
+        return ident
+
+    def lookup_keys(self, candidate: Candidate) -> list[str]:
+        """The keys tried for ``candidate``, in order.
+
+        Args:
+            candidate: the candidate.
+
+        Returns:
+            Distinct keys: name, single-ingredient label, uniform-soup label, content key.
+        """
+        keys = [candidate.name]
+        used = {label: w for label, w in candidate.weights.items() if w != 0}
+        values = list(used.values())
+        if len(used) == 1 and abs(values[0] - 1) <= 1e-9:
+            keys.append(next(iter(used)))
+        elif len(used) > 1 and max(values) - min(values) <= 1e-9 * max(map(abs, values)):
+            keys.append(soup_label(list(used)))
+        keys.append(candidate.key)
+        return list(dict.fromkeys(keys))
+
+    def score(self, candidate: Candidate) -> float | dict[str, float]:
+        """The row of ``candidate``: a float for one metric, else ``{metric: value}``.
+
+        Args:
+            candidate: the candidate to look up.
+
+        Returns:
+            The score, or the row's metrics.
+
+        Raises:
+            EvaluatorError: no row matches.
+        """
+        keys = self.lookup_keys(candidate)
+        for key in keys:
+            if key in self._table:
+                row = self._table[key]
+                if len(row) == 1 and self.primary is None:
+                    return next(iter(row.values()))
+                return dict(row)
+        raise EvaluatorError(f"no score for {candidate.name} in {self.args['path']} "
+                             f"(tried {', '.join(repr(k) for k in keys)})")

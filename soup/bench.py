@@ -1,0 +1,194 @@
+"""The bench: where strategies taste candidates. Builds candidates over resolved ingredients, scores
+them through the cache, and runs independent evaluations concurrently, one evaluator per device.
+
+Candidates are built by the merge engine (in memory for ``candidate.state_dict``, in a temp folder
+for ``candidate.path``), so a candidate is exactly the soup that would be written. Greedy's running
+sums (``RunningSum``) make each greedy candidate cost one pass over the new ingredient.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import ScoreCache, candidate_key, evaluator_key
+from .checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
+from .evaluate import Candidate, Evaluator, Score, run_evaluator
+from .merge import merge
+from .progress import Reporter
+from .rules import Rule
+
+__all__ = ["Bench", "RunningSum"]
+
+
+class Bench:
+    """Score candidates (weighted means of ``checkpoints``) with cached, possibly parallel, evaluations.
+
+    Args:
+        checkpoints: resolved ingredients.
+        evaluators: one evaluator per device (``devices[i]`` goes with ``evaluators[i]``).
+        devices: where candidates' state dicts are built for each evaluator.
+        cache: the score cache (``ScoreCache(None)`` for none).
+        rules, dtype: applied to every candidate, as to the final soup.
+    """
+
+    def __init__(self, checkpoints: Sequence[Checkpoint], evaluators: Sequence[Evaluator], *,
+                 devices: Sequence[str] = ("cpu",), cache: ScoreCache | None = None, rules: Sequence[Rule] = (),
+                 dtype: str | None = None, reporter: Reporter | None = None) -> None:
+        self.checkpoints = list(checkpoints)
+        self.labels = [c.label for c in self.checkpoints]
+        self.evaluators = list(evaluators)
+        self.devices = list(devices)[: len(self.evaluators)] or ["cpu"]
+        self.cache = cache or ScoreCache(None)
+        self.rules = list(rules)
+        self.dtype = dtype
+        self.reporter = reporter or Reporter()
+        self.evaluator = self.evaluators[0]
+        self.identity = self.evaluator.identity()
+        self._ekey = evaluator_key(self.identity)
+        self.records: list[dict[str, Any]] = []  # every evaluation, in order
+
+    @property
+    def direction(self) -> str:
+        return self.evaluator.direction
+
+    def key(self, weights: Sequence[float]) -> str:
+        return candidate_key([c.fingerprint for c in self.checkpoints], weights,
+                             rules=[r.to_dict() for r in self.rules], dtype=self.dtype)
+
+    def candidate(self, weights: Sequence[float], name: str) -> Candidate:
+        """A candidate soup with these weights (one per ingredient), built lazily by the engine."""
+        cks, w = self.checkpoints, list(weights)
+        common = dict(weights=w, rules=self.rules, dtype=self.dtype, config_from=_first_nonzero(w))
+        return Candidate(name, self.key(w),
+                         state_dict_fn=lambda device: merge(cks, None, device=device, **common).state_dict,
+                         write_fn=lambda folder: _write(cks, folder, common),
+                         weights={lab: x for lab, x in zip(self.labels, w) if x})
+
+    def score(self, weights: Sequence[float], name: str, *, evaluator: int = 0,
+              make: Callable[[], Candidate] | None = None) -> Score:
+        """Score the soup with ``weights``: from the cache, or evaluated now (and stored)."""
+        key = self.key(weights)
+        hit = self.cache.get(self._ekey, key)
+        if hit is not None:
+            self._record(name, weights, hit, cached=True)
+            return hit
+        ev = self.evaluators[evaluator]
+        with (make() if make is not None else self.candidate(weights, name)) as cand:
+            score = run_evaluator(ev, cand)
+        self.cache.put(self._ekey, key, score, name=name, identity=self.identity)
+        self._record(name, weights, score, cached=False)
+        return score
+
+    def score_ingredients(self, what: str = "evaluating ingredient") -> list[Score]:
+        """Score every ingredient alone; independent, so run concurrently over the devices."""
+        n = len(self.checkpoints)
+        one_hot = [[1.0 if j == i else 0.0 for j in range(n)] for i in range(n)]
+        if len(self.evaluators) == 1:
+            out = []
+            for i in range(n):
+                self.reporter.step(f"{what} {i + 1}/{n} ({self.labels[i]})")
+                out.append(self.score(one_hot[i], self.labels[i]))
+            return out
+        slots: list[int] = list(range(len(self.evaluators)))
+        lock = threading.Lock()
+
+        def job(i: int) -> Score:
+            with lock:
+                slot = slots.pop()
+            try:
+                self.reporter.step(f"{what} {i + 1}/{n} ({self.labels[i]}) on {self.devices[slot]}")
+                return self.score(one_hot[i], self.labels[i], evaluator=slot)
+            finally:
+                with lock:
+                    slots.append(slot)
+
+        with ThreadPoolExecutor(max_workers=len(self.evaluators)) as pool:
+            return list(pool.map(job, range(n)))  # the first failure propagates; finished scores are cached
+
+    def better(self, a: float, b: float) -> bool:
+        return self.evaluator.better(a, b)
+
+    def _record(self, name: str, weights: Sequence[float], score: Score, *, cached: bool) -> None:
+        self.records.append({"candidate": name, "weights": {lab: w for lab, w in zip(self.labels, weights) if w},
+                             "score": score.value, "metrics": score.metrics, "cached": cached})
+
+
+def _first_nonzero(weights: Sequence[float]) -> int:
+    return next(i for i, w in enumerate(weights) if w)
+
+
+def _write(cks: Sequence[Checkpoint], folder: Path, common: dict[str, Any]) -> None:
+    merge(cks, folder, overwrite=True, **common)
+
+
+class RunningSum:
+    """Greedy's pool as a running float32 sum: a candidate costs one pass over the new ingredient.
+
+    The pool's sum ``S`` lives in memory (``storage="memory"``, on ``device``) or in a temporary
+    folder on disk (``storage="disk"``). A candidate "pool + x" is ``S/(k+1) + x/(k+1)`` built by
+    the merge engine from two inputs (S and x), instead of re-reading all k pool members. Its
+    tensors can differ from the direct uniform mean by float32 rounding (an ulp before the cast to
+    the output dtype); the final soup is always re-merged from the ingredients themselves.
+    """
+
+    def __init__(self, bench: Bench, first: int, *, storage: str = "memory", device: str = "cpu") -> None:
+        self.bench, self.storage, self.device = bench, storage, device
+        self.members = [first]
+        self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-")) if storage == "disk" else None
+        self._sum: Any = self._combine([bench.checkpoints[first]], [1.0], float32=True, step=0)
+
+    @staticmethod
+    def supports(rules: Sequence[Rule]) -> bool:
+        """Per-pattern weight rules need every ingredient: greedy then builds candidates directly."""
+        return not any(r.action == "weights" for r in rules)
+
+    def candidate(self, new: int, name: str) -> Candidate:
+        """The uniform soup of the pool plus ingredient ``new``."""
+        k = len(self.members)
+        w = [1.0 if i in self.members or i == new else 0.0 for i in range(len(self.bench.labels))]
+        new_ck = self.bench.checkpoints[new]
+        # inputs: the new ingredient, the pool's sum, then the sources of take: rules (weight 0)
+        takes = sorted({self._take_index(r) for r in self.bench.rules if r.action == "take"})
+        inputs = [new_ck, self._sum] + [self.bench.checkpoints[i] for i in takes]
+        weights = [1.0 / (k + 1), 1.0 / (k + 1)] + [0.0] * len(takes)
+        rules = [Rule(r.pattern, "take", ingredient=2 + takes.index(self._take_index(r))) if r.action == "take"
+                 else r for r in self.bench.rules]
+        common = dict(weights=weights, normalize=False, rules=rules, dtype=self.bench.dtype,
+                      mixed_float=True, config_from=0)
+        return Candidate(name, self.bench.key([x / (k + 1) for x in w]),
+                         state_dict_fn=lambda device: merge(inputs, None, device=device, **common).state_dict,
+                         write_fn=lambda folder: _write(inputs, folder, common),
+                         weights={lab: x / (k + 1) for lab, x in zip(self.bench.labels, w) if x})
+
+    def _take_index(self, rule: Rule) -> int:
+        ing = rule.ingredient
+        return ing if isinstance(ing, int) else self.bench.labels.index(ing)
+
+    def add(self, new: int) -> None:
+        """Keep ingredient ``new``: S <- S + x_new (one pass)."""
+        self._sum = self._combine([self._sum, self.bench.checkpoints[new]], [1.0, 1.0], float32=True,
+                                  step=len(self.members))
+        self.members.append(new)
+
+    def _combine(self, inputs: list[Any], weights: list[float], *, float32: bool, step: int) -> Checkpoint:
+        common = dict(weights=weights, normalize=False, dtype=torch.float32, device=self.device)
+        label = f"pool-sum-of-{step + 1}"  # a sum of step + 1 pool members
+        if self._tmp is None:
+            return memory_checkpoint(merge(inputs, None, **common).state_dict, label=label, fingerprint=label)
+        folder = self._tmp / f"sum{step}"
+        merge(inputs, folder, shard_size="2GB", **common)
+        if step:
+            shutil.rmtree(self._tmp / f"sum{step - 1}", ignore_errors=True)  # the previous sum is done with
+        return open_checkpoint(folder, label=label)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)

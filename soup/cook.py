@@ -1,0 +1,235 @@
+"""Cooking a soup: ingredients -> evaluate -> strategy weights -> merge -> report.
+
+``cook`` is the one pipeline behind ``soup run RECIPE`` and the Python API
+(``maximum_soup``, ``average_soup``, ``greedy_soup``), e.g. at the end of a training script::
+
+    import soup
+    result = soup.greedy_soup(["runs/ft-a", "runs/ft-b", "runs/ft-c"], evaluator=my_eval, out="runs/soup")
+    print(result.weights, result.soup_score)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench import Bench
+from .cache import ScoreCache
+from .evaluate import Evaluator, Score, load_evaluator
+from .ingredients import HubOptions, IngredientSpec, resolve_all
+from .merge import merge
+from .progress import Reporter, RichReporter
+from .rules import parse_rules
+from .strategies import AverageSoup, Choice, GreedySoup, MaximumSoup, SoupStrategy
+
+__all__ = ["SoupResult", "cook", "maximum_soup", "average_soup", "greedy_soup"]
+
+EvaluatorSpec = str | type | Evaluator | Callable[..., Any]
+
+
+@dataclass
+class SoupResult:
+    """A finished soup: weights, the evidence, and where it is (folder or state dict)."""
+
+    weights: dict[str, float]  # ingredient label -> weight
+    scores: dict[str, float | None]  # ingredient label -> selection score
+    trajectory: list[dict[str, Any]]
+    soup_score: Score | None
+    test_score: Score | None = None
+    test_scores: dict[str, float] = field(default_factory=dict)  # ingredient label -> test score
+    path: Path | None = None
+    state_dict: dict[str, torch.Tensor] | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def _evaluators(spec: EvaluatorSpec | None, args: Mapping[str, Any], devices: Sequence[str] | None) -> list[Evaluator]:
+    if spec is None:
+        return []
+    if callable(spec) and not isinstance(spec, (type, Evaluator)):
+        from soup.evaluators.python import PythonEvaluator
+
+        return [PythonEvaluator(fn=spec, **args)]
+    if isinstance(spec, Evaluator) or not devices or len(devices) < 2:
+        return [load_evaluator(spec, **args)]
+    return [load_evaluator(spec, **{**args, "device": d}) for d in devices]
+
+
+def cook(
+    strategy: SoupStrategy,
+    ingredients: Sequence[IngredientSpec],
+    *,
+    evaluator: EvaluatorSpec | None = None,
+    evaluator_args: Mapping[str, Any] | None = None,
+    test_evaluator: EvaluatorSpec | None = None,
+    test_args: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    return_state_dict: bool = False,
+    labels: Sequence[str | None] | None = None,
+    rules: Sequence[Any] = (),
+    dtype: str | None = None,
+    devices: Sequence[str] | None = None,
+    cache: ScoreCache | str | Path | None = "default",
+    progress: bool | Reporter = False,
+    hub: HubOptions | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    **merge_options: Any,
+) -> SoupResult:
+    """Evaluate, choose weights with ``strategy``, and merge.
+
+    Args:
+        strategy: a SoupStrategy (MaximumSoup, AverageSoup, GreedySoup).
+        ingredients: folders, files, ``hf://`` repos or state dicts.
+        evaluator: entry-point name, ``module:Class``, ``file.py:Class``, an Evaluator, or a function
+            ``fn(candidate) -> float``; ``evaluator_args`` are its keyword arguments.
+        test_evaluator: scores the final soup (and each ingredient) for the report only.
+        out: write the soup there; with ``return_state_dict`` (or no ``out``) it is returned in memory.
+        devices: evaluate on several devices concurrently (one evaluator each, ``device=`` argument).
+        cache: the score cache: "default", a path, a ScoreCache, or None for no cache.
+        merge_options: passed to ``merge`` (shard_size, accumulate, config_from, overwrite, device...).
+
+    Raises:
+        SoupError: bad inputs, a failing evaluator (scores computed so far stay in the cache).
+    """
+    reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
+    store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
+    rule_list = parse_rules(rules)
+    evs, tests = _evaluators(evaluator, evaluator_args or {}, devices), _evaluators(test_evaluator, test_args or {}, None)
+    if strategy.needs_evaluator and not evs:
+        from .errors import RecipeError
+
+        raise RecipeError(f"strategy {strategy.name} needs an evaluator")
+    try:
+        cks = resolve_all(ingredients, labels=labels, hub=hub)
+        common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
+        bench = Bench(cks, evs, devices=devices or ["cpu"], **common) if evs else None
+        choice = strategy.choose(bench, len(cks))
+        test_bench = Bench(cks, tests, **common) if tests else None
+        test_score, test_scores = None, {}
+        if test_bench is not None:
+            test_scores = {ck.label: s.value for ck, s in zip(cks, test_bench.score_ingredients("testing ingredient"))}
+            reporter.step("testing the soup")
+            test_score = test_bench.score(choice.weights, f"{strategy.name} soup")
+        evaluation = _evaluation(strategy, choice, bench, test_bench, test_score, test_scores)
+        result = SoupResult({c.label: w for c, w in zip(cks, choice.weights)},
+                            {c.label: s for c, s in zip(cks, choice.scores)}, choice.trajectory,
+                            choice.soup_score, test_score, test_scores)
+
+        def finalize(manifest: dict[str, Any], folder: Path | None) -> None:
+            for entry, score, kept in zip(manifest["ingredients"], choice.scores, choice.kept or [None] * len(cks)):
+                entry.update(score=score, kept=kept, test_score=test_scores.get(entry["name"]))
+            from .report import write_plot
+
+            if folder is not None and write_plot(manifest, folder / "soup_plot.png"):
+                manifest["plot"] = "soup_plot.png"
+
+        extra = {"method": {"name": strategy.name, "reference": strategy.reference, "options": strategy.options()},
+                 "evaluation": evaluation, "recipe": dict(recipe) if recipe else None}
+        if out is not None:
+            reporter.step(f"merging {sum(1 for w in choice.weights if w)} ingredient(s) into {out}")
+            m = merge(cks, out, weights=choice.weights, rules=rule_list, dtype=dtype, progress=reporter,
+                      manifest_extra=extra, finalize=finalize, **merge_options)
+            result.path, result.manifest = m.path, m.manifest
+        if return_state_dict or out is None:
+            m = merge(cks, None, weights=choice.weights, rules=rule_list, dtype=dtype, manifest_extra=extra,
+                      finalize=finalize,
+                      **{k: v for k, v in merge_options.items() if k in ("device", "accumulate", "strict")})
+            result.state_dict = m.state_dict
+            result.manifest = result.manifest or m.manifest
+        return result
+    finally:
+        for ev in evs + tests:
+            ev.close()
+        if not isinstance(cache, ScoreCache):
+            store.close()
+
+
+def _evaluation(strategy: SoupStrategy, choice: Choice, bench: Bench | None, test: Bench | None,
+                test_score: Score | None, test_scores: Mapping[str, float]) -> dict[str, Any] | None:
+    if bench is None and test is None:
+        return None
+    ev: dict[str, Any] = {"strategy": strategy.name}
+    if bench is not None:
+        ev.update(evaluator=bench.identity, direction=bench.direction,
+                  ingredient_scores={lab: s for lab, s in zip(bench.labels, choice.scores) if s is not None},
+                  trajectory=choice.trajectory,
+                  soup_score=choice.soup_score.value if choice.soup_score else None,
+                  soup_metrics=choice.soup_score.metrics if choice.soup_score else None,
+                  evaluations=bench.records)
+    if test is not None:
+        ev["test"] = {"evaluator": test.identity, "direction": test.direction,
+                      "soup_score": test_score.value if test_score else None,
+                      "soup_metrics": test_score.metrics if test_score else None,
+                      "ingredient_scores": dict(test_scores)}
+    return ev
+
+
+def maximum_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, p: int = 1,
+                 **options: Any) -> SoupResult:
+    """Maximum soup (POINTS Eq. 4): the uniform average of the top-``p`` ingredients by score."""
+    return cook(MaximumSoup(p=p), ingredients, evaluator=evaluator, **options)
+
+
+def average_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec | None = None, *,
+                 weights: Sequence[float] | None = None, **options: Any) -> SoupResult:
+    """Average soup (POINTS Eq. 5): uniform (or weighted) average of all ingredients."""
+    return cook(AverageSoup(weights=list(weights) if weights is not None else None), ingredients,
+                evaluator=evaluator, **options)
+
+
+def greedy_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, tie: str = ">=",
+                tolerance: float = 0.0, sums: str = "memory", **options: Any) -> SoupResult:
+    """Greedy soup (POINTS Algorithm 1): add ingredients best-first while the held-out score improves."""
+    return cook(GreedySoup(tie=tie, tolerance=tolerance, sums=sums), ingredients, evaluator=evaluator, **options)
+
+
+def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progress: bool | Reporter = False,
+               output: str | Path | None = None) -> SoupResult:
+    """Cook a validated Recipe (``soup run``); ``cache``/``output`` override the recipe's."""
+    from .strategies import make_strategy
+
+    out = output if output is not None else recipe.output
+    if out is None:
+        from .errors import RecipeError
+
+        raise RecipeError("output: required to run a recipe (or pass --output)")
+    return cook(
+        make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
+        evaluator=recipe.evaluator.name if recipe.evaluator else None,
+        evaluator_args=recipe.evaluator.args if recipe.evaluator else None,
+        test_evaluator=recipe.test.name if recipe.test else None,
+        test_args=recipe.test.args if recipe.test else None,
+        out=out, labels=recipe.labels, rules=recipe.rules, dtype=recipe.dtype, devices=recipe.devices,
+        cache=cache if cache is not None else recipe.cache, progress=progress,
+        hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite,
+        shard_size=recipe.shard_size, accumulate=recipe.accumulate, device=recipe.device,
+        config_from=recipe.config_from, strict=recipe.strict)
+
+
+def describe_recipe(recipe: Any) -> str:
+    """The plan of a recipe, for ``soup run --dry-run``: nothing is evaluated or written."""
+    from .checkpoint import open_checkpoint
+
+    lines = [f"recipe: {recipe.source or '-'}", f"strategy: {recipe.strategy} {recipe.strategy_options or ''}"]
+    for role, ev in (("evaluator", recipe.evaluator), ("test", recipe.test)):
+        if ev is not None:
+            lines.append(f"{role}: {ev.name} {ev.args}")
+    lines.append(f"ingredients ({len(recipe.ingredients)}):")
+    for src, lab in zip(recipe.ingredients, recipe.labels):
+        if src.startswith("hf://"):
+            lines.append(f"  {lab or src}: {src} (pulled at run time, pinned to a commit)")
+            continue
+        ck = open_checkpoint(src, label=lab)
+        lines.append(f"  {ck.label}: {src}  {len(ck.tensors)} tensors, {ck.total_bytes:,} bytes, "
+                     f"fingerprint {ck.fingerprint[:12]}")
+    for r in recipe.rules:
+        lines.append(f"rule: {r}")
+    lines.append(f"dtype: {recipe.dtype or 'as ingredients'}, accumulate {recipe.accumulate}, "
+                 f"shard size {recipe.shard_size}, device {recipe.device}"
+                 + (f", devices {recipe.devices}" if recipe.devices else ""))
+    lines.append(f"cache: {recipe.cache}")
+    lines.append(f"output: {recipe.output}" + (f" -> push to {recipe.push_to['repo']}" if recipe.push_to else ""))
+    return "\n".join(lines)

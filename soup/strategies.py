@@ -1,0 +1,168 @@
+"""Soup strategies: they decide the weights; the merge engine applies them.
+
+Definitions (followed exactly; POINTS = Liu et al. 2024, arXiv:2409.04828; model soups = Wortsman
+et al. 2022, arXiv:2203.05482):
+
+- **maximum** (POINTS Eq. 4): evaluate every ingredient, take the top-p by score, uniform average.
+  p = 1 (default) is the best ingredient itself: its bytes are copied, no math.
+- **average** (POINTS Eq. 5; model soups' "uniform soup"): uniform average of all ingredients, or
+  the given weights. Needs no evaluator; with one, the soup is scored for the report.
+- **greedy** (POINTS Algorithm 1; model soups' greedy soup): evaluate every ingredient, sort by score
+  (best first), seed the pool with the best, then try each next ingredient: the candidate is the
+  uniform average of pool + it, kept if its score beats the pool's. The result is the uniform average
+  of the final pool. Tie rule ``tie``: ``">="`` (default, as in POINTS: an ingredient that does not
+  hurt the held-out score is kept, and more averaging tends to generalise better) or ``">"`` (as in
+  the model-soups code). ``tolerance`` lets a candidate be at most that much worse and still kept.
+
+One abstract base class, one abstract method: ``choose(bench, n) -> Choice``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .bench import Bench, RunningSum
+from .errors import RecipeError
+from .evaluate import Score
+
+__all__ = ["SoupStrategy", "Choice", "MaximumSoup", "AverageSoup", "GreedySoup", "STRATEGIES", "make_strategy"]
+
+
+@dataclass
+class Choice:
+    """What a strategy decided, with the evidence for the report."""
+
+    weights: list[float]  # one per ingredient
+    scores: list[float | None]  # each ingredient's score, when evaluated
+    trajectory: list[dict[str, Any]] = field(default_factory=list)  # greedy: tried, kept, score
+    soup_score: Score | None = None  # the chosen soup's score, when known
+    kept: list[bool] | None = None  # greedy/maximum: which ingredients are in the soup
+
+
+class SoupStrategy(ABC):
+    """Base class of soup strategies: decide one weight per ingredient.
+
+    ``choose`` gets a Bench (None when no evaluator was given and ``needs_evaluator`` is False)
+    through which it scores ingredients and candidate soups (cached, possibly on several devices).
+    """
+
+    name: ClassVar[str]
+    reference: ClassVar[str]
+    needs_evaluator: ClassVar[bool] = True
+
+    @abstractmethod
+    def choose(self, bench: Bench | None, n: int) -> Choice:
+        """Return the weights for ``n`` ingredients."""
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+def _ranked(bench: Bench, scores: Sequence[Score]) -> list[int]:
+    """Ingredient indices, best score first (ties keep the ingredients' order)."""
+    sign = -1.0 if bench.direction == "maximize" else 1.0
+    return sorted(range(len(scores)), key=lambda i: (sign * scores[i].value, i))
+
+
+@dataclass
+class MaximumSoup(SoupStrategy):
+    p: int = 1  # how many of the best ingredients to average
+
+    name: ClassVar[str] = "maximum"
+    reference: ClassVar[str] = "https://arxiv.org/abs/2409.04828"
+
+    def choose(self, bench: Bench | None, n: int) -> Choice:
+        if not 1 <= self.p <= n:
+            raise RecipeError(f"strategy.p: {self.p} must be between 1 and the number of ingredients ({n})")
+        scores = bench.score_ingredients()
+        top = set(_ranked(bench, scores)[: self.p])
+        weights = [1.0 / self.p if i in top else 0.0 for i in range(n)]
+        soup = scores[next(iter(top))] if self.p == 1 else bench.score(weights, f"maximum soup (top {self.p})")
+        return Choice(weights, [s.value for s in scores], soup_score=soup, kept=[i in top for i in range(n)])
+
+
+@dataclass
+class AverageSoup(SoupStrategy):
+    weights: list[float] | None = None  # default uniform
+
+    name: ClassVar[str] = "average"
+    reference: ClassVar[str] = "https://arxiv.org/abs/2203.05482"
+    needs_evaluator: ClassVar[bool] = False
+
+    def choose(self, bench: Bench | None, n: int) -> Choice:
+        from .plan import normalise_weights
+
+        weights = list(normalise_weights(self.weights, n, where="strategy.weights"))
+        soup = bench.score(weights, "average soup") if bench is not None else None
+        return Choice(weights, [None] * n, soup_score=soup, kept=[w > 0 for w in weights])
+
+
+@dataclass
+class GreedySoup(SoupStrategy):
+    tie: str = ">="  # ">=" (POINTS) keeps ties; ">" (model-soups code) needs a strict improvement
+    tolerance: float = 0.0  # keep a candidate at most this much worse than the pool
+    sums: str = "memory"  # greedy's running sums: "memory" or "disk"
+
+    name: ClassVar[str] = "greedy"
+    reference: ClassVar[str] = "https://arxiv.org/abs/2409.04828"
+
+    def __post_init__(self) -> None:
+        if self.tie not in (">=", ">"):
+            raise RecipeError(f"strategy.tie: {self.tie!r} must be '>=' or '>'")
+        if self.sums not in ("memory", "disk"):
+            raise RecipeError(f"strategy.sums: {self.sums!r} must be 'memory' or 'disk'")
+        if self.tolerance < 0:
+            raise RecipeError(f"strategy.tolerance: {self.tolerance} must be >= 0")
+
+    def keep(self, bench: Bench, candidate: float, pool: float) -> bool:
+        gain = candidate - pool if bench.direction == "maximize" else pool - candidate
+        return gain >= -self.tolerance if self.tie == ">=" else gain > -self.tolerance
+
+    def choose(self, bench: Bench | None, n: int) -> Choice:
+        scores = bench.score_ingredients()
+        order = _ranked(bench, scores)
+        best = order[0]
+        pool, pool_score = [best], scores[best]
+        trajectory = [{"step": 1, "tried": bench.labels[best], "score": pool_score.value, "kept": True,
+                       "pool": [bench.labels[best]]}]
+        running = RunningSum(bench, best, storage=self.sums, device=bench.devices[0]) \
+            if RunningSum.supports(bench.rules) and n > 1 else None
+        try:
+            for step, i in enumerate(order[1:], start=2):
+                name = f"greedy candidate {step}/{n} (+{bench.labels[i]})"
+                bench.reporter.step(name)
+                weights = [1.0 / (len(pool) + 1) if j in pool or j == i else 0.0 for j in range(n)]
+                make = (lambda i=i, name=name: running.candidate(i, name)) if running is not None else None
+                s = bench.score(weights, name, make=make)
+                kept = self.keep(bench, s.value, pool_score.value)
+                if kept:
+                    pool.append(i)
+                    pool_score = s
+                    if running is not None and step < n:
+                        running.add(i)
+                trajectory.append({"step": step, "tried": bench.labels[i], "score": s.value, "kept": kept,
+                                   "pool": [bench.labels[j] for j in pool]})
+        finally:
+            if running is not None:
+                running.close()
+        weights = [1.0 / len(pool) if j in pool else 0.0 for j in range(n)]
+        return Choice(weights, [s.value for s in scores], trajectory, pool_score, [j in pool for j in range(n)])
+
+
+STRATEGIES: dict[str, type[SoupStrategy]] = {c.name: c for c in (MaximumSoup, AverageSoup, GreedySoup)}
+
+
+def make_strategy(name: str, **options: Any) -> SoupStrategy:
+    """Build a strategy by name; unknown names and options are RecipeErrors listing the valid ones."""
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise RecipeError(f"strategy.name: unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise RecipeError(f"strategy: unknown option(s) {', '.join(bad)} for {name}; valid: {', '.join(valid)}")
+    return cls(**options)
