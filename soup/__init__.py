@@ -4,6 +4,7 @@ Streaming weight merging (``merge``), evaluator-driven soups and hub publishing.
 weighted mean of ingredient checkpoints; strategies decide the weights, one engine applies them.
 """
 
+from .cook import SoupResult, average_soup, cook, greedy_soup, maximum_soup
 from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
 from .evaluate import Candidate, Evaluator, Score, load_evaluator
 from .inspect import inspect
@@ -13,6 +14,7 @@ __version__ = soup_version()
 
 __all__ = [
     "merge", "MergeResult", "inspect",
+    "maximum_soup", "average_soup", "greedy_soup", "cook", "SoupResult",
     "Evaluator", "Candidate", "Score", "load_evaluator",
     "SoupError", "RecipeError", "CheckpointError", "IncompatibleIngredients", "EvaluatorError", "HubError",
     "__version__",
