@@ -29,6 +29,12 @@ _state = {"debug": os.environ.get("SOUP_DEBUG", "") not in ("", "0")}
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder "
                                          "(only once the new soup is complete).")]
+PushTo = Annotated[Optional[str], typer.Option("--push-to", help="Push the soup to this hub repo (owner/name) "
+                                              "while it is written.")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (default main).")]
+Private = Annotated[bool, typer.Option("--private", help="Create the repo private.")]
+CreatePr = Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")]
+Message = Annotated[Optional[str], typer.Option("--commit-message", "-m", help="Commit message.")]
 Endpoint = Annotated[Optional[str], typer.Option("--endpoint", envvar="HF_ENDPOINT",
                                                  help="Hub endpoint for hf:// ingredients and pushes.")]
 
@@ -82,6 +88,11 @@ def merge(
                                              "processor files are copied.")] = "0",
     strict: Annotated[bool, typer.Option(help="Differing integer/bool buffers are an error, not a warning.")] = False,
     overwrite: Overwrite = False,
+    push_to: PushTo = None,
+    revision: Revision = None,
+    private: Private = False,
+    create_pr: CreatePr = False,
+    commit_message: Message = None,
     endpoint: Endpoint = None,
     quiet: Quiet = False,
 ) -> None:
@@ -89,16 +100,47 @@ def merge(
     from .ingredients import HubOptions
     from .inspect import human_bytes
     from .merge import merge as run_merge
+    from .publish import Publisher
 
     w = _weights(weights)
+    target = {"repo": push_to, "revision": revision, "private": private, "create_pr": create_pr,
+              "commit_message": commit_message} if push_to else None
     with _errors():
-        result = run_merge(ingredients, output, weights=w, normalize=not no_normalize, dtype=dtype,
-                           accumulate=accumulate, shard_size=shard_size, device=device, rules=rule or (),
-                           strict=strict, config_from=config_from, overwrite=overwrite, progress=not quiet,
-                           hub=HubOptions(endpoint=endpoint))
-    m = result.manifest
-    out.print(f"{result.path}\t{m['tensors']} tensors\t{human_bytes(m['total_size'])}\t"
-              f"{len(m['files'])} shard(s)\t{result.seconds:.1f}s")
+        publisher = Publisher(target, endpoint=endpoint)
+        try:
+            publisher.start()
+            result = run_merge(ingredients, output, weights=w, normalize=not no_normalize, dtype=dtype,
+                               accumulate=accumulate, shard_size=shard_size, device=device, rules=rule or (),
+                               strict=strict, config_from=config_from, overwrite=overwrite, progress=not quiet,
+                               hub=HubOptions(endpoint=endpoint), on_shard=publisher.on_shard)
+            m = result.manifest
+            out.print(f"{result.path}\t{m['tensors']} tensors\t{human_bytes(m['total_size'])}\t"
+                      f"{len(m['files'])} shard(s)\t{result.seconds:.1f}s")
+            if target:
+                _print_push(publisher.finish(result.path))
+        finally:
+            publisher.close()
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A finished soup folder (with soup.json).")],
+    repo: Annotated[str, typer.Argument(help="Hub repo, owner/name (created if needed).")],
+    revision: Revision = None,
+    private: Private = False,
+    create_pr: CreatePr = False,
+    commit_message: Message = None,
+    endpoint: Endpoint = None,
+) -> None:
+    """Push an existing soup folder to a hub repo in one commit (against the head read at the start)."""
+    from .hub import push as hub_push
+    from .merge import read_manifest
+
+    with _errors():
+        read_manifest(folder)  # only finished soups are pushed
+        res = hub_push(folder, repo, revision=revision, private=private, create_pr=create_pr,
+                       commit_message=commit_message, endpoint=endpoint)
+    _print_push(res)
 
 
 @app.command()
@@ -159,19 +201,12 @@ def run(
         result = run_recipe(r, overwrite=overwrite, cache=chosen, progress=not quiet, output=output)
         out.print(format_report(result.manifest), markup=False)
         out.print(f"wrote {result.path}", markup=False)
-        _push_after(r, result.path, quiet=quiet)
+        if result.push is not None:
+            _print_push(result.push)
 
 
-def _push_after(recipe, folder, *, quiet: bool) -> None:
-    """Push a finished soup when the recipe says so (hub support lives in soup.hub)."""
-    if not recipe.push_to:
-        return
-    from .hub import push
-
-    opts = dict(recipe.push_to)
-    repo = opts.pop("repo")
-    res = push(folder, repo, endpoint=recipe.endpoint, **opts)
-    out.print(f"pushed {repo}: {res.url if hasattr(res, 'url') else res}", markup=False)
+def _print_push(res) -> None:
+    out.print(f"pushed {res.pr_url or res.commit_url or res.repo_url} (commit {res.commit})", markup=False)
 
 
 @app.command()

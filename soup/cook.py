@@ -44,6 +44,7 @@ class SoupResult:
     path: Path | None = None
     state_dict: dict[str, torch.Tensor] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    push: Any = None  # the hub PushResult, when pushed
 
 
 def _evaluators(spec: EvaluatorSpec | None, args: Mapping[str, Any], devices: Sequence[str] | None) -> list[Evaluator]:
@@ -76,6 +77,7 @@ def cook(
     progress: bool | Reporter = False,
     hub: HubOptions | None = None,
     recipe: Mapping[str, Any] | None = None,
+    push_to: Mapping[str, Any] | str | None = None,
     **merge_options: Any,
 ) -> SoupResult:
     """Evaluate, choose weights with ``strategy``, and merge.
@@ -89,6 +91,8 @@ def cook(
         out: write the soup there; with ``return_state_dict`` (or no ``out``) it is returned in memory.
         devices: evaluate on several devices concurrently (one evaluator each, ``device=`` argument).
         cache: the score cache: "default", a path, a ScoreCache, or None for no cache.
+        push_to: ``"owner/name"`` or ``{repo, revision, private, create_pr, commit_message}``: shards
+            are uploaded while the soup is written, then one commit lands (``result.push``).
         merge_options: passed to ``merge`` (shard_size, accumulate, config_from, overwrite, device...).
 
     Raises:
@@ -102,7 +106,12 @@ def cook(
         from .errors import RecipeError
 
         raise RecipeError(f"strategy {strategy.name} needs an evaluator")
+    from .publish import Publisher
+
+    publisher = Publisher({"repo": push_to} if isinstance(push_to, str) else push_to,
+                          endpoint=hub.endpoint if hub else None)
     try:
+        publisher.start()  # fail fast on a bad token, before any evaluation
         cks = resolve_all(ingredients, labels=labels, hub=hub)
         common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
         bench = Bench(cks, evs, devices=devices or ["cpu"], **common) if evs else None
@@ -131,8 +140,11 @@ def cook(
         if out is not None:
             reporter.step(f"merging {sum(1 for w in choice.weights if w)} ingredient(s) into {out}")
             m = merge(cks, out, weights=choice.weights, rules=rule_list, dtype=dtype, progress=reporter,
-                      manifest_extra=extra, finalize=finalize, **merge_options)
+                      manifest_extra=extra, finalize=finalize, on_shard=publisher.on_shard, **merge_options)
             result.path, result.manifest = m.path, m.manifest
+            if publisher.target:
+                reporter.step(f"pushing to {publisher.target['repo']}")
+                result.push = publisher.finish(m.path)
         if return_state_dict or out is None:
             m = merge(cks, None, weights=choice.weights, rules=rule_list, dtype=dtype, manifest_extra=extra,
                       finalize=finalize,
@@ -141,6 +153,7 @@ def cook(
             result.manifest = result.manifest or m.manifest
         return result
     finally:
+        publisher.close()
         for ev in evs + tests:
             ev.close()
         if not isinstance(cache, ScoreCache):
@@ -204,7 +217,7 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         test_args=recipe.test.args if recipe.test else None,
         out=out, labels=recipe.labels, rules=recipe.rules, dtype=recipe.dtype, devices=recipe.devices,
         cache=cache if cache is not None else recipe.cache, progress=progress,
-        hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite,
+        hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite, push_to=recipe.push_to,
         shard_size=recipe.shard_size, accumulate=recipe.accumulate, device=recipe.device,
         config_from=recipe.config_from, strict=recipe.strict)
 

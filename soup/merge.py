@@ -151,6 +151,9 @@ def merge(
                                      manifest_extra)
                 if finalize is not None:
                     finalize(manifest, tmp)
+                from .card import render_model_card
+
+                (tmp / "README.md").write_text(render_model_card(manifest))
                 write_manifest(tmp, manifest)
                 path = output.commit()
     finally:

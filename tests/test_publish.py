@@ -1,0 +1,91 @@
+"""End to end with the local hub: hf:// ingredients pinned, soups pushed while written, model card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi
+from typer.testing import CliRunner
+
+from soup.cli import app
+from soup.hub import push
+
+from conftest import load_soup, make_state, reference_mean, write_checkpoint
+from test_hub import hf_isolated, hub, auth_hub, TOKEN  # noqa: F401  (fixtures)
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def hub_ingredients(hub, tmp_path):
+    """Two ingredient repos; ``acme/a`` moves on after the first commit (we pin the first)."""
+    states = [make_state(1, big=3000), make_state(2, big=3000)]
+    shas = []
+    for name, st in zip(("a", "b"), states):
+        res = push(write_checkpoint(tmp_path / "src" / name, st), f"acme/{name}", endpoint=hub.url)
+        shas.append(res.commit)
+    push(write_checkpoint(tmp_path / "src" / "a2", make_state(7, big=3000)), "acme/a", endpoint=hub.url)
+    return states, shas
+
+
+def test_merge_pulls_pinned_and_pushes_with_card(hub, hub_ingredients, tmp_path):
+    states, shas = hub_ingredients
+    out = tmp_path / "soup"
+    res = runner.invoke(app, ["merge", f"hf://acme/a@{shas[0]}", "hf://acme/b", "-o", str(out), "-q",
+                              "--endpoint", hub.url, "--push-to", "acme/soup", "--shard-size", "4KB"])
+    assert res.exit_code == 0, res.output
+    ref = reference_mean(states, [0.5, 0.5])
+    got = load_soup(out)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)  # the pinned a, not the moved-on one
+    m = json.loads((out / "soup.json").read_text())
+    assert m["ingredients"][0]["revision"] == shas[0] and m["ingredients"][0]["repo"] == "acme/a"
+    assert m["ingredients"][1]["revision"] == shas[1] and m["ingredients"][0]["fingerprint"].startswith("oids-")
+    files = sorted(p.name for p in out.iterdir())
+    assert len(m["files"]) > 1 and "README.md" in files
+    remote = hub.files("acme/soup", "main")
+    assert sorted(set(remote) - {".gitattributes"}) == files, (sorted(remote), files)
+    for name in files:
+        assert remote[name] == (out / name).read_bytes(), name
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == ["acme/a", "acme/b"] and "model-soup" in front["tags"]
+    assert "pushed" in res.stdout
+    assert len(HfApi(endpoint=hub.url).list_repo_commits("acme/soup")) >= 1
+
+
+def test_recipe_push_and_soup_push_retry(hub, hub_ingredients, tmp_path):
+    states, shas = hub_ingredients
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "ingredients": [{"repo": "acme/a", "revision": shas[0], "name": "a"}, {"repo": "acme/b"}],
+        "strategy": {"name": "average", "weights": [3, 1]}, "endpoint": hub.url, "output": "out",
+        "push_to": {"repo": "acme/avg", "commit_message": "an average soup"}, "cache": False}))
+    res = runner.invoke(app, ["run", str(tmp_path / "r.yaml"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert hub.files("acme/avg", "main")["soup.json"] == (tmp_path / "out" / "soup.json").read_bytes()
+    assert "strategy" in (tmp_path / "out" / "README.md").read_text()  # the recipe is in the card
+    # `soup push` of the same folder elsewhere, on a branch
+    res = runner.invoke(app, ["push", str(tmp_path / "out"), "acme/copy", "--endpoint", hub.url])
+    assert res.exit_code == 0, res.output
+    assert hub.files("acme/copy", "main")["README.md"] == (tmp_path / "out" / "README.md").read_bytes()
+
+
+def test_push_unauthorized_is_one_line_and_keeps_output(auth_hub, tmp_path, monkeypatch):
+    a = write_checkpoint(tmp_path / "a", make_state(1))
+    b = write_checkpoint(tmp_path / "b", make_state(2))
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_value")
+    res = runner.invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "out"), "-q",
+                              "--endpoint", auth_hub.url, "--push-to", "acme/soup"])
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "401" in lines[0] and "hf_wrong_token_value" not in res.output
+    assert not (tmp_path / "out").exists()  # failed fast: nothing merged
+    runner.invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "out"), "-q"])
+    res = runner.invoke(app, ["push", str(tmp_path / "out"), "acme/soup", "--endpoint", auth_hub.url])
+    assert res.exit_code == 1 and (tmp_path / "out" / "soup.json").exists()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    res = runner.invoke(app, ["push", str(tmp_path / "out"), "acme/soup", "--endpoint", auth_hub.url])
+    assert res.exit_code == 0, res.output
+    assert TOKEN not in res.output
