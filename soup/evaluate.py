@@ -167,8 +167,9 @@ class Evaluator(ABC):
         return self.name or type(self).__name__
 
     def identity(self) -> dict[str, Any]:
-        """What makes two evaluations comparable: name, version, arguments."""
-        return {"name": self.label, "version": self.version, "args": self.args,
+        """What makes two evaluations comparable: name, version, arguments (not the device)."""
+        args = {k: v for k, v in self.args.items() if k != "device"}
+        return {"name": self.label, "version": self.version, "args": args,
                 "direction": self.direction, "primary": self.primary}
 
     def better(self, a: float, b: float) -> bool:

@@ -184,3 +184,28 @@ def test_unknown_strategy_and_options():
         make_strategy("greedy", p=2)
     with pytest.raises(RecipeError, match="strategy.tie"):
         make_strategy("greedy", tie="=")
+
+
+def test_ingredients_scored_concurrently_one_evaluator_per_device(five, tmp_path):
+    """devices=[...]: one evaluator per device, ingredients spread over them; same result, shared cache key."""
+    import threading
+    import time
+
+    paths, _ = five
+    seen, lock = {}, threading.Lock()
+
+    class PerDevice(Evaluator):
+        name = "per-device"
+
+        def score(self, candidate):
+            with lock:
+                seen.setdefault(self.args["device"], []).append(candidate.name)
+            time.sleep(0.05)
+            return {"a": 0.8, "b": 0.6, "c": 0.9, "d": 0.5, "e": 0.7}["".join(sorted(candidate.weights))]
+
+    res = maximum_soup(paths, PerDevice, devices=["cpu", "cpu:1"], cache=str(tmp_path / "c.sqlite"))
+    assert res.weights["c"] == 1.0
+    assert set(seen) == {"cpu", "cpu:1"} and sum(len(v) for v in seen.values()) == 5
+    seen.clear()
+    res = maximum_soup(paths, PerDevice, cache=str(tmp_path / "c.sqlite"))  # the device is not in the key
+    assert seen == {} and res.weights["c"] == 1.0
