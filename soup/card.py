@@ -97,7 +97,7 @@ def render_model_card(manifest: Mapping[str, Any], *, recipe_text: str | None = 
             if evaluation.get(key) is not None:
                 lines.append(f"- {label}: {_num(evaluation[key])}")
         lines.append("")
-    if PLOT in (manifest.get("files") or {}):
+    if manifest.get("plot") == PLOT or PLOT in (manifest.get("files") or {}):
         lines += [f"![Scores of the ingredients and the soup]({PLOT})", ""]
 
     recipe = recipe_text if recipe_text is not None else manifest.get("recipe")

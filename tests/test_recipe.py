@@ -110,6 +110,9 @@ def test_run_report_and_cache(tmp_path):
     ref = reference_mean(states[:2], [0.5, 0.5])
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     assert "greedy trajectory" in res.stdout and "ft1" in res.stdout
+    png = (tmp_path / "soup-out" / "soup_plot.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and m["plot"] == "soup_plot.png"
+    assert "](soup_plot.png)" in (tmp_path / "soup-out" / "README.md").read_text()
     rep = runner.invoke(app, ["report", str(tmp_path / "soup-out")])
     assert rep.exit_code == 0 and "soup score: -0.1" in rep.stdout
     # a re-run evaluates nothing
