@@ -25,7 +25,7 @@ from .plan import Job
 
 __all__ = ["Combiner", "BLOCK_ELEMENTS"]
 
-BLOCK_ELEMENTS = 1 << 20  # CPU block: 4 MB of float32, L2/L3-sized
+BLOCK_ELEMENTS = 1 << 18  # CPU block: 1 MB of float32, L2-sized (measured fastest of 64K..4M)
 
 
 class Combiner:

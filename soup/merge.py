@@ -122,6 +122,9 @@ def merge(
     for r in plan.unused_rules:
         warn(f"rule {r} matched no tensor")
     following = {a.name: b for a, b in zip(plan.jobs, plan.jobs[1:])}
+    threads = torch.get_num_threads()
+    if out is not None and device == "cpu":  # leave a core to the writer thread (write + sha256)
+        torch.set_num_threads(max(1, threads - 1))
     try:
         with reporter.bytes_task("merging", plan.input_bytes) as advance:
             def produce(job: Job):
@@ -157,6 +160,7 @@ def merge(
                 write_manifest(tmp, manifest)
                 path = output.commit()
     finally:
+        torch.set_num_threads(threads)
         for r in readers:
             r.close()
     return MergeResult(path, manifest, None, time.perf_counter() - t0, warnings)
