@@ -314,17 +314,23 @@ class ShardUploader:
             raise _hub_error(err, self.where, token=self.token) from None
         self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="soup-upload")
 
-    def shard_done(self, path: Path) -> None:
+    def shard_done(self, path: Path, sha256: str | None = None) -> None:
         """Start pre-uploading a finished shard in the background (its final name is ``path.name``).
 
         Args:
             path: the shard file; it must not change afterwards.
+            sha256: its hex digest, when the writer already computed it (saves hashing it again).
         """
         if self._pool is None:
             raise RuntimeError("ShardUploader.shard_done() called before start()")
         path = Path(path)
         stat = path.stat()
         op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        if sha256 is not None:
+            try:  # huggingface_hub hashes lazily; give it the digest the writer computed
+                op.upload_info.sha256 = bytes.fromhex(sha256)
+            except AttributeError:  # an older huggingface_hub without the setter: it hashes itself
+                pass
         self._shards[path.name] = (op, (stat.st_size, stat.st_mtime_ns), self._pool.submit(self._preupload, op))
 
     def finish(self, folder: Path, *, files: list[Path] | None = None) -> PushResult:

@@ -64,7 +64,7 @@ def merge(
     config_from: int | str = 0,
     overwrite: bool = False,
     progress: bool | Reporter = False,
-    on_shard: Callable[[Path], None] | None = None,
+    on_shard: Callable[[Path, str], None] | None = None,
     labels: Sequence[str | None] | None = None,
     hub: HubOptions | None = None,
     manifest_extra: Mapping[str, Any] | None = None,
@@ -86,7 +86,7 @@ def merge(
         config_from: ingredient (index or label) whose config/tokenizer/processor files are copied.
         overwrite: replace an existing ``out`` (only once the new soup is complete).
         progress: True for rich progress on stderr, or a Reporter.
-        on_shard: called with each shard's path as soon as it is written (e.g. a hub uploader).
+        on_shard: ``fn(path, sha256_hex)`` called as soon as each shard is written (a hub uploader).
         manifest_extra: extra keys for ``soup.json`` (method, evaluation, recipe).
         finalize: ``fn(manifest, folder)`` called before the manifest is written (folder None in
             memory): may edit the manifest and add files (a plot) to the still-temporary folder.

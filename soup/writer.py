@@ -140,10 +140,10 @@ class _HashingWriter:
 
 
 class ShardWriter:
-    """The disk sink: writes planned shards into ``folder``; ``on_shard(path)`` after each file."""
+    """The disk sink: writes planned shards into ``folder``; ``on_shard(path, sha256)`` after each file."""
 
     def __init__(self, folder: Path, jobs: Sequence[Job], *, shard_size: int,
-                 on_shard: Callable[[Path], None] | None = None, block_bytes: int = 8 << 20) -> None:
+                 on_shard: Callable[[Path, str], None] | None = None, block_bytes: int = 8 << 20) -> None:
         self.folder = folder
         self.shards = plan_shards(jobs, shard_size)
         self.on_shard = on_shard
@@ -168,7 +168,7 @@ class ShardWriter:
                 sha = out.close_file()
                 self.files[fname] = {"sha256": sha, "size": path.stat().st_size}
                 if self.on_shard is not None:
-                    self.on_shard(path)
+                    self.on_shard(path, sha)
         finally:
             out.shutdown()
         if len(self.shards) > 1:

@@ -149,7 +149,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, pair, monkeypatch):
     a, b = pair
     out = tmp_path / "out"
 
-    def boom(path):
+    def boom(path, sha256):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,33 @@ def test_push_unauthorized_is_one_line_and_keeps_output(auth_hub, tmp_path, monk
     res = runner.invoke(app, ["push", str(tmp_path / "out"), "acme/soup", "--endpoint", auth_hub.url])
     assert res.exit_code == 0, res.output
     assert TOKEN not in res.output
+
+
+def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
+    """Shards above the LFS threshold are pre-uploaded with the digest the writer computed."""
+    import hashlib
+
+    from hubserver import running_hub
+    from soup import merge
+    from soup.hub import ShardUploader
+
+    a = write_checkpoint(tmp_path / "a", make_state(1, big=20_000))
+    b = write_checkpoint(tmp_path / "b", make_state(2, big=20_000))
+    given = {}
+    with running_hub(lfs_threshold=1000) as store:
+        up = ShardUploader("acme/lfs", endpoint=store.url)
+        up.start()
+
+        def on_shard(path, sha256):
+            up.shard_done(path, sha256)
+            op = up._shards[path.name][0]
+            given[path.name] = (sha256, op.upload_info.is_hashed and op.upload_info.sha256.hex())
+
+        res = merge([a, b], tmp_path / "out", shard_size="20KB", on_shard=on_shard)
+        up.finish(res.path)
+        remote = store.files("acme/lfs", "main")
+        assert len(given) >= 2
+        for name, (sha, in_op) in given.items():
+            data = (tmp_path / "out" / name).read_bytes()
+            assert sha == in_op == hashlib.sha256(data).hexdigest() == res.manifest["files"][name]["sha256"]
+            assert remote[name] == data  # the server checks uploads against their sha256 too
