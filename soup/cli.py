@@ -66,7 +66,8 @@ def _weights(text: str | None) -> list[float] | None:
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--weights")
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers",
+                                 param_hint="--weights") from None
 
 
 @app.command()

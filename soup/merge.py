@@ -126,7 +126,7 @@ def merge(
     if out is not None and device == "cpu":  # leave a core to the writer thread (write + sha256)
         torch.set_num_threads(max(1, threads - 1))
     try:
-        with reporter.bytes_task("merging", plan.input_bytes) as advance:
+        with reporter.bytes_task(f"merging {len(plan.jobs)} tensors", plan.input_bytes) as advance:
             def produce(job: Job):
                 srcs = range(len(cks)) if job.kind == "copy" else job.sources()
                 views = [readers[i].view(job.name) if i in srcs else None for i in range(len(cks))]

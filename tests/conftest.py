@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real checkpoints written to tmp_path (safetensors, sharded, .bin)."""
+"""Shared fixtures: tiny real checkpoints written to tmp_path (safetensors, sharded, .bin), the
+float32 reference mean, and a hub-compatible HTTP server on 127.0.0.1 with isolated HF settings."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants
 from safetensors.torch import save_file
+
+from hubserver import running_hub
+
+TOKEN = "hf_SecretTestToken_123456"  # the token the auth_hub fixture requires
 
 
 def make_state(seed: int, dtype: torch.dtype = torch.bfloat16, *, big: int = 50_000) -> dict[str, torch.Tensor]:
@@ -98,3 +104,36 @@ def load_soup(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         sd.update(load_file(str(f)))
     return sd
+
+
+# ---- hub fixtures: a hub-compatible HTTP server on 127.0.0.1 (tests/hubserver.py) ----
+@pytest.fixture
+def hf_isolated(tmp_path, monkeypatch):
+    """HF home, cache and token file in tmp_path; LFS (no Xet); online; no ambient token or endpoint."""
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    # huggingface_hub reads these at import time: patch the constants too
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    return home / "hub"
+
+
+@pytest.fixture
+def hub():
+    """An open hub (no token needed) on 127.0.0.1:<free port>; yields its ``HubStore``."""
+    with running_hub() as store:
+        yield store
+
+
+@pytest.fixture
+def auth_hub():
+    """A hub that requires ``Authorization: Bearer TOKEN`` on every API call."""
+    with running_hub(token=TOKEN) as store:
+        yield store

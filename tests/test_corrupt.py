@@ -6,7 +6,6 @@ import json
 import struct
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import soup

@@ -29,40 +29,14 @@ from soup.errors import HubError  # noqa: E402
 from soup.hub import PULL_PATTERNS, RetryPolicy, ShardUploader, parse_hub_spec, pull, push  # noqa: E402
 
 FAST = RetryPolicy(tries=3, base_delay=0.01, max_delay=0.02)
-TOKEN = "hf_SecretTestToken_123456"
+from conftest import TOKEN  # noqa: E402
 MB = 1024 * 1024
 
 
 @pytest.fixture(autouse=True)
-def hf_isolated(tmp_path, monkeypatch):
-    """HF home, cache and token file in tmp_path; LFS (no Xet); online; no ambient token or endpoint."""
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    # huggingface_hub reads these at import time: patch the constants too
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    return home / "hub"
-
-
-@pytest.fixture
-def hub():
-    """An open hub (no token needed) on 127.0.0.1:<free port>; yields its ``HubStore``."""
-    with running_hub() as store:
-        yield store
-
-
-@pytest.fixture
-def auth_hub():
-    """A hub that requires ``Authorization: Bearer TOKEN`` on every API call."""
-    with running_hub(token=TOKEN) as store:
-        yield store
+def _isolated(hf_isolated):
+    """Every hub test runs with HF home, cache and token file in tmp_path (conftest.hf_isolated)."""
+    return hf_isolated
 
 
 def tiny_model(folder: Path, seed: int, *, extra: dict[str, bytes] | None = None) -> Path:

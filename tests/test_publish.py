@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ from soup.cli import app
 from soup.hub import push
 
 from conftest import load_soup, make_state, reference_mean, write_checkpoint
-from test_hub import hf_isolated, hub, auth_hub, TOKEN  # noqa: F401  (fixtures)
+from conftest import TOKEN
+
+pytestmark = pytest.mark.usefixtures("hf_isolated")
 
 runner = CliRunner()
 

@@ -116,7 +116,7 @@ def test_average_soup_without_and_with_evaluator(five, tmp_path):
 
 def test_test_evaluator_is_reported_not_used(five):
     paths, _ = five
-    table = {"a": 0.8, "b": 0.6, "c": 0.9, "d": 0.5, "e": 0.7, "c": 0.9}
+    table = {"a": 0.8, "b": 0.6, "c": 0.9, "d": 0.5, "e": 0.7}
     test_table = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4, "e": 0.5}
     res = maximum_soup(paths, SubsetScores(table), test_evaluator=SubsetScores(test_table), cache=None)
     assert res.weights["c"] == 1.0  # selection ignores the test scores
