@@ -123,7 +123,10 @@ def merge(
         warn(f"rule {r} matched no tensor")
     following = {a.name: b for a, b in zip(plan.jobs, plan.jobs[1:])}
     threads = torch.get_num_threads()
-    if out is not None and device == "cpu":  # leave a core to the writer thread (write + sha256)
+    out_bytes = sum(j.nbytes for j in plan.jobs)
+    if out is not None and device == "cpu" and plan.input_bytes < 5 * out_bytes:
+        # few ingredients: writing + hashing the output is a large share of the work, so leave it a
+        # core (measured on 2 cores: 3 inputs 1.24 s vs 1.58 s; 8 inputs are faster with every core)
         torch.set_num_threads(max(1, threads - 1))
     try:
         with reporter.bytes_task(f"merging {len(plan.jobs)} tensors", plan.input_bytes) as advance:
