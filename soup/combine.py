@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from . import kernel
 from .errors import CheckpointError, IncompatibleIngredients
 from .plan import Job
 
@@ -57,6 +58,8 @@ class Combiner:
         self._acc = torch.empty(self.block, dtype=accumulate, device=self.device)
         self._tmp = torch.empty(self.block, dtype=accumulate, device=self.device)
         self._out: dict[torch.dtype, torch.Tensor] = {}
+        lib = kernel.load() if self.device.type == "cpu" else None
+        self._fused = kernel.FusedMean(lib, torch.get_num_threads()) if lib is not None else None
 
     def blocks(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
         """Yield the output of ``job`` as consecutive 1-D blocks; ``views[i]`` is ingredient i's flat tensor."""
@@ -67,6 +70,11 @@ class Combiner:
         else:
             yield from self._take(job, views[job.source])
 
+    def close(self) -> None:
+        """Stop the kernel's worker threads, if any."""
+        if self._fused is not None:
+            self._fused.close()
+
     def _out_buf(self, dtype: torch.dtype, n: int) -> torch.Tensor:
         buf = self._out.get(dtype)
         if buf is None:
@@ -76,6 +84,10 @@ class Combiner:
     def _mean(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
         srcs = job.sources()
         pairs = [(views[i], job.weights[i]) for i in srcs]
+        if self._fused is not None and self._fused.supports([x.dtype for x, _ in pairs], job.out_dtype,
+                                                            self.acc_dtype, self.device):
+            yield from self._fused_mean(job, views, srcs, pairs)
+            return
         for start in range(0, job.numel, self.block):
             stop = min(start + self.block, job.numel)
             n = stop - start
@@ -95,6 +107,18 @@ class Combiner:
                 out = self._out_buf(job.out_dtype, n)
                 out.copy_(acc)
                 yield out
+
+    def _fused_mean(self, job: Job, views, srcs, pairs) -> Iterator[torch.Tensor]:
+        """The same arithmetic as ``_mean`` through the compiled kernel (see soup.kernel)."""
+        pairs = [(x if x.is_contiguous() else x.contiguous(), w) for x, w in pairs]
+        for start in range(0, job.numel, self.block):
+            stop = min(start + self.block, job.numel)
+            n = stop - start
+            acc = self._acc[:n]
+            out = None if job.out_dtype == self.acc_dtype else self._out_buf(job.out_dtype, n)
+            if self._fused.block(pairs, start, stop, acc, out):
+                self._trace_nonfinite(job, views, srcs, start, stop, acc)
+            yield acc if out is None else out
 
     def _trace_nonfinite(self, job: Job, views, srcs, start: int, stop: int, acc: torch.Tensor) -> None:
         for i in srcs:
