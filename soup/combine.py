@@ -41,12 +41,13 @@ class Combiner:
         device: where the math runs ("cpu", "cuda", "cuda:1").
         strict: differing non-float buffers are an error instead of a warning.
         warn: called with a message for each warning.
+        threads: compute threads (the fused kernel splits blocks over them).
     """
 
     def __init__(self, labels: Sequence[str], *, where: Callable[[int, str], str],
                  accumulate: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  strict: bool = False, warn: Callable[[str], None] = print,
-                 block: int | None = None) -> None:
+                 block: int | None = None, threads: int | None = None) -> None:
         self.labels = list(labels)
         self.where = where
         self.acc_dtype = accumulate
@@ -59,7 +60,7 @@ class Combiner:
         self._tmp = torch.empty(self.block, dtype=accumulate, device=self.device)
         self._out: dict[torch.dtype, torch.Tensor] = {}
         lib = kernel.load() if self.device.type == "cpu" else None
-        self._fused = kernel.FusedMean(lib, torch.get_num_threads()) if lib is not None else None
+        self._fused = kernel.FusedMean(lib, threads or torch.get_num_threads()) if lib is not None else None
 
     def blocks(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
         """Yield the output of ``job`` as consecutive 1-D blocks; ``views[i]`` is ingredient i's flat tensor."""
@@ -69,6 +70,12 @@ class Combiner:
             yield from self._copy(job, views)
         else:
             yield from self._take(job, views[job.source])
+
+    def fused_covers(self, in_dtypes, out_dtypes) -> bool:
+        """True when every weighted mean with these dtypes runs through the fused kernel."""
+        return self._fused is not None and self._fused.supports(in_dtypes, torch.float32, self.acc_dtype,
+                                                                self.device) and \
+            all(self._fused.supports([torch.float32], d, self.acc_dtype, self.device) for d in out_dtypes)
 
     def close(self) -> None:
         """Stop the kernel's worker threads, if any."""
