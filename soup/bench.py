@@ -143,7 +143,7 @@ class RunningSum:
         self.bench, self.storage, self.device = bench, storage, device
         self.members = [first]
         self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-")) if storage == "disk" else None
-        self._sum: Any = self._combine([bench.checkpoints[first]], [1.0], float32=True, step=0)
+        self._sum: Any = self._combine([bench.checkpoints[first]], [1.0], step=0)
 
     @staticmethod
     def supports(rules: Sequence[Rule]) -> bool:
@@ -174,11 +174,11 @@ class RunningSum:
 
     def add(self, new: int) -> None:
         """Keep ingredient ``new``: S <- S + x_new (one pass)."""
-        self._sum = self._combine([self._sum, self.bench.checkpoints[new]], [1.0, 1.0], float32=True,
+        self._sum = self._combine([self._sum, self.bench.checkpoints[new]], [1.0, 1.0],
                                   step=len(self.members))
         self.members.append(new)
 
-    def _combine(self, inputs: list[Any], weights: list[float], *, float32: bool, step: int) -> Checkpoint:
+    def _combine(self, inputs: list[Any], weights: list[float], *, step: int) -> Checkpoint:
         common = dict(weights=weights, normalize=False, dtype=torch.float32, device=self.device)
         label = f"pool-sum-of-{step + 1}"  # a sum of step + 1 pool members
         if self._tmp is None:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
-__all__ = ["Reporter", "NullReporter", "RichReporter"]
+__all__ = ["Reporter", "RichReporter"]
 
 
 class Reporter:
@@ -27,8 +27,6 @@ class Reporter:
         """A byte-counting task; yields ``advance(n_bytes)``."""
         yield lambda n: None
 
-
-NullReporter = Reporter
 
 
 class RichReporter(Reporter):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mmap
 import warnings
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from .checkpoint import Checkpoint, TensorInfo, load_torch_file
 from .errors import CheckpointError
 
-__all__ = ["TensorReader", "stream"]
+__all__ = ["TensorReader"]
 
 _PAGE = mmap.PAGESIZE
 
@@ -89,11 +88,3 @@ class TensorReader:
             self._bins[file] = load_torch_file(file)
         return self._bins[file]
 
-
-def stream(readers: Sequence[TensorReader], names: Sequence[str]) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """Yield ``(name, [flat view per reader])`` in ``names`` order, reading the next tensor ahead."""
-    for i, name in enumerate(names):
-        if i + 1 < len(names):
-            for r in readers:
-                r.readahead(names[i + 1])
-        yield name, [r.view(name) for r in readers]
