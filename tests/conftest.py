@@ -137,3 +137,9 @@ def auth_hub():
     """A hub that requires ``Authorization: Bearer TOKEN`` on every API call."""
     with running_hub(token=TOKEN) as store:
         yield store
+
+
+@pytest.fixture(autouse=True)
+def _private_score_cache(tmp_path, monkeypatch):
+    """No test writes to the user's score cache."""
+    monkeypatch.setenv("SOUP_CACHE", str(tmp_path / "default-scores.sqlite"))
