@@ -180,6 +180,9 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; evaluate and write nothing.")] = False,
     cache: Annotated[Optional[str], typer.Option(help="Score cache: a sqlite path or sqlite:/// URL.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Evaluate everything; store nothing.")] = False,
+    devices: Annotated[Optional[str], typer.Option(help="Evaluate on these devices concurrently, e.g. "
+                                                   "cuda:0,cuda:1 (overrides the recipe's devices).")] = None,
+    endpoint: Endpoint = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -190,6 +193,10 @@ def run(
 
     with _errors():
         r = load_recipe(recipe)
+        if devices:
+            r.devices = [d.strip() for d in devices.split(",") if d.strip()]
+        if endpoint:
+            r.endpoint = endpoint
         if dry_run:
             out.print(describe_recipe(r), markup=False)
             return

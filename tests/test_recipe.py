@@ -171,3 +171,9 @@ def test_cache_survives_concurrent_writers(tmp_path):
     assert cache.count() == 800
     assert cache.get("ev1", "cand3-199").value == 199.0
     assert ScoreCache(f"sqlite:///{path}").count() == 800
+
+
+def test_run_devices_option_overrides_recipe(tmp_path):
+    _kitchen(tmp_path, 2)
+    res = runner.invoke(app, ["run", str(_recipe(tmp_path, 2)), "--dry-run", "--devices", "cpu,cpu"])
+    assert res.exit_code == 0 and "devices ['cpu', 'cpu']" in res.stdout
