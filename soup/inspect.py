@@ -15,7 +15,7 @@ __all__ = ["inspect"]
 
 
 def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 20) -> dict[str, Any]:
-    """Summarise one checkpoint, or compare several.
+    """Summarise one checkpoint, or compare several (hub repos from their headers alone).
 
     Returns:
         One path: ``{"name", "source", "tensors", "parameters", "bytes", "dtypes", "files", "fingerprint"}``.
@@ -25,7 +25,11 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
     Raises:
         CheckpointError: a path is missing or corrupt.
     """
-    cks = resolve_all([path, *more])
+    from .remote import header_checkpoint
+
+    # hub repos are described from their safetensors headers (range requests): nothing is downloaded
+    specs = [path, *more]
+    cks = resolve_all([(header_checkpoint(s) or s) if str(s).startswith("hf://") else s for s in specs])
     if not more:
         return _summary(cks[0])
     diffs = _differences(cks)

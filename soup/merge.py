@@ -107,6 +107,9 @@ def merge(
     output = OutputDir(out, overwrite=overwrite) if out is not None else None  # fail fast on an existing out
     shard_bytes = parse_size(shard_size)
     rule_list = parse_rules(rules)
+    from .remote import precheck
+
+    precheck(ingredients, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or mixed_float)
     cks = resolve_all(ingredients, labels=labels, hub=hub)
     plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=normalize,
                       mixed_float=mixed_float)

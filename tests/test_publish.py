@@ -121,3 +121,20 @@ def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
             data = (tmp_path / "out" / name).read_bytes()
             assert sha == in_op == hashlib.sha256(data).hexdigest() == res.manifest["files"][name]["sha256"]
             assert remote[name] == data  # the server checks uploads against their sha256 too
+
+
+def test_incompatible_hub_ingredient_fails_before_download(hub, hf_isolated, tmp_path):
+    odd = make_state(3, big=3000)
+    odd["model.norm.weight"] = torch.zeros(25, dtype=torch.bfloat16)
+    push(write_checkpoint(tmp_path / "src" / "a", make_state(1, big=3000)), "acme/a", endpoint=hub.url)
+    push(write_checkpoint(tmp_path / "src" / "odd", odd), "acme/odd", endpoint=hub.url)
+    res = runner.invoke(app, ["merge", "hf://acme/a", "hf://acme/odd", "-o", str(tmp_path / "out"), "-q",
+                              "--endpoint", hub.url])
+    assert res.exit_code == 1
+    assert "model.norm.weight: shape [24] in a but [25] in odd" in res.stderr
+    assert not list(hf_isolated.rglob("*.safetensors"))  # no weights were downloaded
+    res = runner.invoke(app, ["inspect", "hf://acme/a", "hf://acme/odd", "--json"], env={"HF_ENDPOINT": hub.url})
+    rep = json.loads(res.stdout)
+    assert res.exit_code == 1 and rep["differences"][0]["tensor"] == "model.norm.weight"
+    assert rep["ingredients"][0]["parameters"] == sum(t.numel() for t in make_state(1, big=3000).values())
+    assert not list(hf_isolated.rglob("*.safetensors"))
