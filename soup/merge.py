@@ -109,8 +109,8 @@ def merge(
     rule_list = parse_rules(rules)
     from .remote import precheck
 
-    precheck(ingredients, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or mixed_float)
-    cks = resolve_all(ingredients, labels=labels, hub=hub)
+    specs = precheck(ingredients, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or mixed_float)
+    cks = resolve_all(specs, labels=labels, hub=hub)
     plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=normalize,
                       mixed_float=mixed_float)
     source = _config_source(cks, config_from)

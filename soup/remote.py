@@ -55,14 +55,18 @@ def header_checkpoint(spec: IngredientSpec, *, label: str | None = None,
 
 
 def precheck(specs: Sequence[IngredientSpec], *, labels: Sequence[str | None] | None = None,
-             hub: HubOptions | None = None, allow_float_mix: bool = False) -> None:
+             hub: HubOptions | None = None, allow_float_mix: bool = False) -> list[IngredientSpec]:
     """Check hub ingredients' compatibility from headers before anything is downloaded.
 
     Does nothing unless there is at least one ``hf://`` ingredient among two or more.
     Raises IncompatibleIngredients (or HubError / CheckpointError) exactly as the full check would.
+
+    Returns:
+        ``specs`` with the local ingredients it opened replaced by their Checkpoints, so their
+        headers are not read a second time.
     """
     if len(specs) < 2 or not any(str(s).startswith("hf://") for s in specs if isinstance(s, (str, Path))):
-        return
+        return list(specs)
     labels = list(labels) if labels is not None else [None] * len(specs)
     cks = [header_checkpoint(s, label=lab, hub=hub) for s, lab in zip(specs, labels)]
     known = [c for c in cks if c is not None]
@@ -70,4 +74,4 @@ def precheck(specs: Sequence[IngredientSpec], *, labels: Sequence[str | None] | 
         from .plan import check_compatible
 
         check_compatible(known, allow_float_mix=allow_float_mix)
-
+    return [ck if ck is not None and not str(s).startswith("hf://") else s for s, ck in zip(specs, cks)]
