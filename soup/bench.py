@@ -37,11 +37,13 @@ class Bench:
         devices: where candidates' state dicts are built for each evaluator.
         cache: the score cache (``ScoreCache(None)`` for none).
         rules, dtype: applied to every candidate, as to the final soup.
+        scratch: where candidate folders and greedy's on-disk sums are written (default: the system
+            temp folder); ``cook`` passes the output's work folder, so a killed run's debris is found.
     """
 
     def __init__(self, checkpoints: Sequence[Checkpoint], evaluators: Sequence[Evaluator], *,
                  devices: Sequence[str] = ("cpu",), cache: ScoreCache | None = None, rules: Sequence[Rule] = (),
-                 dtype: str | None = None, reporter: Reporter | None = None) -> None:
+                 dtype: str | None = None, reporter: Reporter | None = None, scratch: Path | None = None) -> None:
         self.checkpoints = list(checkpoints)
         self.labels = [c.label for c in self.checkpoints]
         self.evaluators = list(evaluators)
@@ -50,6 +52,7 @@ class Bench:
         self.rules = list(rules)
         self.dtype = dtype
         self.reporter = reporter or Reporter()
+        self.scratch = scratch
         self.evaluator = self.evaluators[0]
         self.identity = self.evaluator.identity()
         self._ekey = evaluator_key(self.identity)
@@ -70,7 +73,7 @@ class Bench:
         return Candidate(name, self.key(w),
                          state_dict_fn=lambda device: merge(cks, None, device=device, **common).state_dict,
                          write_fn=lambda folder: _write(cks, folder, common),
-                         weights={lab: x for lab, x in zip(self.labels, w) if x})
+                         weights={lab: x for lab, x in zip(self.labels, w) if x}, tmp_dir=self.scratch)
 
     def score(self, weights: Sequence[float], name: str, *, evaluator: int = 0,
               make: Callable[[], Candidate] | None = None) -> Score:
@@ -142,7 +145,8 @@ class RunningSum:
     def __init__(self, bench: Bench, first: int, *, storage: str = "memory", device: str = "cpu") -> None:
         self.bench, self.storage, self.device = bench, storage, device
         self.members = [first]
-        self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-")) if storage == "disk" else None
+        self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-", dir=bench.scratch)) \
+            if storage == "disk" else None
         self._sum: Any = self._combine([bench.checkpoints[first]], [1.0], step=0)
 
     @staticmethod
@@ -166,7 +170,8 @@ class RunningSum:
         return Candidate(name, self.bench.key([x / (k + 1) for x in w]),
                          state_dict_fn=lambda device: merge(inputs, None, device=device, **common).state_dict,
                          write_fn=lambda folder: _write(inputs, folder, common),
-                         weights={lab: x / (k + 1) for lab, x in zip(self.bench.labels, w) if x})
+                         weights={lab: x / (k + 1) for lab, x in zip(self.bench.labels, w) if x},
+                         tmp_dir=self.bench.scratch)
 
     def _take_index(self, rule: Rule) -> int:
         ing = rule.ingredient

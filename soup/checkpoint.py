@@ -188,11 +188,15 @@ def read_safetensors_header(file: Path) -> tuple[bytes, list[TensorInfo]]:
         if n > MAX_HEADER or 8 + n > size:
             raise CheckpointError(f"{file}: header length {n} does not fit the file ({size} bytes): truncated or not safetensors")
         raw = fh.read(n)
+    try:  # UTF-8 as the format requires: json.loads(bytes) would also accept UTF-16/32
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file}: safetensors header is not valid UTF-8") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(text)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
     data_start = 8 + n
     table: list[TensorInfo] = []

@@ -21,8 +21,9 @@ from .errors import SoupError
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Model soups: merge fine-tuned checkpoints by weighted averaging, "
                        "driven by evaluation scores.")
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# user text (paths, rule strings such as take:-1 or :fire:) is printed literally: no markup, no emoji
+out = Console(highlight=False, soft_wrap=True, emoji=False, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, markup=False)
 _state = {"debug": os.environ.get("SOUP_DEBUG", "") not in ("", "0")}
 
 # options shared by several subcommands
@@ -47,27 +48,40 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 
 @contextmanager
 def _errors():
-    """Turn a SoupError into one line on stderr and exit 1; Ctrl-C into exit 130."""
+    """Run a command body: a SoupError or an environment fault becomes one line on stderr and exit 1;
+    Ctrl-C, SIGTERM and SIGHUP unwind (temp folders and child processes cleaned up) and exit 128+N.
+    Every line is stripped of hub tokens."""
+    from .errors import os_error_line, redact
+    from .signals import exit_code, graceful
+
     try:
-        yield
+        with graceful():
+            yield
     except SoupError as e:
         if _state["debug"]:
             raise
-        err.print(f"error: {e}", markup=False)
+        err.print(f"error: {redact(str(e))}")
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing was written", markup=False)
-        raise typer.Exit(130) from None
+    except OSError as e:  # disk full, read-only, permission denied, too many open files...
+        if _state["debug"]:
+            raise
+        err.print(f"error: {redact(os_error_line(e))}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt as e:
+        name = getattr(e, "args", None) and e.args[0] or "SIGINT"
+        err.print(f"interrupted ({name}): nothing half-written was left behind")
+        raise typer.Exit(exit_code(e)) from None
 
 
 def _weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
+    from .options import check_weights
+
     try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers",
-                                 param_hint="--weights") from None
+        return list(check_weights(text.split(","), where="--weights"))
+    except SoupError as e:  # not numbers, NaN, inf or overflowing
+        raise typer.BadParameter(str(e).removeprefix("--weights: "), param_hint="--weights") from None
 
 
 @app.command()
@@ -155,20 +169,20 @@ def inspect(
     with _errors():
         report = run_inspect(*paths)
     if as_json:
-        out.print(json.dumps(report, indent=2), markup=False)
+        out.print(json.dumps(report, indent=2))
     else:
         for s in report.get("ingredients", [report]):
             out.print(f"{s['name']}: {s['tensors']} tensors, {s['parameters']:,} parameters, "
-                      f"{human_bytes(s['bytes'])}, dtypes {s['dtypes']}, {len(s['files'])} file(s)", markup=False)
+                      f"{human_bytes(s['bytes'])}, dtypes {s['dtypes']}, {len(s['files'])} file(s)")
             for f, size in s["files"].items():
-                out.print(f"  {f}\t{human_bytes(size)}", markup=False)
+                out.print(f"  {f}\t{human_bytes(size)}")
         if "compatible" in report:
             if report["compatible"]:
                 out.print("compatible: yes")
             else:
                 out.print(f"compatible: no ({report['difference_count']} tensor(s) differ)")
                 for d in report["differences"]:
-                    out.print(f"  {d['tensor']}: {d['issue']} {d['values']}", markup=False)
+                    out.print(f"  {d['tensor']}: {d['issue']} {d['values']}")
     if report.get("compatible") is False:
         raise typer.Exit(1)
 
@@ -198,7 +212,7 @@ def run(
         if endpoint:
             r.endpoint = endpoint
         if dry_run:
-            out.print(describe_recipe(r), markup=False)
+            out.print(describe_recipe(r))
             return
         if no_cache:
             from .cache import ScoreCache
@@ -207,14 +221,14 @@ def run(
         else:
             chosen = cache
         result = run_recipe(r, overwrite=overwrite, cache=chosen, progress=not quiet, output=output)
-        out.print(format_report(result.manifest), markup=False)
-        out.print(f"wrote {result.path}", markup=False)
+        out.print(format_report(result.manifest))
+        out.print(f"wrote {result.path}")
         if result.push is not None:
             _print_push(result.push)
 
 
 def _print_push(res) -> None:
-    out.print(f"pushed {res.pr_url or res.commit_url or res.repo_url} (commit {res.commit})", markup=False)
+    out.print(f"pushed {res.pr_url or res.commit_url or res.repo_url} (commit {res.commit})")
 
 
 @app.command()
@@ -223,13 +237,14 @@ def validate(recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")]) -> 
     from .errors import RecipeError
     from .recipe import load_recipe
 
-    try:
-        load_recipe(recipe)
-    except RecipeError as e:
-        for line in getattr(e, "errors", [str(e)]):
-            err.print(f"{recipe}: {line}", markup=False)
-        raise typer.Exit(1) from None
-    out.print(f"{recipe}: ok", markup=False)
+    with _errors():
+        try:
+            load_recipe(recipe)
+        except RecipeError as e:
+            for line in getattr(e, "errors", [str(e)]):
+                err.print(f"{recipe}: {line}")
+            raise typer.Exit(1) from None
+    out.print(f"{recipe}: ok")
 
 
 @app.command()
@@ -243,7 +258,7 @@ def report(
 
     with _errors():
         manifest = read_manifest(folder)
-    out.print(json.dumps(manifest, indent=2) if as_json else format_report(manifest), markup=False)
+    out.print(json.dumps(manifest, indent=2) if as_json else format_report(manifest))
 
 
 @app.command()
@@ -257,12 +272,12 @@ def demo(
     try:
         from .demo_run import format_rows, run_demo
     except ImportError as e:  # scikit-learn provides the data
-        err.print(f"error: the demo needs scikit-learn ({e}); pip install 'soup-merge[dev]'", markup=False)
+        err.print(f"error: the demo needs scikit-learn ({e}); pip install 'soup-merge[dev]'")
         raise typer.Exit(1) from None
     with _errors():
         rows = [run_demo(output, seed=s, progress=not quiet) for s in range(seeds)]
-    out.print(format_rows(rows), markup=False)
-    out.print(f"greedy soup written to {rows[-1]['path']} (see: soup report {rows[-1]['path']})", markup=False)
+    out.print(format_rows(rows))
+    out.print(f"greedy soup written to {rows[-1]['path']} (see: soup report {rows[-1]['path']})")
 
 
 def main() -> None:
@@ -272,5 +287,10 @@ def main() -> None:
     except SoupError as e:  # raised outside a command body (e.g. by a callback)
         if _state["debug"]:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        from .errors import redact
+
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -9,8 +9,19 @@ several times faster than whole-tensor ops and keeps memory flat whatever the te
 
 This exact sequence of IEEE operations is the definition of the soup ("the fp32 weighted mean"), so
 a reference computed the same way over whole tensors is bit-identical whatever the block size.
-Non-finite values are caught per block (a sum of the accumulator is cheap) and traced back to the
-ingredient that holds them.
+
+Nothing non-finite is written silently. Per block, a cheap test (a sum: one fast pass, no
+temporaries) finds non-finite values, which are then located and traced back to the ingredient that
+holds them, or reported as an overflow of the mean. Every path is covered:
+
+- ``mean``: the accumulator is tested (the fused kernel counts non-finite values as it goes); the
+  cast to the output dtype is tested too, but only when it can overflow: when the largest value
+  the inputs' dtypes can hold, times the sum of |weights| (plus rounding), may round to inf in the
+  output dtype (fp32 ingredients to float16 or bfloat16, unnormalised weights). A bfloat16 mean of
+  bfloat16 ingredients with normalised weights cannot overflow and costs nothing extra.
+- ``take`` (take rules, one-hot weights such as a maximum soup with p=1): the written block, raw
+  bytes of the ingredient or their cast, is tested.
+- ``copy`` is for integer and bool buffers only, which have no non-finite values.
 """
 
 from __future__ import annotations
@@ -91,9 +102,10 @@ class Combiner:
     def _mean(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
         srcs = job.sources()
         pairs = [(views[i], job.weights[i]) for i in srcs]
+        check_cast = self._cast_may_overflow(job, [x.dtype for x, _ in pairs])
         if self._fused is not None and self._fused.supports([x.dtype for x, _ in pairs], job.out_dtype,
                                                             self.acc_dtype, self.device):
-            yield from self._fused_mean(job, views, srcs, pairs)
+            yield from self._fused_mean(job, views, srcs, pairs, check_cast)
             return
         for start in range(0, job.numel, self.block):
             stop = min(start + self.block, job.numel)
@@ -106,16 +118,18 @@ class Combiner:
                 tmp.copy_(x[start:stop])
                 tmp.mul_(w)
                 acc.add_(tmp)
-            if not math.isfinite(float(acc.sum())):
+            if not _all_finite(acc):
                 self._trace_nonfinite(job, views, srcs, start, stop, acc)
             if job.out_dtype == self.acc_dtype:
                 yield acc
             else:
                 out = self._out_buf(job.out_dtype, n)
                 out.copy_(acc)
+                if check_cast and not _all_finite(out):
+                    self._cast_overflow(job, start, acc, out)
                 yield out
 
-    def _fused_mean(self, job: Job, views, srcs, pairs) -> Iterator[torch.Tensor]:
+    def _fused_mean(self, job: Job, views, srcs, pairs, check_cast: bool) -> Iterator[torch.Tensor]:
         """The same arithmetic as ``_mean`` through the compiled kernel (see soup.kernel)."""
         pairs = [(x if x.is_contiguous() else x.contiguous(), w) for x, w in pairs]
         for start in range(0, job.numel, self.block):
@@ -123,30 +137,70 @@ class Combiner:
             n = stop - start
             acc = self._acc[:n]
             out = None if job.out_dtype == self.acc_dtype else self._out_buf(job.out_dtype, n)
-            if self._fused.block(pairs, start, stop, acc, out):
+            if self._fused.block(pairs, start, stop, acc, out):  # counts non-finite values of acc
                 self._trace_nonfinite(job, views, srcs, start, stop, acc)
+            if out is not None and check_cast and not _all_finite(out):
+                self._cast_overflow(job, start, acc, out)
             yield acc if out is None else out
+
+    def _cast_may_overflow(self, job: Job, in_dtypes: Sequence[torch.dtype]) -> bool:
+        """False when no finite mean of these inputs can round to inf in the output dtype.
+
+        |acc| <= max|x| * sum|w| * (1 + u)^(n+1), u the accumulator's unit roundoff (the weights are
+        rounded too); a value below max + half an ulp of the output dtype rounds to a finite value.
+        """
+        out = job.out_dtype
+        if out == self.acc_dtype:
+            return False  # the accumulator is the output: tested as such
+        largest = max(torch.finfo(d).max for d in in_dtypes)
+        total = sum(abs(job.weights[i]) for i in job.sources())
+        bound = largest * total * (1 + 4 * (len(in_dtypes) + 1) * torch.finfo(self.acc_dtype).eps)
+        return bound >= torch.finfo(out).max * (1 + torch.finfo(out).eps / 4)
 
     def _trace_nonfinite(self, job: Job, views, srcs, start: int, stop: int, acc: torch.Tensor) -> None:
         for i in srcs:
-            block = views[i][start:stop]
-            if not bool(torch.isfinite(block).all()):
-                bad = start + int((~torch.isfinite(block)).nonzero()[0])
+            bad = _first_nonfinite(views[i][start:stop])
+            if bad is not None:
+                bad += start
                 raise CheckpointError(f"{self.where(i, job.name)}: tensor {job.name}: non-finite value "
                                       f"{float(views[i][bad])} at flat index {bad} (ingredient {self.labels[i]})")
-        if not bool(torch.isfinite(acc).all()):  # finite inputs, overflowing mean (unnormalised weights)
-            raise CheckpointError(f"tensor {job.name}: the weighted mean overflows {self.acc_dtype}")
+        bad = _first_nonfinite(acc)
+        if bad is not None:  # finite inputs, overflowing mean (unnormalised weights)
+            raise CheckpointError(f"tensor {job.name}: the weighted mean overflows {_name(self.acc_dtype)} "
+                                  f"(max {torch.finfo(self.acc_dtype).max:.6g}) at flat index {start + bad} "
+                                  f"(weights sum to {sum(job.weights):.6g})")
+
+    def _cast_overflow(self, job: Job, start: int, acc: torch.Tensor, out: torch.Tensor) -> None:
+        """The mean is finite in the accumulator but not in the output dtype: name where."""
+        bad = _first_nonfinite(out)
+        raise CheckpointError(f"tensor {job.name}: the weighted mean overflows {_name(job.out_dtype)} "
+                              f"(max {torch.finfo(job.out_dtype).max:.6g}) at flat index {start + bad} "
+                              f"(value {float(acc[bad]):.6g})")
 
     def _take(self, job: Job, x: torch.Tensor) -> Iterator[torch.Tensor]:
         same = x.dtype == job.out_dtype and self.device.type == "cpu"
         for start in range(0, job.numel, self.block):
             stop = min(start + self.block, job.numel)
             if same:
-                yield x[start:stop]  # zero-copy: raw bytes of the ingredient
+                out = x[start:stop]  # zero-copy: raw bytes of the ingredient
             else:
                 out = self._out_buf(job.out_dtype, stop - start)
                 out.copy_(x[start:stop])
-                yield out
+            if not _all_finite(out):
+                self._trace_take(job, x, start, out)
+            yield out
+
+    def _trace_take(self, job: Job, x: torch.Tensor, start: int, out: torch.Tensor) -> None:
+        """A taken block holds a non-finite value: the ingredient's own, or its cast's overflow."""
+        bad = _first_nonfinite(out)
+        i, value = job.source, float(x[start + bad])
+        where = f"{self.where(i, job.name)}: tensor {job.name}"
+        if not math.isfinite(value):
+            raise CheckpointError(f"{where}: non-finite value {value} at flat index {start + bad} "
+                                  f"(ingredient {self.labels[i]})")
+        raise CheckpointError(f"{where}: value {value:.6g} at flat index {start + bad} overflows "
+                              f"{_name(job.out_dtype)} (max {torch.finfo(job.out_dtype).max:.6g}) "
+                              f"(ingredient {self.labels[i]})")
 
     def _copy(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
         x0 = views[0]
@@ -164,3 +218,34 @@ class Combiner:
             if self.strict:
                 raise IncompatibleIngredients(msg)
             self.warn(msg)
+
+
+def _all_finite(block: torch.Tensor) -> bool:
+    """True when every value of a float block is finite; one fast pass when it is.
+
+    A sum is the cheapest test (no temporary; NaN and inf propagate): it can only be wrong the safe
+    way, overflowing on large finite values, so a non-finite sum is confirmed with a max (also
+    NaN-propagating, several times faster than ``isfinite().all()``).
+    """
+    if _is_fp8(block.dtype):  # no reductions for these: test a float32 copy (rare dtypes)
+        block = block.to(torch.float32)
+    total = block.sum(dtype=torch.float32) if block.dtype == torch.float16 else block.sum()
+    if math.isfinite(float(total)):
+        return True
+    return math.isfinite(float(block.abs().amax()))
+
+
+def _first_nonfinite(block: torch.Tensor) -> int | None:
+    """The index of the first non-finite value of a 1-D block, or None (a slow pass: errors only)."""
+    if _is_fp8(block.dtype):
+        block = block.to(torch.float32)
+    bad = (~torch.isfinite(block)).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -21,9 +21,14 @@ from .bench import Bench
 from .cache import ScoreCache
 from .evaluate import Evaluator, Score, load_evaluator
 from .ingredients import HubOptions, IngredientSpec, resolve_all
+from .errors import RecipeError
 from .merge import merge
+from .options import MergeOptions, check_device, check_option_names
+from .plan import build_plan
+from .output import OutputDir, checkpoint_paths, input_paths
 from .progress import Reporter, RichReporter
 from .rules import parse_rules
+from .signals import graceful
 from .strategies import AverageSoup, Choice, GreedySoup, MaximumSoup, SoupStrategy
 
 __all__ = ["SoupResult", "cook", "maximum_soup", "average_soup", "greedy_soup"]
@@ -78,6 +83,7 @@ def cook(
     hub: HubOptions | None = None,
     recipe: Mapping[str, Any] | None = None,
     push_to: Mapping[str, Any] | str | None = None,
+    protect: Sequence[str | Path] = (),
     **merge_options: Any,
 ) -> SoupResult:
     """Evaluate, choose weights with ``strategy``, and merge.
@@ -93,11 +99,16 @@ def cook(
         cache: the score cache: "default", a path, a ScoreCache, or None for no cache.
         push_to: ``"owner/name"`` or ``{repo, revision, private, create_pr, commit_message}``: shards
             are uploaded while the soup is written, then one commit lands (``result.push``).
+        protect: more paths the output must keep clear of (the recipe, data files).
         merge_options: passed to ``merge`` (shard_size, accumulate, config_from, overwrite, device...).
 
     Raises:
         SoupError: bad inputs, a failing evaluator (scores computed so far stay in the cache).
     """
+    _check_options(strategy, dtype, devices, merge_options)  # before anything is opened or read
+    # the output is checked and locked before anything is opened (the cache too); candidates live beside it
+    output = OutputDir(out, overwrite=bool(merge_options.get("overwrite", False)),
+                       protect=input_paths(ingredients) + [Path(p) for p in protect]) if out is not None else None
     reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
     store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
     rule_list = parse_rules(rules)
@@ -110,54 +121,103 @@ def cook(
 
     publisher = Publisher({"repo": push_to} if isinstance(push_to, str) else push_to,
                           endpoint=hub.endpoint if hub else None)
-    try:
-        publisher.start()  # fail fast on a bad token, before any evaluation
-        cks = resolve_all(ingredients, labels=labels, hub=hub)
-        common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
-        bench = Bench(cks, evs, devices=devices or ["cpu"], **common) if evs else None
-        choice = strategy.choose(bench, len(cks))
-        test_bench = Bench(cks, tests, **common) if tests else None
-        test_score, test_scores = None, {}
-        if test_bench is not None:
-            test_scores = {ck.label: s.value for ck, s in zip(cks, test_bench.score_ingredients("testing ingredient"))}
-            reporter.step("testing the soup")
-            test_score = test_bench.score(choice.weights, f"{strategy.name} soup")
-        evaluation = _evaluation(strategy, choice, bench, test_bench, test_score, test_scores)
-        result = SoupResult({c.label: w for c, w in zip(cks, choice.weights)},
-                            {c.label: s for c, s in zip(cks, choice.scores)}, choice.trajectory,
-                            choice.soup_score, test_score, test_scores)
+    with graceful():
+        try:
+            if output is not None:
+                output.lock()
+                for note in output.cleaned:
+                    reporter.warn(f"{output.given}: {note}")
+            return _cook(strategy, ingredients, output, publisher, evs, tests, store, rule_list, reporter,
+                         labels=labels, dtype=dtype, devices=devices, hub=hub, recipe=recipe,
+                         return_state_dict=return_state_dict, merge_options=merge_options)
+        finally:
+            publisher.close()
+            for ev in evs + tests:
+                ev.close()
+            if not isinstance(cache, ScoreCache):
+                store.close()
+            if output is not None:
+                output.release()
 
-        def finalize(manifest: dict[str, Any], folder: Path | None) -> None:
-            for entry, score, kept in zip(manifest["ingredients"], choice.scores, choice.kept or [None] * len(cks)):
-                entry.update(score=score, kept=kept, test_score=test_scores.get(entry["name"]))
-            from .report import write_plot
 
-            if folder is not None and write_plot(manifest, folder / "soup_plot.png"):
-                manifest["plot"] = "soup_plot.png"
+def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output: OutputDir | None,
+          publisher: Any, evs: list[Evaluator], tests: list[Evaluator], store: ScoreCache, rule_list: list[Any],
+          reporter: Reporter, *, labels, dtype, devices, hub, recipe, return_state_dict,
+          merge_options: Mapping[str, Any]) -> SoupResult:
+    """The body of ``cook`` once the output (if any) is checked and locked."""
+    out = output.dest if output is not None else None
+    publisher.start()  # fail fast on a bad token, before any evaluation
+    cks = resolve_all(ingredients, labels=labels, hub=hub)
+    _check_plan(strategy, cks, rule_list, dtype, merge_options)  # plan errors before the first evaluation
+    if output is not None:
+        output.protect(checkpoint_paths(cks))
+    scratch = output.work_dir() if output is not None else None
+    common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
+    bench = Bench(cks, evs, devices=devices or ["cpu"], scratch=scratch, **common) if evs else None
+    choice = strategy.choose(bench, len(cks))
+    test_bench = Bench(cks, tests, scratch=scratch, **common) if tests else None
+    test_score, test_scores = None, {}
+    if test_bench is not None:
+        test_scores = {ck.label: s.value for ck, s in zip(cks, test_bench.score_ingredients("testing ingredient"))}
+        reporter.step("testing the soup")
+        test_score = test_bench.score(choice.weights, f"{strategy.name} soup")
+    evaluation = _evaluation(strategy, choice, bench, test_bench, test_score, test_scores)
+    result = SoupResult({c.label: w for c, w in zip(cks, choice.weights)},
+                        {c.label: s for c, s in zip(cks, choice.scores)}, choice.trajectory,
+                        choice.soup_score, test_score, test_scores)
 
-        extra = {"method": {"name": strategy.name, "reference": strategy.reference, "options": strategy.options()},
-                 "evaluation": evaluation, "recipe": dict(recipe) if recipe else None}
-        if out is not None:
-            reporter.step(f"merging {sum(1 for w in choice.weights if w)} ingredient(s) into {out}")
-            m = merge(cks, out, weights=choice.weights, rules=rule_list, dtype=dtype, progress=reporter,
-                      manifest_extra=extra, finalize=finalize, on_shard=publisher.on_shard, **merge_options)
-            result.path, result.manifest = m.path, m.manifest
-            if publisher.target:
-                reporter.step(f"pushing to {publisher.target['repo']}")
-                result.push = publisher.finish(m.path)
-        if return_state_dict or out is None:
-            m = merge(cks, None, weights=choice.weights, rules=rule_list, dtype=dtype, manifest_extra=extra,
-                      finalize=finalize,
-                      **{k: v for k, v in merge_options.items() if k in ("device", "accumulate", "strict")})
-            result.state_dict = m.state_dict
-            result.manifest = result.manifest or m.manifest
-        return result
-    finally:
-        publisher.close()
-        for ev in evs + tests:
-            ev.close()
-        if not isinstance(cache, ScoreCache):
-            store.close()
+    def finalize(manifest: dict[str, Any], folder: Path | None) -> None:
+        for entry, score, kept in zip(manifest["ingredients"], choice.scores, choice.kept or [None] * len(cks)):
+            entry.update(score=score, kept=kept, test_score=test_scores.get(entry["name"]))
+        from .report import write_plot
+
+        if folder is not None and write_plot(manifest, folder / "soup_plot.png"):
+            manifest["plot"] = "soup_plot.png"
+
+    extra = {"method": {"name": strategy.name, "reference": strategy.reference, "options": strategy.options()},
+             "evaluation": evaluation, "recipe": dict(recipe) if recipe else None}
+    if out is not None:
+        reporter.step(f"merging {sum(1 for w in choice.weights if w)} ingredient(s) into {out}")
+        m = merge(cks, output, weights=choice.weights, rules=rule_list, dtype=dtype, progress=reporter,
+                  manifest_extra=extra, finalize=finalize, on_shard=publisher.on_shard, **merge_options)
+        result.path, result.manifest = m.path, m.manifest
+        if publisher.target:
+            reporter.step(f"pushing to {publisher.target['repo']}")
+            result.push = publisher.finish(m.path)
+    if return_state_dict or out is None:
+        m = merge(cks, None, weights=choice.weights, rules=rule_list, dtype=dtype, manifest_extra=extra,
+                  finalize=finalize,
+                  **{k: v for k, v in merge_options.items() if k in ("device", "accumulate", "strict")})
+        result.state_dict = m.state_dict
+        result.manifest = result.manifest or m.manifest
+    return result
+
+
+MERGE_THROUGH = ("accumulate", "shard_size", "device", "strict", "config_from", "normalize", "mixed_float",
+                 "overwrite")  # merge options that cook passes on to ``merge``
+
+
+def _check_options(strategy: SoupStrategy, dtype: str | None, devices: Sequence[str] | None,
+                   merge_options: Mapping[str, Any]) -> MergeOptions:
+    """Unknown option names and bad values are RecipeErrors, raised before any work."""
+    import inspect
+
+    own = [p.name for p in inspect.signature(cook).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    check_option_names(merge_options, [*own, *MERGE_THROUGH], where=f"{strategy.name}_soup")
+    for i, d in enumerate(devices or ()):
+        check_device(d, where=f"devices[{i}]")
+    if not isinstance(merge_options.get("overwrite", False), bool):
+        raise RecipeError(f"overwrite: must be true or false, got {merge_options['overwrite']!r}")
+    return MergeOptions(dtype=dtype, **{k: v for k, v in merge_options.items() if k != "overwrite"})
+
+
+def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any], dtype: str | None,
+                merge_options: Mapping[str, Any]) -> None:
+    """What needs the tensor tables (rules, compatibility, p, config_from), checked before evaluating."""
+    opts = _check_options(strategy, dtype, None, merge_options)
+    strategy.check(len(cks))
+    opts.check_config_from([c.label for c in cks])
+    build_plan(cks, rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize, mixed_float=opts.mixed_float)
 
 
 def _evaluation(strategy: SoupStrategy, choice: Choice, bench: Bench | None, test: Bench | None,
@@ -209,6 +269,10 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         from .errors import RecipeError
 
         raise RecipeError("output: required to run a recipe (or pass --output)")
+    chosen_cache = cache if cache is not None else recipe.cache
+    protect = [recipe.source] if recipe.source else []
+    if isinstance(chosen_cache, (str, Path)) and chosen_cache != "default" and "://" not in str(chosen_cache):
+        protect.append(Path(chosen_cache))
     return cook(
         make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
         evaluator=recipe.evaluator.name if recipe.evaluator else None,
@@ -216,7 +280,7 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         test_evaluator=recipe.test.name if recipe.test else None,
         test_args=recipe.test.args if recipe.test else None,
         out=out, labels=recipe.labels, rules=recipe.rules, dtype=recipe.dtype, devices=recipe.devices,
-        cache=cache if cache is not None else recipe.cache, progress=progress,
+        cache=chosen_cache, progress=progress, protect=protect,
         hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite, push_to=recipe.push_to,
         shard_size=recipe.shard_size, accumulate=recipe.accumulate, device=recipe.device,
         config_from=recipe.config_from, strict=recipe.strict)

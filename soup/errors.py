@@ -13,6 +13,10 @@ __all__ = [
     "IncompatibleIngredients",
     "EvaluatorError",
     "HubError",
+    "redact",
+    "os_error_line",
+    "os_reason",
+    "secrets",
 ]
 
 
@@ -38,3 +42,50 @@ class EvaluatorError(SoupError):
 
 class HubError(SoupError):
     """A hub request failed: authentication, missing repo or revision, stale parent commit."""
+
+
+def secrets() -> list[str]:
+    """Hub tokens this process can see (``HF_TOKEN``, ``HUGGING_FACE_HUB_TOKEN``, the stored login)."""
+    import os
+    from pathlib import Path
+
+    found = [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    try:
+        from huggingface_hub import constants
+
+        found.append(Path(constants.HF_TOKEN_PATH).read_text().strip())
+    except (OSError, ImportError, AttributeError):
+        pass
+    return [s for s in found if s and len(s) >= 4]
+
+
+def redact(text: str, *extra: str | None) -> str:
+    """``text`` with every known token (and ``extra`` secrets) replaced by ``***``.
+
+    Used on everything soup prints or writes that may carry foreign text (a plug-in's exception, a
+    server's message): a token must never reach a terminal, a log or a manifest.
+    """
+    import re
+
+    for secret in sorted({*secrets(), *(e for e in extra if e and len(e) >= 4)}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+
+
+def os_error_line(e: OSError, what: str = "") -> str:
+    """One line for an environment fault (disk full, read-only, permission, a file for a folder...)."""
+    import errno
+
+    hints = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+             errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+             errno.EPERM: "operation not permitted", errno.ENOTDIR: "a file is where a folder is expected",
+             errno.EISDIR: "a folder is where a file is expected",
+             errno.EMFILE: "too many open files (raise `ulimit -n`)", errno.ENFILE: "too many open files"}
+    where = e.filename if e.filename is not None else what
+    reason = hints.get(e.errno, e.strerror or str(e) or type(e).__name__)
+    return f"{where}: {reason}" if where else str(reason)
+
+
+def os_reason(e: OSError) -> str:
+    """The reason part of ``os_error_line`` (no file name)."""
+    return os_error_line(OSError(e.errno, e.strerror))

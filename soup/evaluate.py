@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import EvaluatorError
+from .errors import EvaluatorError, redact
 
 __all__ = ["Candidate", "Evaluator", "Score", "load_evaluator", "evaluator_names", "run_evaluator"]
 
@@ -57,6 +57,7 @@ class Candidate:
         state_dict_fn: ``fn(device) -> {name: tensor}``, builds the weights in memory.
         write_fn: ``fn(folder)``, writes an HF-layout checkpoint into an existing empty folder.
         weights: ``{ingredient label: weight}``, for reports.
+        tmp_dir: where ``path()`` writes its folder (default: the system temp folder).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class Candidate:
         state_dict_fn: Callable[[str], dict[str, Any]],
         write_fn: Callable[[Path], None],
         weights: Mapping[str, float] | None = None,
+        tmp_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.key = key
@@ -74,6 +76,7 @@ class Candidate:
         self._state_dict_fn = state_dict_fn
         self._write_fn = write_fn
         self._tmp: Path | None = None
+        self._tmp_dir = tmp_dir
 
     @classmethod
     def from_state_dict(cls, name: str, state_dict: Mapping[str, Any], *, key: str | None = None,
@@ -104,7 +107,7 @@ class Candidate:
     def path(self) -> Path:
         """An HF-layout folder holding the candidate; written on first call, removed by ``close``."""
         if self._tmp is None:
-            tmp = Path(tempfile.mkdtemp(prefix="soup-candidate-"))
+            tmp = Path(tempfile.mkdtemp(prefix="soup-candidate-", dir=self._tmp_dir))
             try:
                 self._write_fn(tmp)
             except BaseException:
@@ -178,35 +181,58 @@ class Evaluator(ABC):
 
 
 def run_evaluator(evaluator: Evaluator, candidate: Candidate) -> Score:
-    """Call ``evaluator.score`` and normalise the result; any failure becomes an EvaluatorError."""
+    """Call ``evaluator.score`` and normalise the result; any failure becomes an EvaluatorError.
+
+    A plug-in that raises, calls ``sys.exit`` or returns something other than a finite number (or a
+    mapping of them) is an error naming the evaluator and the candidate; the plug-in's own text is
+    passed through ``redact`` so a token it saw never reaches the terminal. A real stop signal
+    (Ctrl-C, SIGTERM: see ``soup.signals``) propagates; a ``KeyboardInterrupt`` the plug-in raised
+    itself is an error.
+    """
+    what = f"evaluator {evaluator.label}"
     try:
         raw = evaluator.score(candidate)
     except EvaluatorError as e:
-        raise EvaluatorError(f"evaluator {evaluator.label} failed on {candidate.name}: {e}") from e
+        raise EvaluatorError(redact(f"{what} failed on {candidate.name}: {e}")) from e
+    except SystemExit as e:  # a BaseException: uncaught, it would end soup with the plug-in's exit code
+        code = "" if e.code is None else repr(e.code)
+        raise EvaluatorError(redact(f"{what} called sys.exit({code}) while scoring {candidate.name}")) from None
+    except KeyboardInterrupt:
+        from .signals import received
+
+        if received() is not None:  # the user (or the scheduler) asked soup to stop
+            raise
+        raise EvaluatorError(f"{what} raised KeyboardInterrupt itself while scoring {candidate.name} "
+                             "(no stop signal was received)") from None
     except Exception as e:  # a plug-in crash: keep the cause, name the candidate
-        raise EvaluatorError(f"evaluator {evaluator.label} failed on {candidate.name}: "
-                             f"{type(e).__name__}: {e}") from e
+        raise EvaluatorError(redact(f"{what} failed on {candidate.name}: {type(e).__name__}: {e}")) from e
     if isinstance(raw, Mapping):
         metrics = {str(k): _finite(evaluator, candidate, v, str(k)) for k, v in raw.items()}
         primary = evaluator.primary or (next(iter(metrics)) if len(metrics) == 1 else None)
         if primary not in metrics:
-            raise EvaluatorError(f"evaluator {evaluator.label} returned metrics {sorted(metrics)} for "
-                                 f"{candidate.name} but its primary metric is {primary!r}")
+            raise EvaluatorError(redact(f"{what} returned metrics {sorted(metrics)} for "
+                                        f"{candidate.name} but its primary metric is {primary!r}"))
         return Score(metrics[primary], metrics, primary)
     value = _finite(evaluator, candidate, raw, "score")
     return Score(value, {"score": value}, "score")
 
 
 def _finite(evaluator: Evaluator, candidate: Candidate, value: Any, metric: str) -> float:
+    """``value`` as a finite float: ints, floats, numpy scalars and one-element tensors qualify;
+    booleans and strings do not, although ``float()`` would take them (``True`` -> 1.0, ``"0.5"``)."""
+    what = f"evaluator {evaluator.label}"
+    dtype = str(getattr(value, "dtype", ""))
+    if isinstance(value, (bool, str, bytes)) or dtype in ("bool", "torch.bool"):
+        raise EvaluatorError(redact(f"{what} returned {value!r} ({metric}) for {candidate.name}: "
+                                    f"a score must be a number, not a {type(value).__name__}"))
     try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise EvaluatorError(f"evaluator {evaluator.label} returned a non-number {value!r} "
-                             f"({metric}) for {candidate.name}") from None
-    if not math.isfinite(value):
-        raise EvaluatorError(f"evaluator {evaluator.label} returned a non-finite score {value} "
-                             f"({metric}) for {candidate.name}")
-    return value
+        number = float(value)
+    except Exception:  # TypeError, ValueError, a tensor of many elements, a failing __float__
+        raise EvaluatorError(redact(f"{what} returned a non-number {value!r} ({metric}) "
+                                    f"for {candidate.name}")) from None
+    if not math.isfinite(number):
+        raise EvaluatorError(f"{what} returned a non-finite score {number} ({metric}) for {candidate.name}")
+    return number
 
 
 def evaluator_names() -> list[str]:

@@ -19,13 +19,15 @@ import torch
 
 from .checkpoint import Checkpoint, parse_dtype
 from .combine import Combiner
-from .errors import RecipeError, SoupError
+from .errors import RecipeError, SoupError, os_error_line
 from .ingredients import HubOptions, IngredientSpec, describe, resolve_all
 from .plan import Job, Plan, build_plan
 from .progress import Reporter, RichReporter
 from .rules import Rule, parse_rules
 from .stream import TensorReader
-from .writer import MANIFEST, MemorySink, OutputDir, ShardWriter, copy_aux_files, parse_size, write_manifest
+from .output import OutputDir, checkpoint_paths, input_paths
+from .signals import graceful
+from .writer import MANIFEST, MemorySink, ShardWriter, copy_aux_files, parse_size, write_manifest
 
 __all__ = ["merge", "MergeResult", "soup_version"]
 
@@ -50,7 +52,7 @@ class MergeResult:
 
 def merge(
     ingredients: Sequence[IngredientSpec],
-    out: str | Path | None = None,
+    out: str | Path | OutputDir | None = None,
     *,
     weights: Sequence[float] | None = None,
     normalize: bool = True,
@@ -99,18 +101,56 @@ def merge(
     """
     t0 = time.perf_counter()
     reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
-    out_dtype = parse_dtype(dtype)
-    acc_dtype = {"float32": torch.float32, "float64": torch.float64}.get(str(accumulate))
-    if acc_dtype is None:
-        raise RecipeError(f"accumulate: {accumulate!r} is not float32 or float64")
-    _check_device(device)
-    output = OutputDir(out, overwrite=overwrite) if out is not None else None  # fail fast on an existing out
+    from .options import MergeOptions, check_weights
+
+    # every value is checked before anything is read or written (RecipeError naming the option)
+    opts = MergeOptions(dtype=dtype, accumulate=accumulate, shard_size=shard_size, device=device, strict=strict,
+                        config_from=config_from, normalize=normalize, mixed_float=mixed_float)
+    if weights is not None:
+        check_weights(weights, where="weights")
+    parse_rules(rules)
+    out_dtype, acc_dtype = opts.torch_dtype, opts.accumulate_dtype
+    _check_device(device)  # is CUDA there?
+    output = _output_dir(out, overwrite, ingredients)  # refused here, before anything is read
+    owned = output is not None and not isinstance(out, OutputDir)
+    with graceful():
+        try:
+            if owned:
+                output.lock()
+                for note in output.cleaned:
+                    reporter.warn(f"{output.given}: {note}")
+            return _merge(ingredients, output, weights=weights, normalize=normalize, mixed_float=mixed_float,
+                          out_dtype=out_dtype, acc_dtype=acc_dtype, accumulate=accumulate, shard_size=shard_size,
+                          device=device, rules=rules, strict=strict, config_from=config_from, reporter=reporter,
+                          on_shard=on_shard, labels=labels, hub=hub, manifest_extra=manifest_extra,
+                          finalize=finalize, t0=t0)
+        except OSError as e:  # an environment fault: disk full, read-only, permission, a file for a folder
+            raise SoupError(f"output {output.given if output else '-'}: {os_error_line(e)}") from e
+        finally:
+            if owned:
+                output.release()
+
+
+def _output_dir(out: str | Path | OutputDir | None, overwrite: bool,
+                ingredients: Sequence[IngredientSpec]) -> OutputDir | None:
+    """The checked destination (None in memory); local ingredients are protected from the start."""
+    if out is None or isinstance(out, OutputDir):
+        return out
+    return OutputDir(out, overwrite=overwrite, protect=input_paths(ingredients))
+
+
+def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, weights, normalize, mixed_float,
+           out_dtype, acc_dtype, accumulate, shard_size, device, rules, strict, config_from, reporter, on_shard,
+           labels, hub, manifest_extra, finalize, t0) -> MergeResult:
+    """The body of ``merge`` once the output (if any) is checked and locked."""
     shard_bytes = parse_size(shard_size)
     rule_list = parse_rules(rules)
     from .remote import precheck
 
     specs = precheck(ingredients, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or mixed_float)
     cks = resolve_all(specs, labels=labels, hub=hub)
+    if output is not None:
+        output.protect(checkpoint_paths(cks))  # hub snapshots and link targets, known only now
     plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=normalize,
                       mixed_float=mixed_float)
     source = _config_source(cks, config_from)
@@ -125,7 +165,7 @@ def merge(
         warn(f"rule {r} matched no tensor")
     following = {a.name: b for a, b in zip(plan.jobs, plan.jobs[1:])}
     threads = torch.get_num_threads()
-    compute_threads = _compute_threads(plan, threads, to_disk=out is not None and device == "cpu")
+    compute_threads = _compute_threads(plan, threads, to_disk=output is not None and device == "cpu")
     combiner = Combiner([c.label for c in cks], where=lambda i, name: _where(cks[i], name),
                         accumulate=acc_dtype, device=device, strict=strict, warn=warn, threads=compute_threads)
     in_dtypes = {t.dtype for ck in cks for t in ck.tensors.values() if t.dtype.is_floating_point}

@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import IncompatibleIngredients, RecipeError
+from .options import check_weights
 from .rules import Rule, match_rule
 
 __all__ = ["Job", "Plan", "build_plan", "normalise_weights"]
@@ -62,10 +63,10 @@ class Plan:
 
 def normalise_weights(weights: Sequence[float] | None, n: int, *, normalize: bool = True,
                       where: str = "weights") -> tuple[float, ...]:
-    """Uniform weights when None; else checked (one per ingredient, >= 0) and scaled to sum to 1."""
+    """Uniform weights when None; else checked (finite, one per ingredient, >= 0) and scaled to sum to 1."""
     if weights is None:
         return tuple(1.0 / n for _ in range(n))
-    w = tuple(float(x) for x in weights)
+    w = check_weights(weights, where=where)
     if len(w) != n:
         raise RecipeError(f"{where}: {len(w)} weights given for {n} ingredients")
     if not normalize:
@@ -126,6 +127,9 @@ def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | 
         jobs.append(job)
         read = range(n) if job.kind == "copy" else job.sources()
         input_bytes += sum(checkpoints[i].tensors[name].nbytes for i in read)
+    if dropped and not jobs:
+        droppers = ", ".join(str(r) for r in rules if r in used and r.action == "drop")
+        raise RecipeError(f"rules: every tensor is dropped by rule(s) {droppers}; the soup would be empty")
     unused = [str(r) for r in rules if r not in used]
     return Plan(jobs, dropped, glob_w, input_bytes, unused)
 

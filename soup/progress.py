@@ -1,4 +1,8 @@
-"""Progress on stderr with rich: a step line and a bar with bytes/s and ETA; silent when quiet."""
+"""Progress on stderr with rich: a step line and a bar with bytes/s and ETA; silent when quiet.
+
+Messages carry user text (paths, tensor names, rule strings): they are printed literally, never
+read as rich markup (``[red]``) or emoji codes (``:fire:``), so they are passed as ``rich.text.Text``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from contextlib import contextmanager
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
@@ -33,17 +38,17 @@ class RichReporter(Reporter):
     """Rich progress bars and step lines on stderr."""
 
     def __init__(self) -> None:
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, emoji=False, highlight=False)
 
     def step(self, message: str) -> None:
-        self.console.print(f"[bold]soup[/bold] {message}", highlight=False)
+        self.console.print(Text.assemble(("soup", "bold"), " ", message))
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        self.console.print(Text.assemble(("warning:", "yellow"), " ", message))
 
     @contextmanager
     def bytes_task(self, description: str, total: int) -> Iterator[callable]:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
                       DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                       console=self.console, transient=False) as bar:
             task = bar.add_task(description, total=total)

@@ -27,6 +27,8 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
+from .options import MergeOptions, check_device
+from .plan import normalise_weights
 from .rules import Rule, parse_rule
 from .strategies import STRATEGIES, make_strategy
 
@@ -71,62 +73,98 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (RecipeError lists every error with its field path)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"{mark.line + 1}:{mark.column + 1}: " if mark is not None else ""
+        line = f"{at}not valid YAML ({e.problem or e.context})"
+        err = RecipeError(f"{path}:{line}" if at else f"{path}: {line}")
+        err.errors = [line]  # soup validate prefixes the file name
+        raise err from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_recipe(data, base=path.parent, source=path)
 
 
 def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = None) -> Recipe:
-    """Validate a recipe mapping; all errors are collected and raised together."""
+    """Validate a recipe mapping; all errors are collected and raised together.
+
+    Everything ``soup run`` would refuse for the recipe's shape is refused here, before any
+    checkpoint is read: bad merge options, weights, rules, strategy options and field types.
+    """
     errors: list[str] = []
     base = (base or Path.cwd()).absolute()
+    if data is None:
+        raise _error(["recipe: empty"])
     if not isinstance(data, dict):
-        raise RecipeError("recipe: must be a mapping with at least 'ingredients' and 'strategy'")
-    for key in sorted(set(data) - TOP_KEYS):
-        errors.append(f"{key}: unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
-    sources, labels = _ingredients(data.get("ingredients"), base, errors)
-    strategy, options = _strategy(data.get("strategy"), len(sources), errors)
+        raise _error(["recipe: must be a mapping with at least 'ingredients' and 'strategy'"])
+    _keys(data, TOP_KEYS, "", errors)
+    raw_ingredients = data.get("ingredients")
+    n = len(raw_ingredients) if isinstance(raw_ingredients, list) else 0  # 0: unknown, not checked
+    sources, labels = _ingredients(raw_ingredients, base, errors)
+    strategy, options = _strategy(data.get("strategy"), n, errors)
     evaluator = _evaluator(data.get("evaluator"), "evaluator", base, errors)
     test = _evaluator(data.get("test"), "test", base, errors)
-    rules = []
-    raw_rules = data.get("rules") or []
-    if not isinstance(raw_rules, list):
-        errors.append("rules: must be a list")
-        raw_rules = []
-    for i, r in enumerate(raw_rules):
-        try:
-            rules.append(parse_rule(r, where=f"rules[{i}]"))
-        except RecipeError as e:
-            errors.append(str(e))
+    rules = _rules(data.get("rules"), n, errors)
     if strategy in STRATEGIES and STRATEGIES[strategy].needs_evaluator and evaluator is None:
         errors.append(f"evaluator: required by strategy {strategy}")
-    for key, kinds in (("dtype", str), ("accumulate", str), ("device", str), ("endpoint", str),
-                       ("shard_size", (str, int)), ("config_from", (str, int)), ("strict", bool)):
-        if key in data and not isinstance(data[key], kinds):
-            errors.append(f"{key}: wrong type {type(data[key]).__name__}")
+    _merge_options(data, n, errors)
     devices = data.get("devices")
-    if devices is not None and not (isinstance(devices, list) and all(isinstance(d, str) for d in devices)):
-        errors.append("devices: must be a list of device names, e.g. [cuda:0, cuda:1]")
+    if devices is not None:
+        if not isinstance(devices, list):
+            errors.append("devices: must be a list of device names, e.g. [cuda:0, cuda:1]")
+        for i, d in enumerate(devices if isinstance(devices, list) else []):
+            _check(errors, check_device, d, where=f"devices[{i}]")
+    for key in ("endpoint", "output"):
+        if data.get(key) is not None and not (isinstance(data[key], str) and data[key]):
+            errors.append(f"{key}: must be a string, got {data[key]!r}")
     push = _push(data.get("push_to"), errors)
     cache = data.get("cache", "default")
-    if cache is False:
+    if cache is False or cache is None:
         cache = None
-    elif cache != "default":
-        cache = str(_rel(base, cache)) if isinstance(cache, str) and "://" not in cache else cache
+    elif not isinstance(cache, str) or not cache:
+        errors.append(f"cache: {cache!r} must be false, default, a sqlite path or a sqlite:/// URL")
+    elif cache != "default" and "://" not in cache:
+        cache = str(_rel(base, cache))
     if errors:
-        err = RecipeError("; ".join(errors))
-        err.errors = errors
-        raise err
+        raise _error(errors)
     output = data.get("output")
     return Recipe(ingredients=sources, labels=labels, strategy=strategy, strategy_options=options,
                   evaluator=evaluator, test=test, rules=rules, dtype=data.get("dtype"),
                   accumulate=data.get("accumulate", "float32"), shard_size=data.get("shard_size", "5GB"),
                   device=data.get("device", "cpu"), devices=devices, config_from=data.get("config_from", 0),
                   output=_rel(base, output) if output else None, push_to=push, cache=cache,
-                  endpoint=data.get("endpoint"), strict=bool(data.get("strict", False)), source=source, raw=data)
+                  endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=data)
+
+
+def _error(errors: list[str]) -> RecipeError:
+    err = RecipeError("; ".join(errors))
+    err.errors = errors
+    return err
+
+
+def _check(errors: list[str], fn, *args: Any, **kwargs: Any) -> Any:
+    """Call a checker; a RecipeError becomes collected error line(s)."""
+    try:
+        return fn(*args, **kwargs)
+    except RecipeError as e:
+        errors.extend(getattr(e, "errors", [str(e)]))
+        return None
+
+
+def _keys(value: dict, allowed: set[str], where: str, errors: list[str]) -> None:
+    """Non-string and unknown keys of a mapping, reported with their field path."""
+    for key in value:
+        if not isinstance(key, str):
+            errors.append(f"{where or 'recipe'}: key {key!r} is not a string")
+    for key in sorted(k for k in value if isinstance(k, str) and k not in allowed):
+        errors.append(f"{where}{'.' if where else ''}{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
 def _rel(base: Path, value: str) -> Path:
@@ -141,20 +179,25 @@ def _ingredients(value: Any, base: Path, errors: list[str]) -> tuple[list[str], 
     sources, labels = [], []
     for i, item in enumerate(value):
         where = f"ingredients[{i}]"
-        if isinstance(item, str):
+        if isinstance(item, str) and item:
             sources.append(item if item.startswith("hf://") else str(_rel(base, item)))
             labels.append(None)
             continue
         if not isinstance(item, dict):
             errors.append(f"{where}: a path, hf://owner/name@revision, or a mapping with path or repo")
             continue
-        for key in sorted(set(item) - {"path", "repo", "revision", "name"}):
-            errors.append(f"{where}.{key}: unknown key (allowed: path, repo, revision, name)")
+        _keys(item, {"path", "repo", "revision", "name"}, where, errors)
         if ("path" in item) == ("repo" in item):
             errors.append(f"{where}: give exactly one of path, repo")
             continue
         if "revision" in item and "repo" not in item:
             errors.append(f"{where}.revision: only with repo")
+        bad = [k for k, kinds in (("path", str), ("repo", str), ("revision", (str, int)), ("name", (str, int)))
+               if k in item and (isinstance(item[k], bool) or not isinstance(item[k], kinds) or item[k] == "")]
+        for k in bad:
+            errors.append(f"{where}.{k}: must be a string, got {item[k]!r}")
+        if bad:
+            continue
         if "path" in item:
             sources.append(str(_rel(base, item["path"])))
         else:
@@ -167,12 +210,17 @@ def _ingredients(value: Any, base: Path, errors: list[str]) -> tuple[list[str], 
 def _strategy(value: Any, n: int, errors: list[str]) -> tuple[str, dict[str, Any]]:
     if isinstance(value, str):
         value = {"name": value}
-    if not isinstance(value, dict) or "name" not in value:
-        errors.append(f"strategy: a mapping with name ({', '.join(STRATEGIES)}) is required")
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        errors.append(f"strategy: a name ({', '.join(STRATEGIES)}) or a mapping with name is required")
         return "", {}
+    if any(not isinstance(k, str) for k in value):
+        _keys(value, set(value), "strategy", errors)
+        return value["name"], {}
     options = {k: v for k, v in value.items() if k != "name"}
     try:
-        make_strategy(value["name"], **options)
+        strategy = make_strategy(value["name"], **options)
+        if n:
+            strategy.check(n)
     except RecipeError as e:
         errors.append(str(e) if str(e).startswith("strategy") else f"strategy: {e}")
     except TypeError as e:
@@ -180,19 +228,52 @@ def _strategy(value: Any, n: int, errors: list[str]) -> tuple[str, dict[str, Any
     return value["name"], options
 
 
+def _rules(value: Any, n: int, errors: list[str]) -> list[Rule]:
+    """Rules, checked against the number of ingredients where that is known."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        errors.append("rules: must be a list")
+        return []
+    rules = []
+    for i, spec in enumerate(value):
+        rule = _check(errors, parse_rule, spec, where=f"rules[{i}]")
+        if rule is None:
+            continue
+        rules.append(rule)
+        if n and rule.action == "take" and isinstance(rule.ingredient, int) and rule.ingredient >= n:
+            errors.append(f"rules[{i}].take: ingredient index {rule.ingredient} out of range (0..{n - 1})")
+        if n and rule.action == "weights":
+            _check(errors, normalise_weights, rule.weights, n, where=f"rules[{i}].weights")
+        if rule.action == "drop" and set(rule.pattern) == {"*"} and all(r.action == "drop" for r in rules):
+            errors.append(f"rules[{i}]: every tensor is dropped ({rule}); the soup would be empty")
+    return rules
+
+
+def _merge_options(data: dict, n: int, errors: list[str]) -> None:
+    """dtype, accumulate, shard_size, device, strict, config_from: checked as the engine will."""
+    given = {k: data[k] for k in ("dtype", "accumulate", "shard_size", "device", "strict", "config_from") if k in data}
+    _check(errors, MergeOptions, **given)
+    config = given.get("config_from")
+    if n and (type(config) is int or (isinstance(config, str) and config.isdigit())) and int(config) >= n:
+        errors.append(f"config_from: index {config} out of range (0..{n - 1})")
+
+
 def _evaluator(value: Any, where: str, base: Path, errors: list[str]) -> EvaluatorEntry | None:
     if value is None:
         return None
     if isinstance(value, str):
         value = {"name": value}
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        errors.append(f"{where}: a mapping with name (and args) is required")
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        errors.append(f"{where}: a name, or a mapping with name (and args), is required")
         return None
-    for key in sorted(set(value) - {"name", "args"}):
-        errors.append(f"{where}.{key}: unknown key (allowed: name, args)")
+    _keys(value, {"name", "args"}, where, errors)
     args = value.get("args") or {}
     if not isinstance(args, dict):
         errors.append(f"{where}.args: must be a mapping")
+        return None
+    if any(not isinstance(k, str) for k in args):
+        _keys(args, set(args), f"{where}.args", errors)
         return None
     name = value["name"]
     target, sep, attr = name.rpartition(":")
@@ -206,12 +287,14 @@ def _evaluator(value: Any, where: str, base: Path, errors: list[str]) -> Evaluat
 def _push(value: Any, errors: list[str]) -> dict[str, Any] | None:
     if value is None:
         return None
-    if isinstance(value, str):
+    if isinstance(value, str) and value:
         return {"repo": value}
-    if not isinstance(value, dict) or "repo" not in value:
+    if not isinstance(value, dict) or not isinstance(value.get("repo"), str) or not value["repo"]:
         errors.append("push_to: owner/name, or a mapping with repo")
         return None
-    for key in sorted(set(value) - PUSH_KEYS):
-        errors.append(f"push_to.{key}: unknown key (allowed: {', '.join(sorted(PUSH_KEYS))})")
+    _keys(value, PUSH_KEYS, "push_to", errors)
+    for key, kinds, what in (("revision", str, "a branch name"), ("commit_message", str, "a string"),
+                             ("private", bool, "true or false"), ("create_pr", bool, "true or false")):
+        if value.get(key) is not None and not isinstance(value[key], kinds):
+            errors.append(f"push_to.{key}: must be {what}, got {value[key]!r}")
     return dict(value)
-

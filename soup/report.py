@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import SoupError
+
 __all__ = ["format_report", "write_plot"]
 
 
@@ -30,9 +32,68 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def format_report(manifest: dict[str, Any]) -> str:
-    """The soup as text: method, ingredients (weight, score, test score, kept), trajectory, soup score."""
-    method = manifest.get("method", {})
+def format_report(manifest: Any, *, where: str | Path | None = None) -> str:
+    """The soup as text: method, ingredients (weight, score, test score, kept), trajectory, soup score.
+
+    Args:
+        manifest: a soup's ``soup.json`` as read (any JSON value: its shape is checked here).
+        where: the manifest's path, to name it in errors.
+
+    Raises:
+        SoupError: the manifest is not shaped like a soup's (one line naming the field).
+    """
+    prefix = f"{where}: " if where is not None else ""
+    try:
+        _check_shape(manifest)
+        return _format(manifest)
+    except _BadShape as e:
+        raise SoupError(f"{prefix}not a soup manifest ({e})") from None
+    except (TypeError, KeyError, AttributeError, ValueError) as e:  # a shape _check_shape let through
+        raise SoupError(f"{prefix}not a soup manifest ({type(e).__name__}: {e})") from None
+
+
+class _BadShape(Exception):
+    """A manifest field of the wrong type; the message names the field."""
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "true/false", type(None): "null"}
+
+
+def _field(obj: dict[str, Any], key: str, kind: type, path: str) -> Any:
+    """``obj[key]`` when absent, null or a ``kind``; else _BadShape naming ``path``."""
+    value = obj.get(key)
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    raise _BadShape(f"{path}: expected {_JSON_TYPES[kind]}, got {_json_type(value)}")
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _check_shape(manifest: Any) -> None:
+    """The fields ``_format`` reads have the types soup writes (missing ones are shown as ``-``)."""
+    if not isinstance(manifest, dict):
+        raise _BadShape(f"expected a JSON object, got {_json_type(manifest)}")
+    _field(manifest, "method", dict, "method")
+    _field(manifest, "files", dict, "files")
+    _field(manifest, "total_size", int, "total_size")
+    for k, ing in enumerate(_field(manifest, "ingredients", list, "ingredients") or []):
+        if not isinstance(ing, dict) or "name" not in ing:
+            raise _BadShape(f"ingredients[{k}]: expected an object with a name")
+    ev = _field(manifest, "evaluation", dict, "evaluation") or {}
+    _field(ev, "evaluator", dict, "evaluation.evaluator")
+    _field(ev, "test", dict, "evaluation.test")
+    for k, step in enumerate(_field(ev, "trajectory", list, "evaluation.trajectory") or []):
+        where = f"evaluation.trajectory[{k}]"
+        if not isinstance(step, dict) or any(key not in step for key in ("step", "tried", "score", "kept")):
+            raise _BadShape(f"{where}: expected an object with step, tried, score and kept")
+        _field(step, "pool", list, f"{where}.pool")
+
+
+def _format(manifest: dict[str, Any]) -> str:
+    method = manifest.get("method") or {}
     ev = manifest.get("evaluation") or {}
     lines = [f"soup {manifest.get('soup_version', '?')}  method: {method.get('name', '?')}  "
              f"({method.get('reference', '')})"]
@@ -40,20 +101,20 @@ def format_report(manifest: dict[str, Any]) -> str:
         e = ev["evaluator"]
         lines.append(f"evaluator: {e.get('name')} ({ev.get('direction')}) args={e.get('args')}")
     rows = [[i["name"], i.get("weight"), i.get("score"), i.get("test_score"), i.get("kept"), i.get("source")]
-            for i in manifest.get("ingredients", [])]
+            for i in manifest.get("ingredients") or []]
     lines += [""] + _table(["ingredient", "weight", "score", "test", "kept", "source"], rows)
     if ev.get("trajectory"):
         lines += ["", "greedy trajectory:"]
         lines += _table(["step", "tried", "score", "kept", "pool size"],
-                        [[t["step"], t["tried"], t["score"], t["kept"], len(t.get("pool", []))]
+                        [[t["step"], t["tried"], t["score"], t["kept"], len(t.get("pool") or [])]
                          for t in ev["trajectory"]])
     lines.append("")
     if ev.get("soup_score") is not None:
         lines.append(f"soup score: {_fmt(ev['soup_score'])}")
     if (ev.get("test") or {}).get("soup_score") is not None:
         lines.append(f"soup test score: {_fmt(ev['test']['soup_score'])}")
-    lines.append(f"{manifest.get('tensors', '?')} tensors, {manifest.get('total_size', 0):,} bytes, "
-                 f"{len(manifest.get('files', {}))} file(s), dtype {manifest.get('dtype')}")
+    lines.append(f"{manifest.get('tensors', '?')} tensors, {manifest.get('total_size') or 0:,} bytes, "
+                 f"{len(manifest.get('files') or {})} file(s), dtype {manifest.get('dtype')}")
     return "\n".join(lines)
 
 

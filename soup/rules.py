@@ -20,6 +20,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from .errors import RecipeError
+from .options import check_weights
 
 __all__ = ["Rule", "parse_rule", "parse_rules", "match_rule"]
 
@@ -61,16 +62,17 @@ def parse_rule(spec: str | Mapping[str, Any], *, where: str = "rule") -> Rule:
     if action == "drop":
         return Rule(pattern, "drop")
     if action.startswith("take:"):
-        return Rule(pattern, "take", ingredient=_ingredient(action[5:].strip()))
+        return Rule(pattern, "take", ingredient=_ingredient(action[5:].strip(), f"{where}.take"))
     if action.startswith("weights:"):
         action = action[8:]
-    return Rule(pattern, "weights", weights=_weights(action.split(","), where))
+    return Rule(pattern, "weights", weights=check_weights(action.split(","), where=f"{where}.weights"))
 
 
 def _from_mapping(spec: Mapping[str, Any], where: str) -> Rule:
     unknown = set(spec) - {"pattern", "take", "drop", "weights"}
     if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (allowed: pattern, take, drop, weights)")
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
+                          "(allowed: pattern, take, drop, weights)")
     pattern = spec.get("pattern")
     if not isinstance(pattern, str) or not pattern:
         raise RecipeError(f"{where}.pattern: a glob string is required")
@@ -82,25 +84,22 @@ def _from_mapping(spec: Mapping[str, Any], where: str) -> Rule:
             raise RecipeError(f"{where}.drop: must be true")
         return Rule(pattern, "drop")
     if actions[0] == "take":
-        return Rule(pattern, "take", ingredient=_ingredient(spec["take"]))
+        return Rule(pattern, "take", ingredient=_ingredient(spec["take"], f"{where}.take"))
     w = spec["weights"]
     if not isinstance(w, (list, tuple)):
         raise RecipeError(f"{where}.weights: a list of numbers is required")
-    return Rule(pattern, "weights", weights=_weights(w, f"{where}.weights"))
+    return Rule(pattern, "weights", weights=check_weights(w, where=f"{where}.weights"))
 
 
-def _ingredient(value: Any) -> int | str:
-    if isinstance(value, int):
-        return value
-    text = str(value)
-    return int(text) if text.isdigit() else text
-
-
-def _weights(values: Sequence[Any], where: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise RecipeError(f"{where}: weights must be numbers, got {list(values)!r}") from None
+def _ingredient(value: Any, where: str) -> int | str:
+    """An ingredient index (>= 0) or label."""
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        raise RecipeError(f"{where}: {value!r} must be an ingredient index (0, 1, ...) or name")
+    if isinstance(value, int) and value < 0:
+        raise RecipeError(f"{where}: {value} is negative; ingredients are numbered from 0")
+    return value
 
 
 def parse_rules(specs: Iterable[str | Mapping[str, Any] | Rule], *, where: str = "rules") -> list[Rule]:

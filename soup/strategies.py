@@ -20,6 +20,7 @@ One abstract base class, one abstract method: ``choose(bench, n) -> Choice``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 from .bench import Bench, RunningSum
 from .errors import RecipeError
 from .evaluate import Score
+from .options import check_weights
 
 __all__ = ["SoupStrategy", "Choice", "MaximumSoup", "AverageSoup", "GreedySoup", "STRATEGIES", "make_strategy"]
 
@@ -61,6 +63,9 @@ class SoupStrategy(ABC):
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
+    def check(self, n: int) -> None:
+        """Refuse options that do not fit ``n`` ingredients (RecipeError), before anything is evaluated."""
+
 
 def _ranked(bench: Bench, scores: Sequence[Score]) -> list[int]:
     """Ingredient indices, best score first (ties keep the ingredients' order)."""
@@ -75,9 +80,16 @@ class MaximumSoup(SoupStrategy):
     name: ClassVar[str] = "maximum"
     reference: ClassVar[str] = "https://arxiv.org/abs/2409.04828"
 
-    def choose(self, bench: Bench | None, n: int) -> Choice:
-        if not 1 <= self.p <= n:
+    def __post_init__(self) -> None:
+        if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 1:
+            raise RecipeError(f"strategy.p: {self.p!r} must be a whole number >= 1")
+
+    def check(self, n: int) -> None:
+        if self.p > n:
             raise RecipeError(f"strategy.p: {self.p} must be between 1 and the number of ingredients ({n})")
+
+    def choose(self, bench: Bench | None, n: int) -> Choice:
+        self.check(n)
         scores = bench.score_ingredients()
         top = set(_ranked(bench, scores)[: self.p])
         weights = [1.0 / self.p if i in top else 0.0 for i in range(n)]
@@ -92,6 +104,15 @@ class AverageSoup(SoupStrategy):
     name: ClassVar[str] = "average"
     reference: ClassVar[str] = "https://arxiv.org/abs/2203.05482"
     needs_evaluator: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.weights is not None:
+            self.weights = list(check_weights(self.weights, where="strategy.weights"))
+
+    def check(self, n: int) -> None:
+        from .plan import normalise_weights
+
+        normalise_weights(self.weights, n, where="strategy.weights")
 
     def choose(self, bench: Bench | None, n: int) -> Choice:
         from .plan import normalise_weights
@@ -111,12 +132,13 @@ class GreedySoup(SoupStrategy):
     reference: ClassVar[str] = "https://arxiv.org/abs/2409.04828"
 
     def __post_init__(self) -> None:
-        if self.tie not in (">=", ">"):
+        if not isinstance(self.tie, str) or self.tie not in (">=", ">"):
             raise RecipeError(f"strategy.tie: {self.tie!r} must be '>=' or '>'")
-        if self.sums not in ("memory", "disk"):
+        if not isinstance(self.sums, str) or self.sums not in ("memory", "disk"):
             raise RecipeError(f"strategy.sums: {self.sums!r} must be 'memory' or 'disk'")
-        if self.tolerance < 0:
-            raise RecipeError(f"strategy.tolerance: {self.tolerance} must be >= 0")
+        t = self.tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise RecipeError(f"strategy.tolerance: {t!r} must be a finite number >= 0")
 
     def keep(self, bench: Bench, candidate: float, pool: float) -> bool:
         gain = candidate - pool if bench.direction == "maximize" else pool - candidate
@@ -158,11 +180,11 @@ STRATEGIES: dict[str, type[SoupStrategy]] = {c.name: c for c in (MaximumSoup, Av
 
 def make_strategy(name: str, **options: Any) -> SoupStrategy:
     """Build a strategy by name; unknown names and options are RecipeErrors listing the valid ones."""
-    cls = STRATEGIES.get(name)
+    cls = STRATEGIES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise RecipeError(f"strategy.name: unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     valid = [f.name for f in dataclasses.fields(cls)]
-    bad = sorted(set(options) - set(valid))
+    bad = sorted(map(str, set(options) - set(valid)))
     if bad:
         raise RecipeError(f"strategy: unknown option(s) {', '.join(bad)} for {name}; valid: {', '.join(valid)}")
     return cls(**options)

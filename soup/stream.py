@@ -1,16 +1,28 @@
 """Streaming reads: each ingredient's tensors as flat, memory-mapped views, one tensor at a time.
 
-Safetensors files are memory-mapped (private, read-only use) and each tensor is a zero-copy
-``torch.frombuffer`` view into the mapping, so input pages live in the page cache, never in the
-process's anonymous memory. ``.bin`` files are opened with ``torch.load(mmap=True)``. While one
-tensor is combined, the kernel is asked to read the next one ahead (``madvise(WILLNEED)``), so disk
-reads overlap the math.
+Safetensors files are memory-mapped (read-only) and each tensor is a zero-copy ``torch.frombuffer``
+view into the mapping, so input pages live in the page cache, never in the process's anonymous
+memory. ``.bin`` files are opened with ``torch.load(mmap=True)``. While one tensor is combined, the
+kernel is asked to read the next one ahead (``posix_fadvise(WILLNEED)``), so disk reads overlap the
+math.
+
+Open files: a Python ``mmap`` keeps a duplicate of its file descriptor until it is closed, so a
+reader keeps at most ``MAX_OPEN`` mappings (least recently used closed first; tensors are read in
+file order, so a closed file is rarely needed again). A merge of 24 ingredients x 48 shards then
+runs under ``ulimit -n 512``. A mapping that still has live views cannot be closed (``BufferError``):
+it stays open until a later eviction or ``close()`` finds it free.
+
+Why not ``torch.UntypedStorage.from_file``, which keeps no descriptor: it maps files privately and
+writable, which the kernel refuses for a file larger than RAM + swap (a 30 GB single-file model on a
+24 GB machine); and ``mmap``'s ``trackfd=False`` needs Python 3.13.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -20,16 +32,17 @@ from .errors import CheckpointError
 
 __all__ = ["TensorReader"]
 
-_PAGE = mmap.PAGESIZE
-
 
 class TensorReader:
-    """Flat views of one checkpoint's tensors; files are opened on first use and kept open."""
+    """Flat views of one checkpoint's tensors; at most ``MAX_OPEN`` files mapped (and open) at a time."""
+
+    MAX_OPEN = 4  # the current tensor's file, the previous one's (a view may still be alive), slack
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._maps: OrderedDict[Path, mmap.mmap] = OrderedDict()  # least recently used first
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        self._ends: dict[Path, int] | None = None  # file -> where its last tensor ends
 
     def view(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as a 1-D tensor of its dtype (a view: no copy for safetensors)."""
@@ -51,12 +64,15 @@ class TensorReader:
     def readahead(self, name: str) -> None:
         """Ask the kernel to start reading ``name`` from disk (no-op for .bin / memory)."""
         info: TensorInfo = self.checkpoint.tensors[name]
-        if info.offset is None or info.numel == 0 or not hasattr(mmap, "MADV_WILLNEED"):
+        if info.offset is None or info.numel == 0 or not hasattr(os, "posix_fadvise"):
             return
-        start = info.offset - info.offset % _PAGE
-        try:
-            self._map(info.file).madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
-        except (OSError, ValueError):
+        try:  # by descriptor, not through a mapping: reading ahead maps (and keeps open) nothing
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
             pass  # advice only
 
     def close(self) -> None:
@@ -70,21 +86,38 @@ class TensorReader:
 
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
-        if mm is None:
-            try:
-                with open(file, "rb") as fh:
-                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{file}: cannot map file ({e})") from None
-            expected = max(t.offset + t.nbytes for t in self.checkpoint.tensors.values()
-                           if t.file == file and t.offset is not None)
-            if len(mm) < expected:
-                raise CheckpointError(f"{file}: shrank to {len(mm)} bytes since it was indexed: truncated")
-            self._maps[file] = mm
+        if mm is not None:
+            self._maps.move_to_end(file)
+            return mm
+        self._evict(self.MAX_OPEN - 1)
+        try:
+            with open(file, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot map file ({e})") from None
+        if self._ends is None:
+            self._ends = {}
+            for t in self.checkpoint.tensors.values():
+                if t.offset is not None:
+                    self._ends[t.file] = max(self._ends.get(t.file, 0), t.offset + t.nbytes)
+        if (size := len(mm)) < self._ends[file]:
+            mm.close()
+            raise CheckpointError(f"{file}: shrank to {size} bytes since it was indexed: truncated")
+        self._maps[file] = mm
         return mm
+
+    def _evict(self, keep: int) -> None:
+        """Close least recently used mappings until at most ``keep`` remain (skipping ones in use)."""
+        for file in list(self._maps):
+            if len(self._maps) <= keep:
+                return
+            try:
+                self._maps[file].close()
+            except BufferError:
+                continue  # a view of it is alive (the tensor being combined): keep it
+            del self._maps[file]
 
     def _bin(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._bins:
             self._bins[file] = load_torch_file(file)
         return self._bins[file]
-

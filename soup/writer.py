@@ -5,9 +5,8 @@
   stream in block by block: no shard is ever held in memory.
 - Bytes are written and sha256-hashed by a background thread, so disk writes and hashing overlap
   the math.
-- Everything goes to a temporary folder beside the destination; ``soup.json`` (the manifest) is
-  written last and the folder is renamed into place, so a failure or Ctrl-C leaves the destination
-  as it was.
+- The folder written into is a temporary one (``soup.output.OutputDir``); ``soup.json`` (the
+  manifest) is written last, then the folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import os
 import queue
 import shutil
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +26,10 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from huggingface_hub.serialization._base import parse_size_to_int
 
 from .checkpoint import SAFETENSORS_INDEX, dtype_name
-from .errors import SoupError
+from .errors import SoupError, os_error_line
 from .plan import Job
 
-__all__ = ["ShardWriter", "MemorySink", "OutputDir", "copy_aux_files", "parse_size", "MANIFEST",
+__all__ = ["ShardWriter", "MemorySink", "copy_aux_files", "parse_size", "MANIFEST",
            "AUX_FILES"]
 
 MANIFEST = "soup.json"
@@ -44,16 +42,10 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 
 
 def parse_size(size: str | int) -> int:
-    """``"5GB"``, ``"500MB"`` or a byte count -> bytes."""
-    if isinstance(size, int):
-        return size
-    text = str(size).strip()
-    if text.isdigit():
-        return int(text)
-    try:
-        return parse_size_to_int(text)
-    except ValueError as e:
-        raise SoupError(f"shard size {size!r}: {e}") from None
+    """``"5GB"``, ``"500MB"`` or a byte count -> bytes (RecipeError naming shard_size if not positive)."""
+    from .options import parse_size as checked
+
+    return checked(size, where="shard_size")
 
 
 def plan_shards(jobs: Sequence[Job], shard_size: int) -> dict[str, list[Job]]:
@@ -112,6 +104,8 @@ class _HashingWriter:
 
     def _check(self) -> None:
         if self._error is not None:
+            if isinstance(self._error, OSError):
+                raise SoupError(f"writing the soup failed: {os_error_line(self._error)}") from self._error
             raise SoupError(f"writing the soup failed: {self._error}") from self._error
 
     def _run(self) -> None:
@@ -205,37 +199,6 @@ class MemorySink:
                 pos += block.numel()
             self.state_dict[job.name] = t
         return self.state_dict
-
-
-class OutputDir:
-    """A temporary folder beside ``dest``, renamed into place by ``commit()``; removed on failure.
-
-    With ``overwrite``, an existing destination is swapped out only once the new one is complete.
-    """
-
-    def __init__(self, dest: str | Path, *, overwrite: bool = False) -> None:
-        self.dest = Path(dest).absolute()
-        if self.dest.exists() and not overwrite and not (self.dest.is_dir() and not any(self.dest.iterdir())):
-            raise SoupError(f"{self.dest}: already exists (pass --overwrite to replace it)")
-        self.tmp = self.dest.parent / f".{self.dest.name}.soup-tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def commit(self) -> Path:
-        old = None
-        if self.dest.exists():
-            old = self.dest.parent / f".{self.dest.name}.soup-old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.dest, old)
-        os.rename(self.tmp, self.dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        return self.dest
 
 
 def copy_aux_files(src: Path, dst: Path, *, dtype: torch.dtype | None = None) -> list[str]:

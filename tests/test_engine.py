@@ -166,11 +166,17 @@ def test_existing_output_is_kept_unless_overwrite(make_ingredients, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    for overwrite in (False, True):  # not a soup: refused even with overwrite
+        with pytest.raises(SoupError, match="is not a soup"):
+            soup.merge(paths, out, overwrite=overwrite)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    first = soup.merge(paths, out, weights=[1, 0])
     with pytest.raises(SoupError, match="already exists"):
         soup.merge(paths, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    soup.merge(paths, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "soup.json").exists()
+    soup.merge(paths, out, overwrite=True)  # a previous soup is replaced
+    assert json.loads((out / "soup.json").read_text())["ingredients"][1]["weight"] == 0.5
+    assert first.path == out and sorted(p.name for p in tmp_path.iterdir()) == ["ing0", "ing1", "out"]
 
 
 def test_incompatible_shapes_and_names(tmp_path):
