@@ -97,6 +97,7 @@ class OutputDir:
         self._fd: int | None = None
         self._tmp: Path | None = None
         self._work: Path | None = None
+        self._created: list[Path] = []  # parent folders lock() had to create
         self.cleaned: list[str] = []  # debris of dead runs removed by lock(), for the caller to report
         self._check_place()
         self.protect(protect)
@@ -155,8 +156,10 @@ class OutputDir:
         """Take the output's lock (or fail at once naming the output); remove debris of dead runs."""
         if self._fd is not None:
             return self
+        missing = [d for d in (self.dest.parent, *self.dest.parent.parents) if not d.exists()]
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self._created = missing  # removed again by release() if the soup never lands
         except OSError as e:
             raise SoupError(f"output {self.given}: cannot create {self.dest.parent} ({os_reason(e)})") from None
         while True:
@@ -202,6 +205,13 @@ class OutputDir:
                 pass
             os.close(self._fd)
             self._fd = None
+        if not self.dest.exists():
+            for d in self._created:  # innermost first: folders this run created for nothing
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        self._created = []
 
     def _clean_debris(self) -> None:
         prefix = f".{self.dest.name}.soup-"

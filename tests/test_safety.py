@@ -285,7 +285,7 @@ def test_sigterm_during_a_command_evaluation_kills_the_benchmark(project, tmp_pa
         time.sleep(0.05)
     assert not _alive(int(pid)), "the benchmark was orphaned"
     assert not Path(candidate).exists()
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # not even the parent folder this run created
 
 
 def test_sigkill_during_evaluation_then_rerun_cleans_up(project, tmp_path):
@@ -339,6 +339,12 @@ def test_read_only_output_is_one_line(project, tiny_mount):
     assert list(tiny_mount.iterdir()) == []
 
 
+def test_failed_run_leaves_no_new_parent_folders(project):
+    res = merge_cli(str(project / "runs/ft-a"), str(project / "nope"), "-o", str(project / "new/deep/soup"))
+    assert_one_line(res, "nope")
+    assert not (project / "new").exists()
+
+
 def test_a_file_where_a_folder_is_expected(project):
     (project / "plain").write_text("x")
     res = merge_cli(str(project / "runs/ft-a"), str(project / "runs/ft-b"), "-o", str(project / "plain" / "soup"))
@@ -376,4 +382,4 @@ def test_ctrl_c_during_evaluation_is_exit_130(project, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted (SIGINT)" in stderr
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # not even the parent folder this run created
