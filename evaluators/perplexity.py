@@ -1,9 +1,9 @@
 """Perplexity evaluator: token-weighted cross-entropy of a causal LM on a text or chat data set.
 
 One model stays resident for the whole run: the first ``score`` builds the architecture from a
-config (no weights read from disk), and every call, the first included, copies the candidate's
-weights into it in place from ``candidate.state_dict(device)``. Later candidates cost no model
-construction and no disk.
+config (no weights read from disk), and every call, the first included, computes the candidate's
+weights straight into it (``candidate.load_into(model)``: block by block, no second copy of the
+weights). Later candidates cost no model construction and no disk.
 
 Data (``data=``), one example per record:
 
@@ -329,26 +329,14 @@ class PerplexityEvaluator(Evaluator):
     # --- weights --------------------------------------------------------------------------------
 
     def _load_weights(self, candidate: Candidate) -> None:
-        """Copy ``candidate``'s tensors into the resident model in place; refuse missing weights."""
-        model = self._model
-        state = candidate.state_dict(self._device)
+        """Compute ``candidate`` straight into the resident model's tensors (no second copy of the
+        weights); a missing weight or a shape that differs is an error naming the tensor."""
+        from soup.errors import IncompatibleIngredients
+
         try:
-            result = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatch
-            raise EvaluatorError(f"perplexity: {candidate.name} does not fit the model: "
-                                 f"{str(e).splitlines()[0]} ...") from e
-        params = dict(model.named_parameters(remove_duplicate=False))
-        loaded = {id(params[k]) for k in state if k in params}
-        # a missing weight is fine only when it is tied to a loaded one (e.g. lm_head -> embeddings)
-        missing = [k for k in result.missing_keys if k in params and id(params[k]) not in loaded]
-        del state
-        if missing:
-            raise EvaluatorError(f"perplexity: {candidate.name} lacks {len(missing)} model weights, "
-                                 f"e.g. {', '.join(missing[:5])}")
-        if result.unexpected_keys and self.args["strict"]:
-            raise EvaluatorError(f"perplexity: {candidate.name} has {len(result.unexpected_keys)} "
-                                 f"tensors the model lacks, e.g. {', '.join(result.unexpected_keys[:5])} "
-                                 f"(strict=false ignores them)")
+            candidate.load_into(self._model, strict=self.args["strict"])
+        except IncompatibleIngredients as e:
+            raise EvaluatorError(f"perplexity: {candidate.name} does not fit the model: {e}") from e
 
 
 def _encode(tokenizer: Any, record: Record) -> tuple[list[int], list[int]]:

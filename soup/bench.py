@@ -24,6 +24,7 @@ from .evaluate import Candidate, Evaluator, Score, run_evaluator
 from .merge import merge
 from .progress import Reporter
 from .rules import Rule
+from .sinks import InPlaceSink
 
 __all__ = ["Bench", "RunningSum"]
 
@@ -72,6 +73,7 @@ class Bench:
         common = dict(weights=w, rules=self.rules, dtype=self.dtype, config_from=_first_nonzero(w))
         return Candidate(name, self.key(w),
                          state_dict_fn=lambda device: merge(cks, None, device=device, **common).state_dict,
+                         load_fn=lambda target: merge(cks, target, device=_math_device(target), **common),
                          write_fn=lambda folder: _write(cks, folder, common),
                          weights={lab: x for lab, x in zip(self.labels, w) if x}, tmp_dir=self.scratch)
 
@@ -124,6 +126,13 @@ class Bench:
                              "score": score.value, "metrics": score.metrics, "cached": cached})
 
 
+def _math_device(target: InPlaceSink) -> str:
+    """Where to compute a candidate loaded into ``target``: its GPU when all of it is on one, else the CPU."""
+    devices = {t.device for t in target.tensors.values()}
+    only = devices.pop() if len(devices) == 1 else None
+    return str(only) if only is not None and only.type == "cuda" else "cpu"
+
+
 def _first_nonzero(weights: Sequence[float]) -> int:
     return next(i for i, w in enumerate(weights) if w)
 
@@ -169,6 +178,7 @@ class RunningSum:
                       mixed_float=True, config_from=0)
         return Candidate(name, self.bench.key([x / (k + 1) for x in w]),
                          state_dict_fn=lambda device: merge(inputs, None, device=device, **common).state_dict,
+                         load_fn=lambda target: merge(inputs, target, device=_math_device(target), **common),
                          write_fn=lambda folder: _write(inputs, folder, common),
                          weights={lab: x / (k + 1) for lab, x in zip(self.bench.labels, w) if x},
                          tmp_dir=self.bench.scratch)

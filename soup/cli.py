@@ -242,7 +242,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")]) -> 
             load_recipe(recipe)
         except RecipeError as e:
             for line in getattr(e, "errors", [str(e)]):
-                err.print(f"{recipe}: {line}")
+                err.print(line if line.startswith(str(recipe)) else f"{recipe}: {line}")
             raise typer.Exit(1) from None
     out.print(f"{recipe}: ok")
 
@@ -270,9 +270,9 @@ def demo(
     """Run the built-in example: digit classifiers fine-tuned from one start (one on noisy labels), souped
     three ways (maximum, average, greedy) on CPU in seconds; prints test accuracies."""
     try:
-        from .demo_run import format_rows, run_demo
-    except ImportError as e:  # scikit-learn provides the data
-        err.print(f"error: the demo needs scikit-learn ({e}); pip install 'soup-merge[dev]'")
+        from .demo import format_rows, run_demo
+    except ImportError as e:  # the demo extra (scikit-learn) is missing: its message says what to install
+        err.print(f"error: {e}")
         raise typer.Exit(1) from None
     with _errors():
         rows = [run_demo(output, seed=s, progress=not quiet) for s in range(seeds)]

@@ -56,6 +56,8 @@ class Candidate:
         key: the content identity (ingredient fingerprints + weights) used by the score cache.
         state_dict_fn: ``fn(device) -> {name: tensor}``, builds the weights in memory.
         write_fn: ``fn(folder)``, writes an HF-layout checkpoint into an existing empty folder.
+        load_fn: ``fn(sink)``, computes the weights straight into an ``InPlaceSink``'s existing
+            tensors; without it ``load_into`` copies from ``state_dict``.
         weights: ``{ingredient label: weight}``, for reports.
         tmp_dir: where ``path()`` writes its folder (default: the system temp folder).
     """
@@ -69,12 +71,14 @@ class Candidate:
         write_fn: Callable[[Path], None],
         weights: Mapping[str, float] | None = None,
         tmp_dir: Path | None = None,
+        load_fn: Callable[[Any], None] | None = None,
     ) -> None:
         self.name = name
         self.key = key
         self.weights = dict(weights or {})
         self._state_dict_fn = state_dict_fn
         self._write_fn = write_fn
+        self._load_fn = load_fn
         self._tmp: Path | None = None
         self._tmp_dir = tmp_dir
 
@@ -103,6 +107,28 @@ class Candidate:
     def state_dict(self, device: str = "cpu") -> dict[str, Any]:
         """The candidate's weights as ``{name: tensor}`` on ``device`` (built anew on each call)."""
         return self._state_dict_fn(device)
+
+    def load_into(self, target: Any, *, strict: bool = True) -> None:
+        """Compute the candidate straight into ``target``'s existing tensors, in place.
+
+        ``target`` is an ``nn.Module`` (parameters and buffers, by ``state_dict`` name) or a mapping
+        ``{name: tensor}``; each tensor keeps its device and dtype. The soup is computed block by
+        block into it, so a resident model needs no second copy of the weights (peak memory: the
+        model plus a few blocks). Every target tensor must be provided (tied weights count once);
+        a shape that differs is an error naming the tensor, and so is a soup tensor the target
+        lacks unless ``strict=False`` (then it is skipped, never computed).
+        """
+        from .sinks import InPlaceSink
+
+        sink = InPlaceSink(target, strict=strict)
+        if self._load_fn is not None:
+            self._load_fn(sink)
+            return
+        state = self.state_dict("cpu")
+        from .plan import Job
+
+        jobs = sink.select([Job(k, tuple(v.shape), "take", v.dtype) for k, v in state.items()])
+        sink.write(jobs, lambda job: [state[job.name].reshape(-1)])
 
     def path(self) -> Path:
         """An HF-layout folder holding the candidate; written on first call, removed by ``close``."""

@@ -1,123 +1,120 @@
 """An optional fused CPU kernel for the weighted mean: one pass per ingredient instead of three.
 
 The torch path does, per ingredient and block, ``tmp.copy_(x)`` (convert), ``tmp.mul_(w)`` and
-``acc.add_(tmp)``: three passes over memory. This kernel does the same IEEE operations in one loop —
-``acc[i] = acc[i] + (float)x[i] * w`` with each product and sum rounded separately (compiled with
-``-ffp-contract=off``, so no fused multiply-add) — and the last ingredient's pass also casts to the
-output dtype (bfloat16 round-to-nearest-even, as torch does) and flags non-finite values. Results
-are bit-identical to the torch path; tests compare them.
+``acc.add_(tmp)``: three passes over memory. The kernel (``soup/_kernel.c``) does the same IEEE
+operations in one loop — ``acc[i] = acc[i] + (float)x[i] * w`` with each product and sum rounded
+separately (built with ``-ffp-contract=off``: no fused multiply-add) — and the last ingredient's pass
+also casts to the output dtype (bfloat16 round-to-nearest-even, as torch does) and counts non-finite
+values. Results are bit-identical to the torch path; tests compare them.
 
-It is plain C compiled on first use with the system C compiler into the user cache dir and loaded
-with ctypes. Without a compiler (or with ``SOUP_NO_KERNEL=1``) the engine uses torch ops: only
-speed differs. Inputs: bfloat16 or float32; accumulation float32; output bfloat16 or float32.
+Design:
+
+- Built with the package (``setup.py``: an optional setuptools extension, ``soup/_kernel*.so``),
+  never at run time; loaded with ctypes from the package folder only. Where it was not built (no
+  compiler at install time) or ``SOUP_NO_KERNEL=1``, the engine uses torch ops: only speed differs.
+- No ``-march``: each loop is compiled for the architecture's baseline (x86-64: SSE2) and, on x86-64,
+  for AVX2 and AVX-512; the library reports what this CPU runs and the best level is used, so a
+  build moved to another machine still runs. ``SOUP_KERNEL_VARIANT=baseline|avx2|avx512`` caps the
+  level (read by each ``load()``); the library itself never runs a level the CPU lacks.
+- Inputs bfloat16 or float32; accumulation float32; output bfloat16 or float32. Blocks are split
+  over threads here (ctypes releases the GIL during each call).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import importlib.util
+import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["load", "FusedMean"]
+__all__ = ["load", "variant", "Kernel", "FusedMean"]
 
-SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-
-static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-
-/* acc = x * w (first) or acc = acc + x * w; x is bf16 (kind 0) or f32 (kind 1) */
-void soup_accumulate(float *acc, const void *x, int kind, float w, int64_t n, int first) {
-    if (kind == 0) {
-        const uint16_t *b = (const uint16_t *)x;
-        if (first) for (int64_t i = 0; i < n; i++) acc[i] = bf16_to_f32(b[i]) * w;
-        else       for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + bf16_to_f32(b[i]) * w;
-    } else {
-        const float *f = (const float *)x;
-        if (first) for (int64_t i = 0; i < n; i++) acc[i] = f[i] * w;
-        else       for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + f[i] * w;
-    }
-}
-
-/* out (bf16) = round_to_nearest_even(acc); returns the number of non-finite values in acc */
-int64_t soup_finish_bf16(const float *acc, uint16_t *out, int64_t n) {
-    int64_t bad = 0;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u; memcpy(&u, &acc[i], 4);
-        bad += (u & 0x7f800000u) == 0x7f800000u;
-        uint32_t r = u + 0x7fffu + ((u >> 16) & 1u);
-        out[i] = ((u & 0x7fffffffu) > 0x7f800000u) ? (uint16_t)0x7fc0u : (uint16_t)(r >> 16);
-    }
-    return bad;
-}
-
-/* returns the number of non-finite values in acc (float32 output needs no cast) */
-int64_t soup_count_nonfinite(const float *acc, int64_t n) {
-    int64_t bad = 0;
-    for (int64_t i = 0; i < n; i++) { uint32_t u; memcpy(&u, &acc[i], 4); bad += (u & 0x7f800000u) == 0x7f800000u; }
-    return bad;
-}
-"""
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+_cdll: ctypes.CDLL | None | bool = False  # False: not opened yet; None: unavailable
+_path: Path | None = None
 
 
-def _cache_dir() -> Path:
-    import platformdirs
+@dataclass(frozen=True)
+class Kernel:
+    """The loaded library and the level its calls run at."""
 
-    return Path(os.environ.get("SOUP_KERNEL_DIR") or Path(platformdirs.user_cache_dir("soup")) / "kernels")
+    cdll: ctypes.CDLL
+    path: Path  # the shared library, inside the installed package
+    level: int  # 0 = baseline; higher = wider vectors, only if the CPU supports them
+    variant: str  # the level's name: "baseline", "avx2", "avx512"
+
+    def accumulate(self, acc: int, x: int, kind: int, w: float, n: int, first: bool) -> None:
+        self.cdll.soup_accumulate(self.level, acc, x, kind, w, n, int(first))
+
+    def finish_bf16(self, acc: int, out: int, n: int) -> int:
+        return self.cdll.soup_finish_bf16(self.level, acc, out, n)
+
+    def count_nonfinite(self, acc: int, n: int) -> int:
+        return self.cdll.soup_count_nonfinite(self.level, acc, n)
 
 
-def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
+def _open() -> ctypes.CDLL | None:
+    global _path
+    spec = importlib.util.find_spec("soup._kernel")  # the built extension's file, for this Python
+    if spec is None or not spec.origin:
+        log.debug("soup's C kernel was not built with this install: using torch ops")
         return None
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
-    tag = hashlib.sha256((SOURCE + cc + " ".join(flags) + os.uname().machine).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"soup_kernel_{tag}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            src, obj = Path(tmp) / "k.c", Path(tmp) / "k.so"
-            src.write_text(SOURCE)
-            res = subprocess.run([cc, *flags, str(src), "-o", str(obj)], capture_output=True, timeout=120)
-            if res.returncode != 0:  # -march=native unknown to this compiler: try without it
-                flags.remove("-march=native")
-                res = subprocess.run([cc, *flags, str(src), "-o", str(obj)], capture_output=True, timeout=120)
-            if res.returncode != 0:
-                return None
-            os.replace(obj, lib)  # atomic: concurrent builders agree on the result
-    dll = ctypes.CDLL(str(lib))
-    dll.soup_accumulate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
-                                    ctypes.c_int64, ctypes.c_int]
+    dll = ctypes.CDLL(spec.origin)
+    _path = Path(spec.origin)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    dll.soup_level_supported.argtypes, dll.soup_level_supported.restype = [ctypes.c_int], ctypes.c_int
+    dll.soup_level_name.argtypes, dll.soup_level_name.restype = [ctypes.c_int], ctypes.c_char_p
+    dll.soup_accumulate.argtypes = [ctypes.c_int, ptr, ptr, ctypes.c_int, ctypes.c_float, i64, ctypes.c_int]
     dll.soup_accumulate.restype = None
-    dll.soup_finish_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    dll.soup_finish_bf16.restype = ctypes.c_int64
-    dll.soup_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    dll.soup_count_nonfinite.restype = ctypes.c_int64
+    dll.soup_finish_bf16.argtypes, dll.soup_finish_bf16.restype = [ctypes.c_int, ptr, ptr, i64], i64
+    dll.soup_count_nonfinite.argtypes, dll.soup_count_nonfinite.restype = [ctypes.c_int, ptr, i64], i64
     return dll
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use; None when unavailable or disabled."""
-    global _lib
+def _levels(dll: ctypes.CDLL) -> list[str]:
+    names = []
+    while (name := dll.soup_level_name(len(names))) is not None:
+        names.append(name.decode())
+    return names
+
+
+def load() -> Kernel | None:
+    """The compiled kernel at the best level this CPU runs; None when not built or disabled."""
+    global _cdll
     if os.environ.get("SOUP_NO_KERNEL", "") not in ("", "0"):
         return None
     with _lock:
-        if _lib is False:
+        if _cdll is False:
             try:
-                _lib = _build()
-            except (OSError, subprocess.SubprocessError):
-                _lib = None
-        return _lib
+                _cdll = _open()
+            except OSError as e:  # e.g. a library built for another platform
+                log.debug("soup's C kernel could not be loaded (%s): using torch ops", e)
+                _cdll = None
+        dll = _cdll
+    if dll is None:
+        return None
+    names = _levels(dll)
+    cap = os.environ.get("SOUP_KERNEL_VARIANT", "")
+    if cap and cap not in names:
+        warnings.warn(f"SOUP_KERNEL_VARIANT={cap!r} is not one of {', '.join(names)}: ignored", stacklevel=2)
+        cap = ""
+    top = names.index(cap) if cap else len(names) - 1
+    level = max(lv for lv in range(top + 1) if dll.soup_level_supported(lv))
+    return Kernel(dll, _path, level, names[level])
+
+
+def variant() -> str | None:
+    """The kernel variant the engine uses ("baseline", "avx2", "avx512"), None when it uses torch ops."""
+    k = load()
+    return None if k is None else k.variant
 
 
 _KINDS = {torch.bfloat16: 0, torch.float32: 1}
@@ -130,7 +127,7 @@ class FusedMean:
     releases the GIL during the call), following torch's intra-op thread count.
     """
 
-    def __init__(self, lib: ctypes.CDLL, threads: int = 1) -> None:
+    def __init__(self, lib: Kernel, threads: int = 1) -> None:
         self.lib = lib
         self.threads = max(1, threads)
         self._pool = None
@@ -165,8 +162,7 @@ class FusedMean:
     def _part(self, pairs, start: int, stop: int, acc: torch.Tensor, out: torch.Tensor | None) -> int:
         n = stop - start
         for k, (x, w) in enumerate(pairs):
-            xs = x[start:stop]
-            self.lib.soup_accumulate(acc.data_ptr(), xs.data_ptr(), _KINDS[x.dtype], w, n, int(k == 0))
+            self.lib.accumulate(acc.data_ptr(), x[start:stop].data_ptr(), _KINDS[x.dtype], w, n, k == 0)
         if out is None:
-            return self.lib.soup_count_nonfinite(acc.data_ptr(), n)
-        return self.lib.soup_finish_bf16(acc.data_ptr(), out.data_ptr(), n)
+            return self.lib.count_nonfinite(acc.data_ptr(), n)
+        return self.lib.finish_bf16(acc.data_ptr(), out.data_ptr(), n)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, parse_dtype
+from .checkpoint import Checkpoint
 from .combine import Combiner
 from .errors import RecipeError, SoupError, os_error_line
 from .ingredients import HubOptions, IngredientSpec, describe, resolve_all
@@ -27,7 +27,9 @@ from .rules import Rule, parse_rules
 from .stream import TensorReader
 from .output import OutputDir, checkpoint_paths, input_paths
 from .signals import graceful
-from .writer import MANIFEST, MemorySink, ShardWriter, copy_aux_files, parse_size, write_manifest
+from .sinks import InPlaceSink, MemorySink
+from .writer import ShardWriter, copy_aux_files, parse_size, write_manifest
+from .manifest import FileEntry, IngredientEntry, Manifest, Method, Selection
 
 __all__ = ["merge", "MergeResult", "soup_version"]
 
@@ -44,7 +46,7 @@ class MergeResult:
     """What a merge produced: the output folder (or the state dict) and its manifest."""
 
     path: Path | None
-    manifest: dict[str, Any]
+    manifest: Manifest
     state_dict: dict[str, torch.Tensor] | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -69,14 +71,15 @@ def merge(
     on_shard: Callable[[Path, str], None] | None = None,
     labels: Sequence[str | None] | None = None,
     hub: HubOptions | None = None,
-    manifest_extra: Mapping[str, Any] | None = None,
-    finalize: Callable[[dict[str, Any], Path | None], None] | None = None,
+    selection: Selection | None = None,
 ) -> MergeResult:
     """Merge ingredients into their weighted mean, streaming tensor by tensor.
 
     Args:
         ingredients: folders, weight files, ``hf://owner/name@rev``, state dicts or Checkpoints.
-        out: output folder; None returns the soup in memory (``result.state_dict`` on ``device``).
+        out: output folder; None returns the soup in memory (``result.state_dict`` on ``device``);
+            an ``nn.Module`` or ``{name: tensor}`` mapping (or an ``InPlaceSink`` around one)
+            receives the soup in place (its own devices and dtypes; no second copy of the weights).
         weights: one per ingredient (default uniform); normalised to sum to 1 unless ``normalize=False``.
         mixed_float: allow float dtypes to differ between ingredients (output: the first's).
         dtype: output dtype of float tensors (default: the ingredients').
@@ -89,9 +92,8 @@ def merge(
         overwrite: replace an existing ``out`` (only once the new soup is complete).
         progress: True for rich progress on stderr, or a Reporter.
         on_shard: ``fn(path, sha256_hex)`` called as soon as each shard is written (a hub uploader).
-        manifest_extra: extra keys for ``soup.json`` (method, evaluation, recipe).
-        finalize: ``fn(manifest, folder)`` called before the manifest is written (folder None in
-            memory): may edit the manifest and add files (a plot) to the still-temporary folder.
+        selection: how the weights were chosen (method, evaluation, kept flags, recipe), recorded in
+            ``soup.json``, the model card and the plot; default: a plain average/weighted merge.
 
     Returns:
         MergeResult with the output path and manifest (or the state dict).
@@ -111,7 +113,8 @@ def merge(
     parse_rules(rules)
     out_dtype, acc_dtype = opts.torch_dtype, opts.accumulate_dtype
     _check_device(device)  # is CUDA there?
-    output = _output_dir(out, overwrite, ingredients)  # refused here, before anything is read
+    into = out if isinstance(out, (torch.nn.Module, Mapping, InPlaceSink)) else None  # written in place
+    output = _output_dir(None if into is not None else out, overwrite, ingredients)  # refused before any read
     owned = output is not None and not isinstance(out, OutputDir)
     with graceful():
         try:
@@ -122,8 +125,8 @@ def merge(
             return _merge(ingredients, output, weights=weights, normalize=normalize, mixed_float=mixed_float,
                           out_dtype=out_dtype, acc_dtype=acc_dtype, accumulate=accumulate, shard_size=shard_size,
                           device=device, rules=rules, strict=strict, config_from=config_from, reporter=reporter,
-                          on_shard=on_shard, labels=labels, hub=hub, manifest_extra=manifest_extra,
-                          finalize=finalize, t0=t0)
+                          on_shard=on_shard, labels=labels, hub=hub, selection=selection,
+                          t0=t0, into=into)
         except OSError as e:  # an environment fault: disk full, read-only, permission, a file for a folder
             raise SoupError(f"output {output.given if output else '-'}: {os_error_line(e)}") from e
         finally:
@@ -141,11 +144,11 @@ def _output_dir(out: str | Path | OutputDir | None, overwrite: bool,
 
 def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, weights, normalize, mixed_float,
            out_dtype, acc_dtype, accumulate, shard_size, device, rules, strict, config_from, reporter, on_shard,
-           labels, hub, manifest_extra, finalize, t0) -> MergeResult:
+           labels, hub, selection, t0, into=None) -> MergeResult:
     """The body of ``merge`` once the output (if any) is checked and locked."""
     shard_bytes = parse_size(shard_size)
     rule_list = parse_rules(rules)
-    from .remote import precheck
+    from .hub.precheck import precheck
 
     specs = precheck(ingredients, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or mixed_float)
     cks = resolve_all(specs, labels=labels, hub=hub)
@@ -154,6 +157,9 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, w
     plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=normalize,
                       mixed_float=mixed_float)
     source = _config_source(cks, config_from)
+    sink = (into if isinstance(into, InPlaceSink) else InPlaceSink(into)) if into is not None \
+        else MemorySink(device) if output is None else None
+    jobs = sink.select(plan.jobs) if sink is not None else plan.jobs  # checked before anything is read
     readers = [TensorReader(ck) for ck in cks]
     warnings: list[str] = []
 
@@ -163,7 +169,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, w
 
     for r in plan.unused_rules:
         warn(f"rule {r} matched no tensor")
-    following = {a.name: b for a, b in zip(plan.jobs, plan.jobs[1:])}
+    following = {a.name: b for a, b in zip(jobs, jobs[1:])}
     threads = torch.get_num_threads()
     compute_threads = _compute_threads(plan, threads, to_disk=output is not None and device == "cpu")
     combiner = Combiner([c.label for c in cks], where=lambda i, name: _where(cks[i], name),
@@ -173,7 +179,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, w
     # the kernel runs its own threads; idle torch (OpenMP) workers would only spin beside it
     torch.set_num_threads(1 if combiner.fused_covers(in_dtypes, out_dtypes) else compute_threads)
     try:
-        with reporter.bytes_task(f"merging {len(plan.jobs)} tensors", plan.input_bytes) as advance:
+        with reporter.bytes_task(f"merging {len(jobs)} tensors", plan.input_bytes) as advance:
             def produce(job: Job):
                 srcs = range(len(cks)) if job.kind == "copy" else job.sources()
                 views = [readers[i].view(job.name) if i in srcs else None for i in range(len(cks))]
@@ -186,11 +192,9 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, w
                     yield block
                     advance(block.numel() * per_element)
 
-            if output is None:
-                state = MemorySink(device).write(plan.jobs, produce)
-                manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, manifest_extra)
-                if finalize is not None:
-                    finalize(manifest, None)
+            if sink is not None:
+                state = sink.write(jobs, produce)  # a new state dict, or None when written in place
+                manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, selection)
                 return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
             with output as tmp:
                 writer = ShardWriter(tmp, plan.jobs, shard_size=shard_bytes, on_shard=on_shard)
@@ -198,13 +202,14 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, w
                 if source is not None and source.root is not None:
                     copy_aux_files(source.root, tmp, dtype=out_dtype)
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, writer.files,
-                                     manifest_extra)
-                if finalize is not None:
-                    finalize(manifest, tmp)
+                                     selection, folder=True)
                 from .card import render_model_card
+                from .report import write_plot
 
+                if manifest.plot is not None:
+                    write_plot(manifest, tmp / manifest.plot)
                 (tmp / "README.md").write_text(render_model_card(manifest))
-                write_manifest(tmp, manifest)
+                write_manifest(tmp, manifest)  # last: its presence means the soup is complete
                 path = output.commit()
     finally:
         combiner.close()
@@ -250,37 +255,46 @@ def _where(ck: Checkpoint, name: str) -> str:
 
 
 def _manifest(cks: Sequence[Checkpoint], plan: Plan, rules: Sequence[Rule], dtype: torch.dtype | None,
-              accumulate: str, source: Checkpoint | None, files: Mapping[str, Any],
-              extra: Mapping[str, Any] | None) -> dict[str, Any]:
+              accumulate: str, source: Checkpoint | None, files: Mapping[str, Mapping[str, Any]],
+              selection: Selection | None, *, folder: bool = False) -> Manifest:
+    """The one place a soup's manifest is built: the engine's part from the plan, the rest from the
+    typed ``selection`` (method, evaluation, kept flags, recipe). ``folder``: written to disk, so a plot
+    can go beside it (its file name is decided here, before anything is written)."""
+    from .card import PLOT
+    from .report import can_plot
+
     out_dtypes = sorted({str(j.out_dtype).removeprefix("torch.") for j in plan.jobs})
     uniform = all(abs(w - plan.weights[0]) < 1e-12 for w in plan.weights)
-    manifest: dict[str, Any] = {
-        "soup_version": soup_version(),
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "method": {"name": "average" if uniform else "weighted",
-                   "reference": "https://arxiv.org/abs/2203.05482"},
-        "ingredients": [{**describe(ck), "weight": w} for ck, w in zip(cks, plan.weights)],
-        "rules": [r.to_dict() for r in rules],
-        "dropped": plan.dropped,
-        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else ",".join(out_dtypes),
-        "accumulate": accumulate,
-        "config_from": source.label if source is not None else None,
-        "tensors": len(plan.jobs),
-        "files": dict(files),
-        "total_size": sum(j.nbytes for j in plan.jobs),
-    }
-    manifest.update(extra or {})
-    return manifest
+    method = selection.method if selection is not None else \
+        Method("average" if uniform else "weighted", "https://arxiv.org/abs/2203.05482")
+    evaluation = selection.evaluation if selection is not None else None
+    scores = evaluation.ingredient_scores() if evaluation is not None else {}
+    tests = evaluation.test.ingredient_scores() if evaluation is not None and evaluation.test is not None else {}
+    kept = list(selection.kept) if selection is not None and selection.kept is not None else [None] * len(cks)
+    ingredients = [IngredientEntry(**describe(ck), weight=w, score=scores.get(ck.label),
+                                   test_score=tests.get(ck.label), kept=k)
+                   for ck, w, k in zip(cks, plan.weights, kept)]
+    return Manifest(
+        soup_version=soup_version(),
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        method=method,
+        ingredients=ingredients,
+        rules=[r.to_dict() for r in rules],
+        dropped=list(plan.dropped),
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else ",".join(out_dtypes),
+        accumulate=accumulate,
+        config_from=source.label if source is not None else None,
+        tensors=len(plan.jobs),
+        files={name: FileEntry(f["sha256"], f["size"]) for name, f in files.items()},
+        total_size=sum(j.nbytes for j in plan.jobs),
+        evaluation=evaluation,
+        recipe=dict(selection.recipe) if selection is not None and selection.recipe else None,
+        plot=PLOT if folder and can_plot(evaluation) else None,
+    )
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Read a soup's ``soup.json``."""
-    import json
+def read_manifest(folder: str | Path) -> Manifest:
+    """Read and check a soup's ``soup.json`` (``soup.manifest.read``)."""
+    from .manifest import read
 
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SoupError(f"{path}: not found: {folder} is not a finished soup") from None
-    except ValueError as e:
-        raise SoupError(f"{path}: corrupt manifest ({e})") from None
+    return read(folder)

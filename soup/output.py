@@ -37,11 +37,13 @@ __all__ = ["OutputDir", "is_soup", "checkpoint_paths", "input_paths"]
 
 def is_soup(folder: Path) -> bool:
     """True if ``folder`` holds a ``soup.json`` written by soup (a previous soup, replaceable)."""
+    from .manifest import read
+
     try:
-        data = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+        read(folder)
+    except SoupError:  # none, unreadable, corrupt, not shaped like a soup's, or from a newer soup
         return False
-    return isinstance(data, dict) and "soup_version" in data
+    return True
 
 
 def checkpoint_paths(checkpoints: Iterable[object]) -> list[Path]:

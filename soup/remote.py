@@ -1,77 +1,8 @@
-"""Hub ingredients known from their safetensors headers only (HTTP range requests, no weights).
+"""Transitional alias: the header-only pre-check now lives in ``soup.hub.precheck``.
 
-Before gigabytes are downloaded, every ingredient's tensor table is read — local ones from their
-headers, hub ones with huggingface_hub's ``get_safetensors_metadata`` at the pinned commit — and
-checked for compatibility, so a mismatched fine-tune fails the run in seconds. ``soup inspect
-hf://...`` uses the same path and downloads nothing.
+Kept only until ``soup/inspect.py`` imports ``from .hub.precheck import header_checkpoint``; then delete.
 """
 
-from __future__ import annotations
-
-import hashlib
-from collections.abc import Sequence
-from pathlib import Path
-
-from huggingface_hub import HfApi
-
-from .checkpoint import DTYPES, Checkpoint, TensorInfo, open_checkpoint
-from .errors import CheckpointError
-from .ingredients import HubOptions, IngredientSpec
+from .hub.precheck import header_checkpoint, precheck
 
 __all__ = ["header_checkpoint", "precheck"]
-
-
-def header_checkpoint(spec: IngredientSpec, *, label: str | None = None,
-                      hub: HubOptions | None = None) -> Checkpoint | None:
-    """A Checkpoint whose table comes from headers only; None when that is not possible (.bin repos)."""
-    text = str(spec) if isinstance(spec, (str, Path)) else None
-    if text is None:
-        return None
-    if not text.startswith("hf://"):
-        return open_checkpoint(Path(text), label=label)
-    from . import hub as hub_mod
-
-    repo_id, revision = hub_mod.parse_hub_spec(text)
-    opts = hub or HubOptions()
-    api = HfApi(endpoint=hub_mod._endpoint(opts.endpoint), token=opts.token)
-    try:
-        sha = hub_mod._retrying(lambda: api.model_info(repo_id, revision=revision).sha, None)
-        meta = hub_mod._retrying(lambda: api.get_safetensors_metadata(repo_id, revision=sha), None)
-    except Exception as err:
-        if type(err).__name__ == "NotASafetensorsRepoError":
-            return None
-        raise hub_mod._hub_error(err, f"{repo_id}@{revision}" if revision else repo_id,
-                                 token=opts.token) from None
-    tensors: dict[str, TensorInfo] = {}
-    digest = hashlib.sha256(sha.encode())
-    for fname, fmeta in sorted(meta.files_metadata.items()):
-        for name, t in fmeta.tensors.items():
-            if t.dtype not in DTYPES:
-                raise CheckpointError(f"hf://{repo_id}@{sha[:12]}/{fname}: tensor {name}: unknown dtype {t.dtype!r}")
-            tensors[name] = TensorInfo(name, DTYPES[t.dtype], tuple(t.shape), Path(fname), None)
-    return Checkpoint(label=label or repo_id.split("/")[-1], source=f"hf://{repo_id}@{sha}", root=None,
-                      files=[Path(f) for f in sorted(meta.files_metadata)], tensors=tensors,
-                      fingerprint="headers-" + digest.hexdigest(), extra={"repo": repo_id, "revision": sha})
-
-
-def precheck(specs: Sequence[IngredientSpec], *, labels: Sequence[str | None] | None = None,
-             hub: HubOptions | None = None, allow_float_mix: bool = False) -> list[IngredientSpec]:
-    """Check hub ingredients' compatibility from headers before anything is downloaded.
-
-    Does nothing unless there is at least one ``hf://`` ingredient among two or more.
-    Raises IncompatibleIngredients (or HubError / CheckpointError) exactly as the full check would.
-
-    Returns:
-        ``specs`` with the local ingredients it opened replaced by their Checkpoints, so their
-        headers are not read a second time.
-    """
-    if len(specs) < 2 or not any(str(s).startswith("hf://") for s in specs if isinstance(s, (str, Path))):
-        return list(specs)
-    labels = list(labels) if labels is not None else [None] * len(specs)
-    cks = [header_checkpoint(s, label=lab, hub=hub) for s, lab in zip(specs, labels)]
-    known = [c for c in cks if c is not None]
-    if len(known) >= 2:
-        from .plan import check_compatible
-
-        check_compatible(known, allow_float_mix=allow_float_mix)
-    return [ck if ck is not None and not str(s).startswith("hf://") else s for s, ck in zip(specs, cks)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import shutil
 import threading
@@ -23,16 +22,15 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
-from huggingface_hub.serialization._base import parse_size_to_int
 
 from .checkpoint import SAFETENSORS_INDEX, dtype_name
 from .errors import SoupError, os_error_line
+from .manifest import MANIFEST, Manifest  # MANIFEST re-exported: soup.manifest owns soup.json
 from .plan import Job
 
-__all__ = ["ShardWriter", "MemorySink", "copy_aux_files", "parse_size", "MANIFEST",
+__all__ = ["ShardWriter", "copy_aux_files", "parse_size", "MANIFEST",
            "AUX_FILES"]
 
-MANIFEST = "soup.json"
 # config, generation, tokenizer and processor files copied from one ingredient (vision-language
 # models have processor files and chat templates)
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -183,24 +181,6 @@ def _header(jobs: Sequence[Job]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-class MemorySink:
-    """The in-memory sink: ``{name: tensor}`` on a device, for in-process evaluators."""
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self.state_dict: dict[str, torch.Tensor] = {}
-
-    def write(self, jobs: Sequence[Job], produce: Callable[[Job], Iterable[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        for job in jobs:
-            t = torch.empty(job.shape, dtype=job.out_dtype, device=self.device)
-            flat, pos = t.reshape(-1), 0
-            for block in produce(job):
-                flat[pos:pos + block.numel()].copy_(block)
-                pos += block.numel()
-            self.state_dict[job.name] = t
-        return self.state_dict
-
-
 def copy_aux_files(src: Path, dst: Path, *, dtype: torch.dtype | None = None) -> list[str]:
     """Copy config/tokenizer/processor files from ``src`` to ``dst``; set the config's dtype if given."""
     copied = []
@@ -220,8 +200,8 @@ def copy_aux_files(src: Path, dst: Path, *, dtype: torch.dtype | None = None) ->
     return copied
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Write ``soup.json``: the last file of a finished soup."""
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write ``soup.json`` atomically: the last file of a finished soup (``soup.manifest.write``)."""
+    from .manifest import write
+
+    write(folder, manifest)

@@ -1,6 +1,6 @@
 """The digits model-soup demo: reproducible ingredients, the evaluator, and the soup outcome itself.
 
-The experiment test cooks the soups with the real strategies (``soup.demo_run.run_demo``) over
+The experiment test cooks the soups with the real strategies (``soup.demo.run_demo``) over
 several seeds and counts the wins.
 """
 
@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("sklearn")
 from safetensors.torch import load_file  # noqa: E402
 
-from soup.demo import INGREDIENTS, MODEL_TYPE, DigitsAccuracy, accuracy, build_ingredients, load_model  # noqa: E402
+from soup.demo import (  # noqa: E402
+    INGREDIENTS, MODEL_TYPE, DigitsAccuracy, accuracy, build_ingredients, format_rows, load_model, run_demo)
 from soup.errors import EvaluatorError  # noqa: E402
 from soup.evaluate import Candidate, run_evaluator  # noqa: E402
 
@@ -74,8 +75,6 @@ def test_evaluator_matches_accuracy(built: dict[int, list[Path]]) -> None:
 
 def test_soup_outcome_with_the_real_strategies(built: dict[int, list[Path]], tmp_path: Path) -> None:
     """Greedy >= the best single ingredient on test, maximum = the best, average hurt by ft-bad."""
-    from soup.demo_run import format_rows, run_demo
-
     rows = []
     for seed, paths in built.items():
         out = paths[0].parent.parent  # run_demo reuses the ingredients built by the fixture
@@ -98,3 +97,22 @@ def test_soup_outcome_with_the_real_strategies(built: dict[int, list[Path]], tmp
     # measured on seeds 0-4: greedy >= best single 5/5 (strictly better 5/5); average < greedy 5/5
     assert greedy_ge_best >= 4, rows
     assert avg_lt_greedy == len(SEEDS), rows
+
+
+def test_demo_without_scikit_learn_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain install (no ``demo`` extra): ``soup demo`` is one line naming the extra, and writes nothing."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from soup.cli import app
+
+    for name in [m for m in sys.modules if m == "soup.demo" or m.startswith("soup.demo.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, as in a new process
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    res = CliRunner().invoke(app, ["demo", "--output", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert res.stderr == ("error: the digits demo needs scikit-learn, which is not installed: "
+                          "pip install 'soup-merge[demo]'\n")
+    assert not (tmp_path / "out").exists()

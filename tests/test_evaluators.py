@@ -246,7 +246,7 @@ def test_perplexity_refuses_missing_and_unknown_weights(lms, tmp_path):
     ev = PerplexityEvaluator(data=data, model=lms["a"])
     sd = weights(lms["a"])
     del sd["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(EvaluatorError, match=r"lacks 1 model weights, e\.g\. model\.layers\.1\.mlp\.up_proj"):
+    with pytest.raises(EvaluatorError, match=r"has 1 tensor\(s\) the soup does not provide, e\.g\. model\.layers\.1\.mlp\.up_proj"):
         run_evaluator(ev, Candidate.from_state_dict("broken", sd))
     sd = {**weights(lms["a"]), "vision.extra": torch.zeros(2)}
     with pytest.raises(EvaluatorError, match="vision.extra"):

@@ -8,7 +8,6 @@ import json
 import struct
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx2
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.utils import get_session
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -408,25 +408,25 @@ def test_hubserver_resolve_headers_ranges_and_typed_errors(tmp_path):
         data = (tmp_path / "m" / "model.safetensors").read_bytes()
         auth = {"Authorization": f"Bearer {TOKEN}"}
         url = f"{hub.url}/owner/r/resolve/feat%2Fx/model.safetensors"
-        with httpx2.Client() as client:
-            head = client.head(url, headers=auth)
-            assert head.status_code == 200 and head.headers["X-Repo-Commit"] == result.commit
-            assert head.headers["ETag"] == f'"{git_blob_oid(data)}"'
-            assert int(head.headers["Content-Length"]) == len(data)
-            part = client.get(url, headers={**auth, "Range": "bytes=2-9"})
-            assert part.status_code == 206 and part.content == data[2:10]
-            assert part.headers["Content-Range"] == f"bytes 2-9/{len(data)}"
-            assert client.get(url, headers={**auth, "Range": "bytes=-4"}).content == data[-4:]
-            assert client.get(url, headers={**auth, "Range": f"bytes={len(data)}-"}).status_code == 416
-            missing = client.get(f"{hub.url}/owner/r/resolve/feat%2Fx/nope.bin", headers=auth)
-            assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "EntryNotFound"
-            assert missing.headers["X-Repo-Commit"] == result.commit
-            assert client.get(f"{hub.url}/owner/r/resolve/nope/config.json", headers=auth).headers[
-                "X-Error-Code"] == "RevisionNotFound"
-            assert client.get(f"{hub.url}/api/models/owner/absent", headers=auth).headers[
-                "X-Error-Code"] == "RepoNotFound"
-            assert client.get(url).status_code == 401
-            assert client.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
-            created = client.post(f"{hub.url}/api/repos/create", headers=auth,
-                                  json={"name": "r", "organization": "owner", "type": "model"})
-            assert created.status_code == 409 and created.json()["url"] == f"{hub.url}/owner/r"
+        client = get_session()  # huggingface_hub's own HTTP client (shared: not closed here)
+        head = client.head(url, headers=auth)
+        assert head.status_code == 200 and head.headers["X-Repo-Commit"] == result.commit
+        assert head.headers["ETag"] == f'"{git_blob_oid(data)}"'
+        assert int(head.headers["Content-Length"]) == len(data)
+        part = client.get(url, headers={**auth, "Range": "bytes=2-9"})
+        assert part.status_code == 206 and part.content == data[2:10]
+        assert part.headers["Content-Range"] == f"bytes 2-9/{len(data)}"
+        assert client.get(url, headers={**auth, "Range": "bytes=-4"}).content == data[-4:]
+        assert client.get(url, headers={**auth, "Range": f"bytes={len(data)}-"}).status_code == 416
+        missing = client.get(f"{hub.url}/owner/r/resolve/feat%2Fx/nope.bin", headers=auth)
+        assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "EntryNotFound"
+        assert missing.headers["X-Repo-Commit"] == result.commit
+        assert client.get(f"{hub.url}/owner/r/resolve/nope/config.json", headers=auth).headers[
+            "X-Error-Code"] == "RevisionNotFound"
+        assert client.get(f"{hub.url}/api/models/owner/absent", headers=auth).headers[
+            "X-Error-Code"] == "RepoNotFound"
+        assert client.get(url).status_code == 401
+        assert client.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        created = client.post(f"{hub.url}/api/repos/create", headers=auth,
+                              json={"name": "r", "organization": "owner", "type": "model"})
+        assert created.status_code == 409 and created.json()["url"] == f"{hub.url}/owner/r"

@@ -1,43 +1,89 @@
-"""The fused CPU kernel gives bit-identical results to the torch ops it replaces."""
+"""The fused CPU kernel gives bit-identical results to the torch ops it replaces, at every CPU level.
+
+The kernel is built with the package (setup.py); where it was not (no compiler at install time) these
+tests skip and the engine's torch path is tested elsewhere. Nothing here compiles or writes files.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import platformdirs
 import pytest
 import torch
 
+import soup
 from soup import kernel
 from soup.combine import Combiner
 from soup.errors import CheckpointError
 from soup.plan import Job
 
 lib = kernel.load()
-pytestmark = pytest.mark.skipif(lib is None, reason="no C compiler here: the engine uses torch ops (tested elsewhere)")
+pytestmark = pytest.mark.skipif(lib is None, reason="soup's C kernel was not built with this install: "
+                                                    "the engine uses torch ops (tested elsewhere)")
+# the levels this CPU runs, by name ("baseline" first); each test below runs at every one
+LEVELS = [] if lib is None else [lib.cdll.soup_level_name(lv).decode() for lv in range(lib.level + 1)
+                                 if lib.cdll.soup_level_supported(lv)]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request, monkeypatch) -> str:
+    monkeypatch.setenv("SOUP_KERNEL_VARIANT", request.param)
+    assert kernel.variant() == request.param
+    return request.param
 
 
 def _adversarial(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g) * torch.logspace(-40, 38, n).flip(0)[torch.randperm(n, generator=g)]
-    x[:8] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.3e38, -3.3e38, 1.17e-38, 6e-39])  # subnormals, near max
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.3e38, -3.3e38, 1.17e-38, 6e-39])[:n]  # subnormals, near max
+    x[: len(special)] = special
     return x.to(dtype)
+
+
+def _fused_and_plain(n_ingredients: int, **kw) -> tuple[Combiner, Combiner]:
+    labels = [f"i{k}" for k in range(n_ingredients)]
+    fused = Combiner(labels, where=lambda i, name: name, **kw)
+    plain = Combiner(labels, where=lambda i, name: name, **kw)
+    plain._fused = None
+    assert fused._fused is not None
+    return fused, plain
+
+
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_fused_equals_torch_ops(in_dtype, out_dtype):
+def test_fused_equals_torch_ops(level, in_dtype, out_dtype):
     n = 300_001
     xs = [_adversarial(n, in_dtype, s) / 4 for s in range(3)]
     job = Job("t", (n,), "mean", out_dtype, weights=(0.2, 0.3, 0.5))
-    fused = Combiner(["a", "b", "c"], where=lambda i, name: name, block=65536)
-    plain = Combiner(["a", "b", "c"], where=lambda i, name: name, block=65536)
-    plain._fused = None
-    assert fused._fused is not None
+    fused, plain = _fused_and_plain(3, block=65536)
+    assert fused._fused.lib.variant == level
     got = torch.cat([b.clone() for b in fused.blocks(job, xs)])
     want = torch.cat([b.clone() for b in plain.blocks(job, xs)])
-    assert got.dtype == want.dtype == out_dtype
-    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # bit for bit, signed zeros included
+    assert got.dtype == out_dtype
+    assert _same_bits(got, want)  # bit for bit, signed zeros and NaN payloads included
 
 
-def test_fused_reports_non_finite_with_ingredient():
+def test_vector_tails_and_nan(level):
+    """Lengths around every vector width (the loops' scalar epilogues), NaN and inf mixed in."""
+    fused, plain = _fused_and_plain(2, block=4096, threads=1)
+    for n in (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 1000):
+        xs = [_adversarial(n, torch.bfloat16, n), _adversarial(n, torch.float32, n + 1)]
+        xs[1][n // 2] = float("nan")
+        job = Job("t", (n,), "mean", torch.bfloat16, weights=(0.7, 0.3))
+        with pytest.raises(CheckpointError, match="non-finite"):  # the NaN is reported by both paths
+            list(fused.blocks(job, xs))
+        xs[1][n // 2] = 0.0
+        got = torch.cat([b.clone() for b in fused.blocks(job, xs)])
+        want = torch.cat([b.clone() for b in plain.blocks(job, xs)])
+        assert _same_bits(got, want), n
+
+
+def test_fused_reports_non_finite_with_ingredient(level):
     xs = [torch.ones(1000, dtype=torch.bfloat16), torch.ones(1000, dtype=torch.bfloat16)]
     xs[1][777] = float("inf")
     comb = Combiner(["a", "b"], where=lambda i, name: f"file{i}")
@@ -45,7 +91,48 @@ def test_fused_reports_non_finite_with_ingredient():
         list(comb.blocks(Job("t", (1000,), "mean", torch.bfloat16, weights=(0.5, 0.5)), xs))
 
 
+def test_kernel_is_the_packaged_library():
+    """Loaded from the package folder (built with it), never from a user-writable cache."""
+    k = kernel.load()
+    assert k.path.parent == Path(soup.__file__).resolve().parent
+    assert k.path.name.startswith("_kernel") and k.path.is_file()
+    assert not k.path.is_relative_to(platformdirs.user_cache_path())
+
+
+def test_variant_is_the_best_this_cpu_runs(monkeypatch):
+    monkeypatch.delenv("SOUP_KERNEL_VARIANT", raising=False)
+    assert kernel.variant() == LEVELS[-1]
+    # torch detects CPU features on its own: where it uses AVX2 / AVX-512 code, so must the kernel
+    torch_level = torch.backends.cpu.get_cpu_capability()
+    if torch_level in ("AVX2", "AVX512"):
+        assert kernel.variant() in ("avx2", "avx512")
+    if torch_level == "AVX512":
+        assert kernel.variant() == "avx512"
+
+
+def test_variant_cap(monkeypatch):
+    monkeypatch.setenv("SOUP_KERNEL_VARIANT", "baseline")
+    assert kernel.variant() == "baseline"
+    monkeypatch.setenv("SOUP_KERNEL_VARIANT", "sse9")
+    with pytest.warns(UserWarning, match="SOUP_KERNEL_VARIANT='sse9' is not one of baseline"):
+        assert kernel.variant() == LEVELS[-1]
+
+
+def test_library_refuses_levels_this_cpu_lacks():
+    """The library runs the baseline for any level the CPU does not support: no illegal instruction."""
+    cdll = kernel.load().cdll
+    assert cdll.soup_level_supported(0) == 1
+    assert cdll.soup_level_supported(-1) == cdll.soup_level_supported(99) == 0
+    assert cdll.soup_level_name(99) is None
+    x = torch.arange(100, dtype=torch.float32)
+    for level in (-1, 99):
+        acc = torch.empty(100)
+        cdll.soup_accumulate(level, acc.data_ptr(), x.data_ptr(), 1, 0.5, 100, 1)
+        assert torch.equal(acc, x * 0.5)
+
+
 def test_disabled_kernel_falls_back(monkeypatch):
     monkeypatch.setenv("SOUP_NO_KERNEL", "1")
     assert kernel.load() is None
+    assert kernel.variant() is None
     assert Combiner(["a"], where=lambda i, n: n)._fused is None

@@ -104,7 +104,7 @@ def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
     a = write_checkpoint(tmp_path / "a", make_state(1, big=20_000))
     b = write_checkpoint(tmp_path / "b", make_state(2, big=20_000))
     given = {}
-    with running_hub(lfs_threshold=1000) as store:
+    with running_hub(lfs_threshold=2000) as store:  # the shards are LFS files, the small ones are not
         up = ShardUploader("acme/lfs", endpoint=store.url)
         up.start()
 
@@ -116,6 +116,8 @@ def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
         res = merge([a, b], tmp_path / "out", shard_size="20KB", on_shard=on_shard)
         up.finish(res.path)
         remote = store.files("acme/lfs", "main")
+        batches = [r for _, r, _ in store.requests].count("lfs_batch")
+        assert batches == len(given)  # one LFS batch per pre-upload; the commit reuses them, none of its own
         assert len(given) >= 2
         for name, (sha, in_op) in given.items():
             data = (tmp_path / "out" / name).read_bytes()

@@ -1,7 +1,7 @@
 """``soup demo``: the digits experiment end to end with the real strategies (maximum, average, greedy).
 
-Builds the ingredients (``soup.demo``), cooks the three soups with ``DigitsAccuracy`` on the
-validation split for selection and the test split for the report, writes the greedy soup, and
+Builds the ingredients (``train.build_ingredients``), cooks the three soups with ``DigitsAccuracy``
+on the validation split for selection and the test split for the report, writes the greedy soup, and
 returns one row of the comparison table. Scores go to a local sqlite cache beside the output.
 """
 
@@ -10,23 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .cook import average_soup, greedy_soup, maximum_soup
-from .demo import DigitsAccuracy, build_ingredients
-from .progress import Reporter
+from ..cook import average_soup, greedy_soup, maximum_soup
+from ..progress import Reporter
+from .evaluator import DigitsAccuracy
+from .train import INGREDIENTS, build_ingredients
 
-__all__ = ["run_demo", "format_rows"]
+__all__ = ["format_rows", "run_demo"]
 
 
 def run_demo(out: str | Path, *, seed: int = 0, cache: Any = "local", overwrite: bool = True,
              progress: bool | Reporter = False) -> dict[str, Any]:
-    """Cook the three soups for one seed; the greedy soup is written to ``out/greedy``."""
+    """Cook the three soups for one seed; the greedy soup is written to ``out/greedy-seed<seed>``."""
     out = Path(out)
     ing_dir = out / f"ingredients-seed{seed}"
-    paths = sorted(ing_dir.iterdir()) if (ing_dir / "ft-wd" / "model.safetensors").exists() else None
-    if paths is None:
-        paths = build_ingredients(ing_dir, seed=seed)
+    if (ing_dir / "ft-wd" / "model.safetensors").exists():  # built by an earlier run: reused
+        paths = [ing_dir / p.name for p in _build_order(sorted(ing_dir.iterdir()))]
     else:
-        paths = [ing_dir / p.name for p in build_order(paths)]
+        paths = build_ingredients(ing_dir, seed=seed)
     if cache == "local":
         cache = str(out / "scores.sqlite")
     common = dict(evaluator=DigitsAccuracy, evaluator_args={"split": "val", "seed": seed},
@@ -42,13 +42,6 @@ def run_demo(out: str | Path, *, seed: int = 0, cache: Any = "local", overwrite:
             "kept": [k for k, w in greedy.weights.items() if w > 0], "path": greedy.path}
 
 
-def build_order(paths: list[Path]) -> list[Path]:
-    from .demo import INGREDIENTS
-
-    names = [r.name for r in INGREDIENTS]
-    return sorted(paths, key=lambda p: names.index(p.name) if p.name in names else len(names))
-
-
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The comparison table (test accuracy), one row per seed."""
     head = "seed  best single (val/test)    maximum  average  greedy (val/test)  kept by greedy"
@@ -58,3 +51,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
                      f"{r['maximum_test']:.3f}    {r['average_test']:.3f}    {r['greedy_val']:.3f}/{r['greedy_test']:.3f}"
                      f"        {', '.join(r['kept'])}")
     return "\n".join(lines)
+
+
+def _build_order(paths: list[Path]) -> list[Path]:
+    names = [r.name for r in INGREDIENTS]
+    return sorted(paths, key=lambda p: names.index(p.name) if p.name in names else len(names))

@@ -1,0 +1,23 @@
+"""Hub I/O on huggingface_hub's public API: pull ingredients pinned to a commit, push soups in one commit.
+
+- ``specs``: ``hf://owner/name@revision`` parsing, repo-id checks, endpoint / cache / offline
+  settings (read at call time: ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``).
+- ``pull``: resolve a revision to a commit sha first, then download only weights, config, tokenizer
+  and processor files of that commit into the standard HF cache.
+- ``push``: ``push`` a finished folder as ONE commit against the branch head read at the start (a
+  concurrent push fails clearly, never overwrites); ``ShardUploader`` pre-uploads shards while the
+  merge still runs.
+- ``precheck``: read hub ingredients' tensor tables from their safetensors headers and check them
+  before anything is downloaded (imported on its own: ``from soup.hub.precheck import precheck``).
+- ``errors``: transient failures (connection errors, 5xx, 429) are retried with backoff; every other
+  failure is one ``HubError`` line naming the repo and revision. Tokens (huggingface_hub's usual
+  places: ``HF_TOKEN``, ``hf auth login``) are never printed, logged or written.
+"""
+
+from .errors import RetryPolicy
+from .pull import PULL_PATTERNS, PulledRepo, pull
+from .push import PushResult, ShardUploader, push
+from .specs import HUB_PREFIX, parse_hub_spec
+
+__all__ = ["HUB_PREFIX", "PULL_PATTERNS", "PulledRepo", "PushResult", "RetryPolicy", "ShardUploader",
+           "parse_hub_spec", "pull", "push"]
