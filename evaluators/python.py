@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from soup.errors import EvaluatorError
-from soup.evaluate import Candidate, Evaluator, _load_attr
+from soup.evaluate import Candidate, Evaluator
+from soup.plugins import load_attr
 
 __all__ = ["PythonEvaluator"]
 
@@ -50,7 +51,7 @@ class PythonEvaluator(Evaluator):
         if callable(fn):
             func, spec = fn, _callable_name(fn)
         elif isinstance(fn, str) and ":" in fn:
-            func, spec = _load_attr(fn), fn
+            func, spec = load_attr(fn, "python evaluator", EvaluatorError), fn
             if not callable(func):
                 raise EvaluatorError(f"python evaluator: {fn!r} is a {type(func).__name__}, not callable")
         else:

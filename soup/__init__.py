@@ -9,6 +9,7 @@ from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngre
 from .evaluate import Candidate, Evaluator, Score, load_evaluator
 from .inspect import inspect
 from .merge import MergeResult, merge, soup_version
+from .strategies import Choice, SoupStrategy, make_strategy
 
 __version__ = soup_version()
 
@@ -16,6 +17,7 @@ __all__ = [
     "merge", "MergeResult", "inspect",
     "maximum_soup", "average_soup", "greedy_soup", "cook", "SoupResult",
     "Evaluator", "Candidate", "Score", "load_evaluator",
+    "SoupStrategy", "Choice", "make_strategy",
     "SoupError", "RecipeError", "CheckpointError", "IncompatibleIngredients", "EvaluatorError", "HubError",
     "__version__",
 ]

@@ -93,32 +93,48 @@ class Bench:
         return score
 
     def score_ingredients(self, what: str = "evaluating ingredient") -> list[Score]:
-        """Score every ingredient alone; independent, so run concurrently over the devices."""
+        """Score every ingredient alone (concurrently over the devices)."""
         n = len(self.checkpoints)
         one_hot = [[1.0 if j == i else 0.0 for j in range(n)] for i in range(n)]
+        return self.score_many([(one_hot[i], self.labels[i]) for i in range(n)],
+                               steps=[f"{what} {i + 1}/{n} ({self.labels[i]})" for i in range(n)])
+
+    def score_many(self, candidates: Sequence[tuple[Sequence[float], str]], *,
+                   steps: Sequence[str] | None = None) -> list[Score]:
+        """Score independent candidates ``(weights, name)``, concurrently over the devices (one
+        evaluator each); results in the order given. The first failure propagates; scores finished
+        before it stay in the cache."""
+        steps = list(steps) if steps is not None else [f"evaluating {name}" for _, name in candidates]
         if len(self.evaluators) == 1:
             out = []
-            for i in range(n):
-                self.reporter.step(f"{what} {i + 1}/{n} ({self.labels[i]})")
-                out.append(self.score(one_hot[i], self.labels[i]))
+            for (weights, name), step in zip(candidates, steps):
+                self.reporter.step(step)
+                out.append(self.score(weights, name))
             return out
         slots: list[int] = list(range(len(self.evaluators)))
         lock = threading.Lock()
 
-        def job(i: int) -> Score:
+        def job(k: int) -> Score:
             with lock:
                 slot = slots.pop()
             try:
-                self.reporter.step(f"{what} {i + 1}/{n} ({self.labels[i]}) on {self.devices[slot]}")
-                return self.score(one_hot[i], self.labels[i], evaluator=slot)
+                self.reporter.step(f"{steps[k]} on {self.devices[slot]}")
+                return self.score(candidates[k][0], candidates[k][1], evaluator=slot)
             finally:
                 with lock:
                     slots.append(slot)
 
         with ThreadPoolExecutor(max_workers=len(self.evaluators)) as pool:
-            return list(pool.map(job, range(n)))  # the first failure propagates; finished scores are cached
+            return list(pool.map(job, range(len(candidates))))
+
+    def rank(self, values: Sequence[Score | float]) -> list[int]:
+        """Indices of ``values``, best first in the evaluator's direction (ties keep their order)."""
+        sign = -1.0 if self.direction == "maximize" else 1.0
+        plain = [v.value if isinstance(v, Score) else float(v) for v in values]
+        return sorted(range(len(plain)), key=lambda i: (sign * plain[i], i))
 
     def better(self, a: float, b: float) -> bool:
+        """True if score ``a`` is strictly better than ``b`` in the evaluator's direction."""
         return self.evaluator.better(a, b)
 
     def _record(self, name: str, weights: Sequence[float], score: Score, *, cached: bool) -> None:

@@ -129,8 +129,8 @@ def merge(
                                strict=strict, config_from=config_from, overwrite=overwrite, progress=not quiet,
                                hub=HubOptions(endpoint=endpoint), on_shard=publisher.on_shard)
             m = result.manifest
-            out.print(f"{result.path}\t{m['tensors']} tensors\t{human_bytes(m['total_size'])}\t"
-                      f"{len(m['files'])} shard(s)\t{result.seconds:.1f}s")
+            out.print(f"{result.path}\t{m.tensors} tensors\t{human_bytes(m.total_size)}\t"
+                      f"{len(m.files)} shard(s)\t{result.seconds:.1f}s")
             if target:
                 _print_push(publisher.finish(result.path))
         finally:
@@ -149,10 +149,10 @@ def push(
 ) -> None:
     """Push an existing soup folder to a hub repo in one commit (against the head read at the start)."""
     from .hub import push as hub_push
-    from .merge import read_manifest
+    from .manifest import read
 
     with _errors():
-        read_manifest(folder)  # only finished soups are pushed
+        read(folder)  # only finished soups are pushed
         res = hub_push(folder, repo, revision=revision, private=private, create_pr=create_pr,
                        commit_message=commit_message, endpoint=endpoint)
     _print_push(res)
@@ -252,13 +252,13 @@ def report(
     folder: Annotated[Path, typer.Argument(help="A soup output folder (with soup.json).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """Print a soup's report: ingredients, weights, scores, greedy trajectory, soup score."""
-    from .merge import read_manifest
+    """Print a soup's report: ingredients, weights, scores, every evaluation in order, greedy trajectory, soup scores."""
+    from .manifest import read
     from .report import format_report
 
     with _errors():
-        manifest = read_manifest(folder)
-    out.print(json.dumps(manifest, indent=2) if as_json else format_report(manifest))
+        manifest = read(folder)
+    out.print(json.dumps(manifest.to_dict(), indent=2) if as_json else format_report(manifest))
 
 
 @app.command()

@@ -22,6 +22,7 @@ from .cache import ScoreCache
 from .evaluate import Evaluator, Score, load_evaluator
 from .ingredients import HubOptions, IngredientSpec, resolve_all
 from .errors import RecipeError
+from .manifest import Evaluation, EvaluatorInfo, Manifest, Method, Selection, Step, TestEvaluation, Trial, jsonable
 from .merge import merge
 from .options import MergeOptions, check_device, check_option_names
 from .plan import build_plan
@@ -48,7 +49,7 @@ class SoupResult:
     test_scores: dict[str, float] = field(default_factory=dict)  # ingredient label -> test score
     path: Path | None = None
     state_dict: dict[str, torch.Tensor] | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None  # what soup.json records (also for an in-memory soup)
     push: Any = None  # the hub PushResult, when pushed
 
 
@@ -161,32 +162,24 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
         test_scores = {ck.label: s.value for ck, s in zip(cks, test_bench.score_ingredients("testing ingredient"))}
         reporter.step("testing the soup")
         test_score = test_bench.score(choice.weights, f"{strategy.name} soup")
-    evaluation = _evaluation(strategy, choice, bench, test_bench, test_score, test_scores)
+    evaluation = _evaluation(choice, bench, test_bench, test_score)
     result = SoupResult({c.label: w for c, w in zip(cks, choice.weights)},
                         {c.label: s for c, s in zip(cks, choice.scores)}, choice.trajectory,
                         choice.soup_score, test_score, test_scores)
 
-    def finalize(manifest: dict[str, Any], folder: Path | None) -> None:
-        for entry, score, kept in zip(manifest["ingredients"], choice.scores, choice.kept or [None] * len(cks)):
-            entry.update(score=score, kept=kept, test_score=test_scores.get(entry["name"]))
-        from .report import write_plot
-
-        if folder is not None and write_plot(manifest, folder / "soup_plot.png"):
-            manifest["plot"] = "soup_plot.png"
-
-    extra = {"method": {"name": strategy.name, "reference": strategy.reference, "options": strategy.options()},
-             "evaluation": evaluation, "recipe": dict(recipe) if recipe else None}
+    # what soup.json records beside the engine's part; merge builds the manifest from it (plot, card too)
+    selection = Selection(Method(strategy.name, getattr(strategy, "reference", None) or None, jsonable(strategy.options())),
+                          evaluation, choice.kept, jsonable(dict(recipe)) if recipe else None)
     if out is not None:
         reporter.step(f"merging {sum(1 for w in choice.weights if w)} ingredient(s) into {out}")
         m = merge(cks, output, weights=choice.weights, rules=rule_list, dtype=dtype, progress=reporter,
-                  manifest_extra=extra, finalize=finalize, on_shard=publisher.on_shard, **merge_options)
+                  selection=selection, on_shard=publisher.on_shard, **merge_options)
         result.path, result.manifest = m.path, m.manifest
         if publisher.target:
             reporter.step(f"pushing to {publisher.target['repo']}")
             result.push = publisher.finish(m.path)
     if return_state_dict or out is None:
-        m = merge(cks, None, weights=choice.weights, rules=rule_list, dtype=dtype, manifest_extra=extra,
-                  finalize=finalize,
+        m = merge(cks, None, weights=choice.weights, rules=rule_list, dtype=dtype, selection=selection,
                   **{k: v for k, v in merge_options.items() if k in ("device", "accumulate", "strict")})
         result.state_dict = m.state_dict
         result.manifest = result.manifest or m.manifest
@@ -220,24 +213,34 @@ def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any]
     build_plan(cks, rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize, mixed_float=opts.mixed_float)
 
 
-def _evaluation(strategy: SoupStrategy, choice: Choice, bench: Bench | None, test: Bench | None,
-                test_score: Score | None, test_scores: Mapping[str, float]) -> dict[str, Any] | None:
+def _evaluation(choice: Choice, bench: Bench | None, test: Bench | None,
+                test_score: Score | None) -> Evaluation | None:
+    """The evaluation record for soup.json: every evaluation of both benches in order, greedy's trajectory,
+    the soup's validation and test scores (per-ingredient scores are read from the histories)."""
     if bench is None and test is None:
         return None
-    ev: dict[str, Any] = {"strategy": strategy.name}
-    if bench is not None:
-        ev.update(evaluator=bench.identity, direction=bench.direction,
-                  ingredient_scores={lab: s for lab, s in zip(bench.labels, choice.scores) if s is not None},
-                  trajectory=choice.trajectory,
-                  soup_score=choice.soup_score.value if choice.soup_score else None,
-                  soup_metrics=choice.soup_score.metrics if choice.soup_score else None,
-                  evaluations=bench.records)
+    test_record = None
     if test is not None:
-        ev["test"] = {"evaluator": test.identity, "direction": test.direction,
-                      "soup_score": test_score.value if test_score else None,
-                      "soup_metrics": test_score.metrics if test_score else None,
-                      "ingredient_scores": dict(test_scores)}
-    return ev
+        test_record = TestEvaluation(EvaluatorInfo.from_identity(test.identity), test.direction,
+                                     test_score.value if test_score else None,
+                                     dict(test_score.metrics) if test_score else None, _history(test))
+    if bench is None:
+        return Evaluation(test=test_record)
+    soup = choice.soup_score
+    return Evaluation(EvaluatorInfo.from_identity(bench.identity), bench.direction,
+                      soup.value if soup else None, dict(soup.metrics) if soup else None, _history(bench),
+                      trajectory=[_step(k, t) for k, t in enumerate(choice.trajectory)], test=test_record)
+
+
+def _history(bench: Bench) -> list[Trial]:
+    return [Trial(r["candidate"], dict(r["weights"]), r["score"], dict(r.get("metrics") or {}), bool(r["cached"]))
+            for r in bench.records]
+
+
+def _step(k: int, t: Mapping[str, Any]) -> Step:
+    """A trajectory step from a strategy's dict (a plug-in's missing keys get neutral values)."""
+    return Step(int(t.get("step", k + 1)), str(t.get("tried", "?")), float(t.get("score", float("nan"))),
+                bool(t.get("kept", False)), [str(p) for p in t.get("pool") or []])
 
 
 def maximum_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, p: int = 1,

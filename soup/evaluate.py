@@ -19,9 +19,6 @@ evaluator may keep a model resident between calls. ``close()`` releases it.
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
 import math
 import shutil
 import tempfile
@@ -263,54 +260,26 @@ def _finite(evaluator: Evaluator, candidate: Candidate, value: Any, metric: str)
 
 def evaluator_names() -> list[str]:
     """Names registered under the ``soup.evaluators`` entry-point group."""
-    return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    from .plugins import plugin_names
+
+    return plugin_names(ENTRY_POINT_GROUP)
 
 
 def load_evaluator(spec: str | type[Evaluator] | Evaluator, **args: Any) -> Evaluator:
-    """Build an evaluator from an entry-point name, ``module:Class`` or ``file.py:Class``.
+    """Build an evaluator from an entry-point name, ``module:Class`` or ``file.py:Class`` (see
+    ``soup.plugins``). An Evaluator instance is returned as is; a class is instantiated with ``args``.
 
-    An Evaluator instance is returned as is; a class is instantiated with ``args``.
-    Raises EvaluatorError naming the valid entry-point names when ``spec`` is unknown.
+    Raises:
+        EvaluatorError: an unknown name (listing the valid ones), an import failure, bad arguments.
     """
+    from .plugins import load_plugin_class
+
     if isinstance(spec, Evaluator):
         return spec
-    if isinstance(spec, type):
-        cls = spec
-    elif ":" in spec:
-        cls = _load_attr(spec)
-    else:
-        eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        if spec not in eps:
-            raise EvaluatorError(f"unknown evaluator {spec!r}; valid names: {', '.join(sorted(eps))} "
-                                 f"(or 'module:Class', 'path/to/file.py:Class')")
-        cls = eps[spec].load()
-    if not (isinstance(cls, type) and issubclass(cls, Evaluator)):
-        raise EvaluatorError(f"evaluator {spec!r} is not a subclass of soup.Evaluator")
+    cls = load_plugin_class(spec, group=ENTRY_POINT_GROUP, base=Evaluator, kind="evaluator", error=EvaluatorError)
     try:
         return cls(**args)
     except EvaluatorError:
         raise
     except TypeError as e:
         raise EvaluatorError(f"evaluator {spec!r}: bad arguments {sorted(args)}: {e}") from e
-
-
-def _load_attr(spec: str) -> Any:
-    target, _, attr = spec.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise EvaluatorError(f"evaluator file not found: {path}")
-            mod_name = f"soup_user_evaluator_{abs(hash(str(path.resolve())))}"
-            module_spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except EvaluatorError:
-        raise
-    except Exception as e:
-        raise EvaluatorError(f"cannot import evaluator {spec!r}: {type(e).__name__}: {e}") from e
-    if not hasattr(module, attr):
-        raise EvaluatorError(f"evaluator {spec!r}: {target} has no attribute {attr!r}")
-    return getattr(module, attr)

@@ -270,7 +270,8 @@ def _manifest(cks: Sequence[Checkpoint], plan: Plan, rules: Sequence[Rule], dtyp
     evaluation = selection.evaluation if selection is not None else None
     scores = evaluation.ingredient_scores() if evaluation is not None else {}
     tests = evaluation.test.ingredient_scores() if evaluation is not None and evaluation.test is not None else {}
-    kept = list(selection.kept) if selection is not None and selection.kept is not None else [None] * len(cks)
+    kept = list(selection.kept) if selection is not None and selection.kept is not None else []
+    kept = kept if len(kept) == len(cks) else [None] * len(cks)  # a plug-in's odd list is left out
     ingredients = [IngredientEntry(**describe(ck), weight=w, score=scores.get(ck.label),
                                    test_score=tests.get(ck.label), kept=k)
                    for ck, w, k in zip(cks, plan.weights, kept)]

@@ -21,7 +21,6 @@ Safety is a property of this mechanism, not of the commands that call it:
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import socket
@@ -30,17 +29,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import SoupError, os_reason
-from .writer import MANIFEST
+from .manifest import read as read_manifest
 
 __all__ = ["OutputDir", "is_soup", "checkpoint_paths", "input_paths"]
 
 
 def is_soup(folder: Path) -> bool:
     """True if ``folder`` holds a ``soup.json`` written by soup (a previous soup, replaceable)."""
-    from .manifest import read
-
     try:
-        read(folder)
+        read_manifest(folder)
     except SoupError:  # none, unreadable, corrupt, not shaped like a soup's, or from a newer soup
         return False
     return True

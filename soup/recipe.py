@@ -108,11 +108,11 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
     raw_ingredients = data.get("ingredients")
     n = len(raw_ingredients) if isinstance(raw_ingredients, list) else 0  # 0: unknown, not checked
     sources, labels = _ingredients(raw_ingredients, base, errors)
-    strategy, options = _strategy(data.get("strategy"), n, errors)
+    strategy, options, made = _strategy(data.get("strategy"), n, base, errors)
     evaluator = _evaluator(data.get("evaluator"), "evaluator", base, errors)
     test = _evaluator(data.get("test"), "test", base, errors)
     rules = _rules(data.get("rules"), n, errors)
-    if strategy in STRATEGIES and STRATEGIES[strategy].needs_evaluator and evaluator is None:
+    if made is not None and made.needs_evaluator and evaluator is None:
         errors.append(f"evaluator: required by strategy {strategy}")
     _merge_options(data, n, errors)
     devices = data.get("devices")
@@ -207,25 +207,37 @@ def _ingredients(value: Any, base: Path, errors: list[str]) -> tuple[list[str], 
     return sources, labels
 
 
-def _strategy(value: Any, n: int, errors: list[str]) -> tuple[str, dict[str, Any]]:
+def _strategy(value: Any, n: int, base: Path, errors: list[str]) -> tuple[str, dict[str, Any], Any]:
+    """The strategy's name (a ``file.py:Class`` made absolute), its options, and the strategy built
+    from them (None if it could not be: the error is in ``errors``)."""
     if isinstance(value, str):
         value = {"name": value}
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        errors.append(f"strategy: a name ({', '.join(STRATEGIES)}) or a mapping with name is required")
-        return "", {}
+        errors.append(f"strategy: a name ({', '.join(STRATEGIES)}, module:Class or file.py:Class) "
+                      "or a mapping with name is required")
+        return "", {}, None
     if any(not isinstance(k, str) for k in value):
         _keys(value, set(value), "strategy", errors)
-        return value["name"], {}
+        return value["name"], {}, None
+    name = _plugin_path(value["name"], base)
     options = {k: v for k, v in value.items() if k != "name"}
     try:
-        strategy = make_strategy(value["name"], **options)
+        strategy = make_strategy(name, **options)
         if n:
             strategy.check(n)
     except RecipeError as e:
         errors.append(str(e) if str(e).startswith("strategy") else f"strategy: {e}")
+        return name, options, None
     except TypeError as e:
         errors.append(f"strategy: {e}")
-    return value["name"], options
+        return name, options, None
+    return name, options, strategy
+
+
+def _plugin_path(name: str, base: Path) -> str:
+    """``./my_strategy.py:Class`` relative to the recipe -> an absolute path; other names as they are."""
+    target, sep, attr = name.rpartition(":")
+    return f"{_rel(base, target)}:{attr}" if sep and target.endswith(".py") else name
 
 
 def _rules(value: Any, n: int, errors: list[str]) -> list[Rule]:
@@ -275,10 +287,7 @@ def _evaluator(value: Any, where: str, base: Path, errors: list[str]) -> Evaluat
     if any(not isinstance(k, str) for k in args):
         _keys(args, set(args), f"{where}.args", errors)
         return None
-    name = value["name"]
-    target, sep, attr = name.rpartition(":")
-    if sep and target.endswith(".py"):
-        name = f"{_rel(base, target)}:{attr}"
+    name = _plugin_path(value["name"], base)
     args = {k: str(_rel(base, v)) if isinstance(v, str) and v.startswith(("./", "../")) else v
             for k, v in args.items()}
     return EvaluatorEntry(name, args)

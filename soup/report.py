@@ -1,17 +1,31 @@
-"""Reports from a soup's manifest: a text table for ``soup report`` and a PNG plot for the model card.
+"""Reports from a soup's ``Manifest``: a text report for ``soup report`` and a PNG plot for the model card.
 
-The plot (ingredient scores as bars, the greedy trajectory as a line) needs matplotlib (the
-``plot`` extra); without it no plot is written and nothing fails.
+Both show, for any strategy, every evaluation in the order it ran (the ingredients alone, the
+candidates, the soup), greedy's trajectory when there is one, and the held-out test scores.
+
+The plot scales each panel to the scores that matter: the soup, the kept ingredients and the bulk of
+the other scores. An outlier — one ingredient fine-tuned on shuffled labels at 0.1 beside good ones at
+0.96-0.98 — is drawn on the panel's edge with its value written beside it, instead of squashing the
+good ones into one flat line. The plot needs matplotlib (the ``plot`` extra); without it no plot is
+written and nothing fails.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import SoupError
+from .card import describe_method
+from .manifest import Manifest, Scoring, Trial
 
-__all__ = ["format_report", "write_plot"]
+__all__ = ["format_report", "write_plot", "make_figure", "can_plot", "score_limits"]
+
+
+# ---- text --------------------------------------------------------------------------------------------
 
 
 def _fmt(x: Any) -> str:
@@ -32,126 +46,205 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def format_report(manifest: Any, *, where: str | Path | None = None) -> str:
-    """The soup as text: method, ingredients (weight, score, test score, kept), trajectory, soup score.
+def format_report(manifest: Manifest | Mapping[str, Any] | Any, *, where: str | Path | None = None) -> str:
+    """The soup as text: method, ingredients (weight, score, test score, kept), every evaluation in
+    order, greedy's trajectory, the soup's scores.
 
     Args:
-        manifest: a soup's ``soup.json`` as read (any JSON value: its shape is checked here).
+        manifest: a ``Manifest``, or a parsed ``soup.json`` (any JSON value: its shape is checked).
         where: the manifest's path, to name it in errors.
 
     Raises:
         SoupError: the manifest is not shaped like a soup's (one line naming the field).
     """
-    prefix = f"{where}: " if where is not None else ""
-    try:
-        _check_shape(manifest)
-        return _format(manifest)
-    except _BadShape as e:
-        raise SoupError(f"{prefix}not a soup manifest ({e})") from None
-    except (TypeError, KeyError, AttributeError, ValueError) as e:  # a shape _check_shape let through
-        raise SoupError(f"{prefix}not a soup manifest ({type(e).__name__}: {e})") from None
-
-
-class _BadShape(Exception):
-    """A manifest field of the wrong type; the message names the field."""
-
-
-_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-               bool: "true/false", type(None): "null"}
-
-
-def _field(obj: dict[str, Any], key: str, kind: type, path: str) -> Any:
-    """``obj[key]`` when absent, null or a ``kind``; else _BadShape naming ``path``."""
-    value = obj.get(key)
-    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
-        return value
-    raise _BadShape(f"{path}: expected {_JSON_TYPES[kind]}, got {_json_type(value)}")
-
-
-def _json_type(value: Any) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _check_shape(manifest: Any) -> None:
-    """The fields ``_format`` reads have the types soup writes (missing ones are shown as ``-``)."""
-    if not isinstance(manifest, dict):
-        raise _BadShape(f"expected a JSON object, got {_json_type(manifest)}")
-    _field(manifest, "method", dict, "method")
-    _field(manifest, "files", dict, "files")
-    _field(manifest, "total_size", int, "total_size")
-    for k, ing in enumerate(_field(manifest, "ingredients", list, "ingredients") or []):
-        if not isinstance(ing, dict) or "name" not in ing:
-            raise _BadShape(f"ingredients[{k}]: expected an object with a name")
-    ev = _field(manifest, "evaluation", dict, "evaluation") or {}
-    _field(ev, "evaluator", dict, "evaluation.evaluator")
-    _field(ev, "test", dict, "evaluation.test")
-    for k, step in enumerate(_field(ev, "trajectory", list, "evaluation.trajectory") or []):
-        where = f"evaluation.trajectory[{k}]"
-        if not isinstance(step, dict) or any(key not in step for key in ("step", "tried", "score", "kept")):
-            raise _BadShape(f"{where}: expected an object with step, tried, score and kept")
-        _field(step, "pool", list, f"{where}.pool")
-
-
-def _format(manifest: dict[str, Any]) -> str:
-    method = manifest.get("method") or {}
-    ev = manifest.get("evaluation") or {}
-    lines = [f"soup {manifest.get('soup_version', '?')}  method: {method.get('name', '?')}  "
-             f"({method.get('reference', '')})"]
-    if ev.get("evaluator"):
-        e = ev["evaluator"]
-        lines.append(f"evaluator: {e.get('name')} ({ev.get('direction')}) args={e.get('args')}")
-    rows = [[i["name"], i.get("weight"), i.get("score"), i.get("test_score"), i.get("kept"), i.get("source")]
-            for i in manifest.get("ingredients") or []]
+    m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest, where=where)
+    ev = m.evaluation
+    lines = [f"soup {m.soup_version}  method: {m.method.name}  ({m.method.reference or ''})",
+             describe_method(m.method, len(m.ingredients))]
+    for role, rec in (("evaluator", ev), ("test evaluator", ev.test if ev else None)):
+        if rec is not None and rec.evaluator is not None:
+            lines.append(f"{role}: {rec.evaluator.name} ({rec.direction}) args={rec.evaluator.args}")
+    rows = [[i.name, i.weight, i.score, i.test_score, i.kept, i.source] for i in m.ingredients]
     lines += [""] + _table(["ingredient", "weight", "score", "test", "kept", "source"], rows)
-    if ev.get("trajectory"):
+    for title, rec in (("evaluations, in order", ev), ("test evaluations, in order", ev.test if ev else None)):
+        if rec is not None and rec.history:
+            lines += ["", f"{title}:"]
+            lines += _table(["#", "kind", "candidate", "score", "cached", "weights"],
+                            [[k, _kind(m, t), t.candidate, t.score, t.cached, _weights(t)]
+                             for k, t in enumerate(rec.history, start=1)])
+    if ev is not None and ev.trajectory:
         lines += ["", "greedy trajectory:"]
         lines += _table(["step", "tried", "score", "kept", "pool size"],
-                        [[t["step"], t["tried"], t["score"], t["kept"], len(t.get("pool") or [])]
-                         for t in ev["trajectory"]])
+                        [[t.step, t.tried, t.score, t.kept, len(t.pool)] for t in ev.trajectory])
     lines.append("")
-    if ev.get("soup_score") is not None:
-        lines.append(f"soup score: {_fmt(ev['soup_score'])}")
-    if (ev.get("test") or {}).get("soup_score") is not None:
-        lines.append(f"soup test score: {_fmt(ev['test']['soup_score'])}")
-    lines.append(f"{manifest.get('tensors', '?')} tensors, {manifest.get('total_size') or 0:,} bytes, "
-                 f"{len(manifest.get('files') or {})} file(s), dtype {manifest.get('dtype')}")
+    if ev is not None and ev.soup_score is not None:
+        lines.append(f"soup score: {_fmt(ev.soup_score)}")
+    if ev is not None and ev.test is not None and ev.test.soup_score is not None:
+        lines.append(f"soup test score: {_fmt(ev.test.soup_score)}")
+    lines.append(f"{m.tensors} tensors, {m.total_size:,} bytes, {len(m.files)} file(s), dtype {m.dtype}")
     return "\n".join(lines)
 
 
-def write_plot(manifest: dict[str, Any], path: Path) -> bool:
-    """Write the PNG plot; False (and nothing written) when matplotlib is missing or nothing was scored."""
-    ev = manifest.get("evaluation") or {}
-    scores = ev.get("ingredient_scores") or {}
-    if not scores:
+def _kind(m: Manifest, t: Trial) -> str:
+    if t.ingredient is not None:
+        return "ingredient (the soup)" if m.is_soup_trial(t) else "ingredient"
+    return "soup" if m.is_soup_trial(t) else "candidate"
+
+
+def _weights(t: Trial) -> str:
+    if t.ingredient is not None:
+        return t.ingredient
+    return " ".join(f"{k}={w:.3g}" for k, w in t.weights.items())
+
+
+# ---- plot --------------------------------------------------------------------------------------------
+
+
+def can_plot(evaluation: Any) -> bool:
+    """True if a plot would be written: something was evaluated and matplotlib is installed."""
+    if evaluation is None or not (evaluation.history or (evaluation.test is not None and evaluation.test.history)):
         return False
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return False
-    traj = ev.get("trajectory") or []
-    fig, axes = plt.subplots(1, 2 if traj else 1, figsize=(11 if traj else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    names = list(scores)
-    kept = {i["name"]: i.get("kept") for i in manifest.get("ingredients", [])}
-    ax.bar(range(len(names)), [scores[n] for n in names],
-           color=["tab:green" if kept.get(n) else "tab:gray" for n in names])
-    if ev.get("soup_score") is not None:
-        ax.axhline(ev["soup_score"], color="tab:red", linestyle="--", label="soup")
-        ax.legend()
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_title(f"ingredient scores ({ev.get('direction', '')})")
-    if traj:
-        ax2 = axes[0][1]
-        ax2.plot([t["step"] for t in traj], [t["score"] for t in traj], "o-", color="tab:blue")
-        for t in traj:
-            ax2.annotate(("+" if t["kept"] else "x") + t["tried"], (t["step"], t["score"]), fontsize=7,
-                         textcoords="offset points", xytext=(0, 6), ha="center")
-        ax2.set_xlabel("greedy step")
-        ax2.set_title("greedy trajectory (candidate score)")
+    return True
+
+
+def score_limits(values: Sequence[float], keep: Sequence[float] = ()) -> tuple[float, float]:
+    """Y-axis limits showing the scores that matter.
+
+    ``keep`` (the soup, the kept ingredients) is always inside. Of the rest, a value further from the
+    median than 8 median absolute deviations is an outlier and left outside; the others are inside.
+
+    Returns:
+        (low, high), padded by 10 % of the span.
+    """
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    must = [v for v in keep if v is not None and math.isfinite(v)]
+    if not vals and not must:
+        return 0.0, 1.0
+    pool = vals + must
+    mid = statistics.median(pool)
+    mad = statistics.median(abs(v - mid) for v in pool)
+    scale = max(mad, 1e-3 * max(1.0, abs(mid)))
+    inside = [v for v in vals if abs(v - mid) <= 8 * scale] + must
+    lo, hi = min(inside), max(inside)
+    pad = 0.1 * (hi - lo) if hi > lo else max(1e-3 * max(1.0, abs(hi)), 1e-9)
+    return lo - pad, hi + pad
+
+
+def _short(m: Manifest, t: Trial) -> str:
+    if t.ingredient is not None:
+        return t.ingredient
+    if m.is_soup_trial(t):
+        return "soup"
+    added = re.search(r"\(\+([^)]*)\)$", t.candidate)
+    name = "+" + added.group(1) if added else "+".join(t.weights)
+    return name if len(name) <= 18 else name[:17] + "…"
+
+
+def _panel(ax: Any, title: str, points: list[tuple[str, float, str, str]], keep: Sequence[float],
+           lines: Sequence[tuple[float, str, str]] = (), xlabel: str = "") -> None:
+    """Points (label, score, marker, colour) in order, horizontal lines (score, colour, label), y scaled
+    to what matters; out-of-scale points sit on the edge with their value written beside them."""
+    lo, hi = score_limits([p[1] for p in points] + [v for v, _, _ in lines], keep)
+    ax.set_ylim(lo, hi)
+    for value, colour, label in lines:
+        if lo <= value <= hi:
+            ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=label)
+    for x, (label, score, marker, colour) in enumerate(points):
+        if not math.isfinite(score):
+            continue
+        if lo <= score <= hi:
+            ax.plot(x, score, marker=marker, color=colour, markersize=9 if marker == "*" else 6, linestyle="")
+            continue
+        below = score < lo
+        edge = lo if below else hi
+        ax.plot(x, edge, marker="v" if below else "^", color=colour, markersize=8, linestyle="", clip_on=False)
+        ax.annotate(f"{score:.3g}", (x, edge), xytext=(0, 9 if below else -13), textcoords="offset points",
+                    ha="center", fontsize=7, color=colour)
+    ax.set_xticks(range(len(points)), [p[0] for p in points], rotation=40, ha="right", fontsize=7)
+    ax.set_xlim(-0.6, len(points) - 0.4)
+    ax.set_title(title, fontsize=9)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    if lines:
+        ax.legend(fontsize=7, loc="best")
+
+
+def _colour(m: Manifest, label: str) -> str:
+    kept = {i.name: i.kept for i in m.ingredients}.get(label)
+    return "tab:green" if kept else ("tab:gray" if kept is False else "tab:blue")
+
+
+def _history_points(m: Manifest, rec: Scoring) -> list[tuple[str, float, str, str]]:
+    pts = []
+    for t in rec.history:
+        if m.is_soup_trial(t):
+            pts.append((_short(m, t), t.score, "*", "tab:red"))
+        elif t.ingredient is not None:
+            pts.append((t.ingredient, t.score, "o", _colour(m, t.ingredient)))
+        else:
+            pts.append((_short(m, t), t.score, "s", "tab:blue"))
+    return pts
+
+
+def _keep(m: Manifest, rec: Scoring) -> list[float]:
+    """The scores a panel must show: the soup's and the kept ingredients'."""
+    kept = {i.name for i in m.ingredients if i.kept or (i.kept is None and i.weight)}
+    scores = rec.ingredient_scores()
+    return [s for s in [rec.soup_score] + [scores.get(k) for k in kept] if s is not None]
+
+
+def make_figure(manifest: Manifest) -> Any:
+    """The plot as a matplotlib Figure (None when nothing was evaluated): every validation evaluation in
+    order, greedy's trajectory, the held-out test scores, one panel each."""
+    from matplotlib.figure import Figure
+
+    m, ev = manifest, manifest.evaluation
+    if ev is None:
+        return None
+    panels = []
+    if ev.history:
+        panels.append(("validation", ev))
+    if ev.trajectory:
+        panels.append(("trajectory", ev))
+    if ev.test is not None and ev.test.history:
+        panels.append(("test", ev.test))
+    if not panels:
+        return None
+    fig = Figure(figsize=(4.6 * len(panels) + 0.6, 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (kind, rec) in zip(axes, panels):
+        direction = f", {rec.direction}" if rec.direction else ""
+        if kind == "validation":
+            lines = [(rec.soup_score, "tab:red", "soup")] if rec.soup_score is not None else []
+            _panel(ax, f"every evaluation, in order ({rec.evaluator.name if rec.evaluator else '?'}{direction})",
+                   _history_points(m, rec), _keep(m, rec), lines, "evaluation")
+        elif kind == "trajectory":
+            pts = [(("+" if t.kept else "x ") + t.tried, t.score, "o" if t.kept else "x",
+                    "tab:green" if t.kept else "tab:gray") for t in rec.trajectory]
+            _panel(ax, "greedy trajectory (candidate scores)", pts, [t.score for t in rec.trajectory if t.kept],
+                   [], "step")
+        else:
+            scores = rec.ingredient_scores()
+            pts = [(i.name, scores[i.name], "o", _colour(m, i.name)) for i in m.ingredients if i.name in scores]
+            lines = [(rec.soup_score, "tab:red", "soup")] if rec.soup_score is not None else []
+            _panel(ax, f"held-out test, reported only ({rec.evaluator.name if rec.evaluator else '?'}{direction})",
+                   pts, _keep(m, rec), lines, "ingredient")
     fig.tight_layout()
+    return fig
+
+
+def write_plot(manifest: Manifest, path: Path) -> bool:
+    """Write the PNG plot to ``path``; False (nothing written) when nothing was evaluated or
+    matplotlib is missing."""
+    if not can_plot(manifest.evaluation):
+        return False
+    fig = make_figure(manifest)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True

@@ -14,15 +14,18 @@ et al. 2022, arXiv:2203.05482):
   hurt the held-out score is kept, and more averaging tends to generalise better) or ``">"`` (as in
   the model-soups code). ``tolerance`` lets a candidate be at most that much worse and still kept.
 
-One abstract base class, one abstract method: ``choose(bench, n) -> Choice``.
+One abstract base class, one abstract method: ``choose(scorer, n) -> Choice``. Strategies are
+plug-ins like evaluators (``soup.plugins``): entry-point group ``soup.strategies`` (the built-ins are
+registered there), ``module:Class`` or ``path/to/file.py:Class``; a new strategy is one file written
+against the scorer contract documented on ``SoupStrategy``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,7 +34,8 @@ from .errors import RecipeError
 from .evaluate import Score
 from .options import check_weights
 
-__all__ = ["SoupStrategy", "Choice", "MaximumSoup", "AverageSoup", "GreedySoup", "STRATEGIES", "make_strategy"]
+__all__ = ["SoupStrategy", "Choice", "MaximumSoup", "AverageSoup", "GreedySoup", "STRATEGIES", "load_strategy",
+           "make_strategy"]
 
 
 @dataclass
@@ -48,29 +52,47 @@ class Choice:
 class SoupStrategy(ABC):
     """Base class of soup strategies: decide one weight per ingredient.
 
-    ``choose`` gets a Bench (None when no evaluator was given and ``needs_evaluator`` is False)
-    through which it scores ingredients and candidate soups (cached, possibly on several devices).
+    Implement ``choose(scorer, n) -> Choice``. Options come from the recipe as keyword arguments
+    of the constructor (a dataclass is the easy way); raise ``RecipeError`` for a bad value. Class
+    attributes: ``name`` (default: the class name), ``reference`` (a URL the model card cites) and
+    ``needs_evaluator`` (False: ``choose`` may get ``scorer=None``).
+
+    The scorer contract — all a strategy may use (``soup.bench.Bench``):
+
+    - ``scorer.labels``: the ingredients' names; ``scorer.direction``: "maximize" or "minimize";
+    - ``scorer.score(weights, name) -> Score``: the soup with these weights (one per ingredient,
+      normalised), scored by the evaluator — from the score cache when it was scored before;
+    - ``scorer.score_many([(weights, name), ...]) -> [Score, ...]``: independent candidates,
+      evaluated concurrently over the devices;
+    - ``scorer.score_ingredients() -> [Score, ...]``: every ingredient alone;
+    - ``scorer.rank(values) -> [index, ...]``: best first, in the evaluator's direction (ties keep
+      their order); ``scorer.better(a, b)``: ``a`` strictly better than ``b``.
+
+    Every evaluation is recorded in the run's history (manifest, report, card and plot), whatever
+    the strategy; ``Choice.trajectory`` is an optional strategy-specific story on top.
     """
 
     name: ClassVar[str]
-    reference: ClassVar[str]
+    reference: ClassVar[str] = ""
     needs_evaluator: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__
+
     @abstractmethod
-    def choose(self, bench: Bench | None, n: int) -> Choice:
+    def choose(self, scorer: Bench | None, n: int) -> Choice:
         """Return the weights for ``n`` ingredients."""
 
     def options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        """The options this strategy was built with, for the manifest."""
+        if dataclasses.is_dataclass(self):
+            return dataclasses.asdict(self)
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def check(self, n: int) -> None:
         """Refuse options that do not fit ``n`` ingredients (RecipeError), before anything is evaluated."""
-
-
-def _ranked(bench: Bench, scores: Sequence[Score]) -> list[int]:
-    """Ingredient indices, best score first (ties keep the ingredients' order)."""
-    sign = -1.0 if bench.direction == "maximize" else 1.0
-    return sorted(range(len(scores)), key=lambda i: (sign * scores[i].value, i))
 
 
 @dataclass
@@ -91,7 +113,7 @@ class MaximumSoup(SoupStrategy):
     def choose(self, bench: Bench | None, n: int) -> Choice:
         self.check(n)
         scores = bench.score_ingredients()
-        top = set(_ranked(bench, scores)[: self.p])
+        top = set(bench.rank(scores)[: self.p])
         weights = [1.0 / self.p if i in top else 0.0 for i in range(n)]
         soup = scores[next(iter(top))] if self.p == 1 else bench.score(weights, f"maximum soup (top {self.p})")
         return Choice(weights, [s.value for s in scores], soup_score=soup, kept=[i in top for i in range(n)])
@@ -146,7 +168,7 @@ class GreedySoup(SoupStrategy):
 
     def choose(self, bench: Bench | None, n: int) -> Choice:
         scores = bench.score_ingredients()
-        order = _ranked(bench, scores)
+        order = bench.rank(scores)
         best = order[0]
         pool, pool_score = [best], scores[best]
         trajectory = [{"step": 1, "tried": bench.labels[best], "score": pool_score.value, "kept": True,
@@ -175,16 +197,33 @@ class GreedySoup(SoupStrategy):
         return Choice(weights, [s.value for s in scores], trajectory, pool_score, [j in pool for j in range(n)])
 
 
+ENTRY_POINT_GROUP = "soup.strategies"
+# found even when the package's entry points are not installed (a source checkout)
 STRATEGIES: dict[str, type[SoupStrategy]] = {c.name: c for c in (MaximumSoup, AverageSoup, GreedySoup)}
 
 
-def make_strategy(name: str, **options: Any) -> SoupStrategy:
-    """Build a strategy by name; unknown names and options are RecipeErrors listing the valid ones."""
-    cls = STRATEGIES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise RecipeError(f"strategy.name: unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    bad = sorted(map(str, set(options) - set(valid)))
-    if bad:
-        raise RecipeError(f"strategy: unknown option(s) {', '.join(bad)} for {name}; valid: {', '.join(valid)}")
-    return cls(**options)
+def load_strategy(spec: str | type[SoupStrategy]) -> type[SoupStrategy]:
+    """The strategy class a name, ``module:Class`` or ``file.py:Class`` names (RecipeError if none)."""
+    from .plugins import load_plugin_class
+
+    return load_plugin_class(spec, group=ENTRY_POINT_GROUP, base=SoupStrategy, kind="strategy",
+                             error=RecipeError, builtins=STRATEGIES)
+
+
+def make_strategy(spec: str | type[SoupStrategy], **options: Any) -> SoupStrategy:
+    """Build a strategy; unknown names and options are RecipeErrors listing the valid ones."""
+    try:
+        cls = load_strategy(spec)
+    except RecipeError as e:
+        raise RecipeError(f"strategy.name: {e}") from None
+    params = inspect.signature(cls).parameters.values()
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        bad = sorted(map(str, set(options) - set(valid)))
+        if bad:
+            raise RecipeError(f"strategy: unknown option(s) {', '.join(bad)} for {cls.name}; "
+                              f"valid: {', '.join(valid) or 'none'}")
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise RecipeError(f"strategy {cls.name}: {e}") from None

@@ -25,7 +25,7 @@ def test_weighted_mean_is_bit_exact(make_ingredients, tmp_path, dtype):
     for name in ref:
         assert got[name].dtype == ref[name].dtype, name
         assert torch.equal(got[name], ref[name]), name
-    assert res.manifest["ingredients"][2]["weight"] == pytest.approx(5 / 8)
+    assert res.manifest.ingredients[2].weight == pytest.approx(5 / 8)
 
 
 def test_float32_mean_matches_numpy(make_ingredients, tmp_path):
@@ -100,8 +100,8 @@ def test_rules_take_drop_and_pattern_weights(make_ingredients, tmp_path):
     assert torch.equal(got["model.mm_projector.weight"], exp) and torch.equal(proj, exp)
     norm = reference_mean(states, [0.25, 0.25, 0.5])["model.norm.weight"]
     assert torch.equal(got["model.norm.weight"], norm)
-    assert res.manifest["dropped"] == ["model.layers.0.mlp.up_proj.lora_A.weight"]
-    assert res.manifest["rules"][0] == {"pattern": "model.vision_tower.*", "action": "take", "ingredient": 2}
+    assert res.manifest.dropped == ["model.layers.0.mlp.up_proj.lora_A.weight"]
+    assert res.manifest.rules[0] == {"pattern": "model.vision_tower.*", "action": "take", "ingredient": 2}
 
 
 def test_take_by_label_and_bad_rules(make_ingredients, tmp_path):

@@ -121,7 +121,7 @@ def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
         assert len(given) >= 2
         for name, (sha, in_op) in given.items():
             data = (tmp_path / "out" / name).read_bytes()
-            assert sha == in_op == hashlib.sha256(data).hexdigest() == res.manifest["files"][name]["sha256"]
+            assert sha == in_op == hashlib.sha256(data).hexdigest() == res.manifest.files[name].sha256
             assert remote[name] == data  # the server checks uploads against their sha256 too
 
 

@@ -63,9 +63,9 @@ def test_greedy_follows_algorithm_1(five, tmp_path):
     got = load_soup(res.path)
     ref = reference_mean([states[i] for i in (0, 2, 3, 4)], [0.25] * 4)
     assert all(torch.equal(got[k], ref[k]) for k in ref)  # the final soup: exact uniform mean of the pool
-    m = soup.merge.__module__ and res.manifest
-    assert [i["kept"] for i in m["ingredients"]] == [True, False, True, True, True]
-    assert m["evaluation"]["trajectory"][1]["pool"] == ["c", "a"]
+    m = res.manifest
+    assert [i.kept for i in m.ingredients] == [True, False, True, True, True]
+    assert m.evaluation.trajectory[1].pool == ["c", "a"]
 
 
 def test_greedy_strict_tie_and_tolerance(five):
@@ -105,7 +105,7 @@ def test_maximum_soup_p1_copies_best_and_top_p(five, tmp_path):
 def test_average_soup_without_and_with_evaluator(five, tmp_path):
     paths, states = five
     res = average_soup(paths, out=tmp_path / "avg", cache=None)
-    assert res.soup_score is None and res.manifest["evaluation"] is None
+    assert res.soup_score is None and res.manifest.evaluation is None
     ref = reference_mean(states, [0.2] * 5)
     got = load_soup(res.path)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
@@ -178,7 +178,7 @@ def test_greedy_sums_on_disk_same_choice(five):
 def test_unknown_strategy_and_options():
     from soup.strategies import make_strategy
 
-    with pytest.raises(RecipeError, match="valid: maximum, average, greedy"):
+    with pytest.raises(RecipeError, match="valid names: maximum, average, greedy"):
         make_strategy("best")
     with pytest.raises(RecipeError, match="unknown option.*valid: tie, tolerance, sums"):
         make_strategy("greedy", p=2)

@@ -13,7 +13,6 @@ A push only ever reads the local folder. Transient failures are retried (``error
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile, constants
 
-from ..errors import HubError
+from ..errors import HubError, SoupError
 from .errors import RetryPolicy, hub_error, retrying, status_code
 from .specs import check_repo_id, hub_endpoint
 
@@ -264,10 +263,11 @@ def _folder_files(folder: Path) -> list[Path]:
 
 
 def _default_message(folder: Path, n_files: int) -> str:
+    """The default commit message, e.g. "soup: greedy soup of 8 ingredients", from the folder's manifest."""
+    from ..manifest import read
+
     try:
-        manifest = json.loads((folder / "soup.json").read_text())
-        method = manifest["method"]["name"]
-        n = len(manifest.get("ingredients") or [])
-        return f"soup: {method} soup of {n} ingredients"
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = read(folder)
+    except SoupError:
         return f"soup: upload {n_files} files"
+    return f"soup: {manifest.method.name} soup of {len(manifest.ingredients)} ingredients"

@@ -1,0 +1,96 @@
+"""How plug-ins are found: one loader for every plug-in kind (evaluators, strategies).
+
+A plug-in is named by
+
+- an entry-point name in the kind's group (``soup.evaluators``, ``soup.strategies``; the built-ins
+  are registered that way, and another package can register its own in its ``pyproject.toml``);
+- ``package.module:Class``;
+- ``path/to/file.py:Class`` (a file outside any package; recipes resolve it relative to themselves).
+
+The class found must subclass the kind's base class. Every failure is one line naming the spec and,
+for an unknown name, the valid ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import SoupError
+
+__all__ = ["load_plugin_class", "plugin_names", "load_attr"]
+
+
+def plugin_names(group: str, builtins: Mapping[str, type] | None = None) -> list[str]:
+    """Registered names of a kind: its built-ins first, then the entry points of ``group``."""
+    names = list(builtins or {})
+    names += sorted(ep.name for ep in importlib.metadata.entry_points(group=group) if ep.name not in names)
+    return names
+
+
+def load_plugin_class(spec: str | type, *, group: str, base: type, kind: str,
+                      error: type[SoupError] = SoupError, builtins: Mapping[str, type] | None = None) -> type:
+    """The class a spec names, checked to subclass ``base``.
+
+    Args:
+        spec: a class, an entry-point name, ``module:Class`` or ``file.py:Class``.
+        group: the entry-point group searched for plain names.
+        base: the kind's abstract base class.
+        kind: "evaluator", "strategy"... (for messages).
+        error: the SoupError subclass raised.
+        builtins: names that work even when the package's entry points are not installed.
+    """
+    if isinstance(spec, type):
+        cls = spec
+    elif not isinstance(spec, str) or not spec:
+        raise error(f"{kind} {spec!r}: a name, 'module:Class' or 'path/to/file.py:Class' is required")
+    elif ":" in spec:
+        cls = load_attr(spec, kind, error)
+    else:
+        eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
+        if spec in eps:
+            cls = _load_entry_point(eps[spec], spec, kind, error)
+        elif builtins and spec in builtins:
+            cls = builtins[spec]
+        else:
+            raise error(f"unknown {kind} {spec!r}; valid names: {', '.join(plugin_names(group, builtins))} "
+                        "(or 'module:Class', 'path/to/file.py:Class')")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise error(f"{kind} {spec!r} is not a subclass of soup.{base.__name__}")
+    return cls
+
+
+def _load_entry_point(ep: Any, spec: str, kind: str, error: type[SoupError]) -> Any:
+    try:
+        return ep.load()
+    except Exception as e:
+        raise error(f"cannot load {kind} {spec!r} ({ep.value}): {type(e).__name__}: {e}") from e
+
+
+def load_attr(spec: str, kind: str, error: type[SoupError] = SoupError) -> Any:
+    """The attribute ``module:name`` or ``file.py:name`` names (a class, a function)."""
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise error(f"{kind} file not found: {path}")
+            # one module per file, whatever name it is loaded by; its classes keep a stable identity
+            digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            module_spec = importlib.util.spec_from_file_location(f"soup_plugin_{path.stem}_{digest}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except SoupError:
+        raise
+    except Exception as e:
+        raise error(f"cannot import {kind} {spec!r}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, attr):
+        raise error(f"{kind} {spec!r}: {target} has no attribute {attr!r}")
+    return getattr(module, attr)
