@@ -148,7 +148,12 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
     """The body of ``cook`` once the output (if any) is checked and locked."""
     out = output.dest if output is not None else None
     publisher.start()  # fail fast on a bad token, before any evaluation
-    cks = resolve_all(ingredients, labels=labels, hub=hub)
+    from .hub.precheck import precheck
+
+    # hub ingredients are checked from their headers before anything is downloaded (as in merge)
+    specs = precheck(ingredients, labels=labels, hub=hub,
+                     allow_float_mix=dtype is not None or bool(merge_options.get("mixed_float")))
+    cks = resolve_all(specs, labels=labels, hub=hub)
     _check_plan(strategy, cks, rule_list, dtype, merge_options)  # plan errors before the first evaluation
     if output is not None:
         output.protect(checkpoint_paths(cks))
