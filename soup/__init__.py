@@ -8,13 +8,15 @@ from .cook import SoupResult, average_soup, cook, greedy_soup, maximum_soup
 from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
 from .evaluate import Candidate, Evaluator, Score, load_evaluator
 from .inspect import inspect
+from .manifest import Manifest
+from .manifest import read as read_manifest
 from .merge import MergeResult, merge, soup_version
 from .strategies import Choice, SoupStrategy, make_strategy
 
 __version__ = soup_version()
 
 __all__ = [
-    "merge", "MergeResult", "inspect",
+    "merge", "MergeResult", "inspect", "Manifest", "read_manifest",
     "maximum_soup", "average_soup", "greedy_soup", "cook", "SoupResult",
     "Evaluator", "Candidate", "Score", "load_evaluator",
     "SoupStrategy", "Choice", "make_strategy",

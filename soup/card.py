@@ -101,7 +101,7 @@ def render_model_card(manifest: Manifest, *, recipe_text: str | None = None) -> 
                 ("Kept", [i.kept for i in ingredients])]
         cols = [(title, values) for title, values in cols if any(v is not None for v in values)]
         lines += ["## Ingredients", "",
-                  "| # | Ingredient | Source | Revision | Weight | " + "".join(f"{t} | " for t, _ in cols),
+                  "| " + " | ".join(["#", "Ingredient", "Source", "Revision", "Weight", *(t for t, _ in cols)]) + " |",
                   "|---" * (5 + len(cols)) + "|"]
         for k, ing in enumerate(ingredients):
             cells = [str(k), _cell(ing.name), _cell(ing.repo or ing.source),

@@ -340,6 +340,8 @@ class _Reader:
             ok = isinstance(value, bool)
         else:
             ok = isinstance(value, kind) and not isinstance(value, bool)
+        if not ok and kind is int and isinstance(value, float):
+            raise _BadShape(f"{path}: expected a whole number, got {value!r}")
         if not ok:
             raise _BadShape(f"{path}: expected {_JSON_TYPES[kind]}, got {_json_type(value)}")
         return float(value) if kind is float else value

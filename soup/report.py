@@ -144,50 +144,73 @@ def _short(m: Manifest, t: Trial) -> str:
     return name if len(name) <= 18 else name[:17] + "…"
 
 
-def _panel(ax: Any, title: str, points: list[tuple[str, float, str, str]], keep: Sequence[float],
-           lines: Sequence[tuple[float, str, str]] = (), xlabel: str = "") -> None:
-    """Points (label, score, marker, colour) in order, horizontal lines (score, colour, label), y scaled
-    to what matters; out-of-scale points sit on the edge with their value written beside them."""
-    lo, hi = score_limits([p[1] for p in points] + [v for v, _, _ in lines], keep)
+# point style -> (marker, colour, legend text)
+STYLES = {
+    "kept": ("o", "tab:green", "ingredient, in the soup"),
+    "left out": ("o", "tab:gray", "ingredient, left out"),
+    "ingredient": ("o", "tab:blue", "ingredient"),
+    "candidate": ("s", "tab:blue", "candidate soup"),
+    "soup": ("*", "tab:red", "the soup"),
+    "step kept": ("o", "tab:green", "kept"),
+    "step rejected": ("x", "tab:gray", "rejected"),
+}
+
+
+def _panel(ax: Any, title: str, points: list[tuple[str, float, str]], keep: Sequence[float],
+           soup: float | None = None, xlabel: str = "") -> None:
+    """Points (label, score, style) in order and the soup's score as a line, y scaled to what matters;
+    an out-of-scale point sits on the panel's edge with its value written beside it."""
+    from matplotlib.lines import Line2D
+
+    lo, hi = score_limits([p[1] for p in points] + ([soup] if soup is not None else []), keep)
     ax.set_ylim(lo, hi)
-    for value, colour, label in lines:
-        if lo <= value <= hi:
-            ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=label)
-    for x, (label, score, marker, colour) in enumerate(points):
+    handles, styles, off_scale = [], [], False
+    if soup is not None and lo <= soup <= hi:
+        handles.append(ax.axhline(soup, color="tab:red", linestyle="--", linewidth=1, label=f"soup {soup:.4g}"))
+    inset = 0.015 * (hi - lo)
+    for x, (label, score, style) in enumerate(points):
+        marker, colour, _ = STYLES[style]
+        if style not in styles:
+            styles.append(style)
         if not math.isfinite(score):
             continue
         if lo <= score <= hi:
-            ax.plot(x, score, marker=marker, color=colour, markersize=9 if marker == "*" else 6, linestyle="")
+            ax.plot(x, score, marker=marker, color=colour, markersize=11 if marker == "*" else 6, linestyle="")
             continue
-        below = score < lo
-        edge = lo if below else hi
-        ax.plot(x, edge, marker="v" if below else "^", color=colour, markersize=8, linestyle="", clip_on=False)
-        ax.annotate(f"{score:.3g}", (x, edge), xytext=(0, 9 if below else -13), textcoords="offset points",
+        off_scale, below = True, score < lo
+        edge = lo + inset if below else hi - inset
+        ax.plot(x, edge, marker="v" if below else "^", color=colour, markersize=8, linestyle="")
+        ax.annotate(f"{score:.3g}", (x, edge), xytext=(0, 8 if below else -14), textcoords="offset points",
                     ha="center", fontsize=7, color=colour)
+    for style in styles:
+        marker, colour, text = STYLES[style]
+        handles.append(Line2D([], [], marker=marker, color=colour, linestyle="", label=text))
+    if off_scale:
+        handles.append(Line2D([], [], marker="v", color="black", linestyle="", label="off scale (value written)"))
     ax.set_xticks(range(len(points)), [p[0] for p in points], rotation=40, ha="right", fontsize=7)
     ax.set_xlim(-0.6, len(points) - 0.4)
     ax.set_title(title, fontsize=9)
     if xlabel:
         ax.set_xlabel(xlabel, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    if lines:
-        ax.legend(fontsize=7, loc="best")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(handles=handles, fontsize=6, loc="best", framealpha=0.8)
 
 
-def _colour(m: Manifest, label: str) -> str:
+def _style(m: Manifest, label: str) -> str:
     kept = {i.name: i.kept for i in m.ingredients}.get(label)
-    return "tab:green" if kept else ("tab:gray" if kept is False else "tab:blue")
+    return "kept" if kept else ("left out" if kept is False else "ingredient")
 
 
-def _history_points(m: Manifest, rec: Scoring) -> list[tuple[str, float, str, str]]:
+def _history_points(m: Manifest, rec: Scoring) -> list[tuple[str, float, str]]:
     pts = []
     for t in rec.history:
         if m.is_soup_trial(t):
-            pts.append((_short(m, t), t.score, "*", "tab:red"))
+            pts.append((_short(m, t), t.score, "soup"))
         elif t.ingredient is not None:
-            pts.append((t.ingredient, t.score, "o", _colour(m, t.ingredient)))
+            pts.append((t.ingredient, t.score, _style(m, t.ingredient)))
         else:
-            pts.append((_short(m, t), t.score, "s", "tab:blue"))
+            pts.append((_short(m, t), t.score, "candidate"))
     return pts
 
 
@@ -199,8 +222,8 @@ def _keep(m: Manifest, rec: Scoring) -> list[float]:
 
 
 def make_figure(manifest: Manifest) -> Any:
-    """The plot as a matplotlib Figure (None when nothing was evaluated): every validation evaluation in
-    order, greedy's trajectory, the held-out test scores, one panel each."""
+    """The plot as a matplotlib Figure (None when nothing was evaluated), one panel each: every
+    validation evaluation in order, greedy's trajectory, the held-out test scores."""
     from matplotlib.figure import Figure
 
     m, ev = manifest, manifest.evaluation
@@ -215,25 +238,23 @@ def make_figure(manifest: Manifest) -> Any:
         panels.append(("test", ev.test))
     if not panels:
         return None
-    fig = Figure(figsize=(4.6 * len(panels) + 0.6, 4.2))
+    fig = Figure(figsize=(4.8 * len(panels) + 0.6, 4.4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (kind, rec) in zip(axes, panels):
-        direction = f", {rec.direction}" if rec.direction else ""
+        who = f"{rec.evaluator.name if rec.evaluator else '?'}" + (f", {rec.direction}" if rec.direction else "")
         if kind == "validation":
-            lines = [(rec.soup_score, "tab:red", "soup")] if rec.soup_score is not None else []
-            _panel(ax, f"every evaluation, in order ({rec.evaluator.name if rec.evaluator else '?'}{direction})",
-                   _history_points(m, rec), _keep(m, rec), lines, "evaluation")
+            _panel(ax, f"validation: every evaluation, in order ({who})", _history_points(m, rec), _keep(m, rec),
+                   rec.soup_score, "evaluation")
         elif kind == "trajectory":
-            pts = [(("+" if t.kept else "x ") + t.tried, t.score, "o" if t.kept else "x",
-                    "tab:green" if t.kept else "tab:gray") for t in rec.trajectory]
-            _panel(ax, "greedy trajectory (candidate scores)", pts, [t.score for t in rec.trajectory if t.kept],
-                   [], "step")
+            pts = [(("+" if t.kept else "x ") + t.tried, t.score, "step kept" if t.kept else "step rejected")
+                   for t in rec.trajectory]
+            kept = [(x, t.score) for x, t in enumerate(rec.trajectory) if t.kept]
+            _panel(ax, "greedy trajectory (candidate scores)", pts, [s for _, s in kept], None, "step")
+            ax.plot([x for x, _ in kept], [s for _, s in kept], color="tab:green", linewidth=1, alpha=0.5)
         else:
             scores = rec.ingredient_scores()
-            pts = [(i.name, scores[i.name], "o", _colour(m, i.name)) for i in m.ingredients if i.name in scores]
-            lines = [(rec.soup_score, "tab:red", "soup")] if rec.soup_score is not None else []
-            _panel(ax, f"held-out test, reported only ({rec.evaluator.name if rec.evaluator else '?'}{direction})",
-                   pts, _keep(m, rec), lines, "ingredient")
+            pts = [(i.name, scores[i.name], _style(m, i.name)) for i in m.ingredients if i.name in scores]
+            _panel(ax, f"held-out test, reported only ({who})", pts, _keep(m, rec), rec.soup_score, "ingredient")
     fig.tight_layout()
     return fig
 

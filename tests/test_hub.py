@@ -25,6 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hubserver import git_blob_oid, running_hub  # noqa: E402
 
 from soup.card import render_model_card  # noqa: E402
+from soup.cook import greedy_soup  # noqa: E402
+from soup.ingredients import HubOptions  # noqa: E402
+from soup.manifest import Manifest, write  # noqa: E402
+from soup.merge import merge  # noqa: E402
 from soup.errors import HubError  # noqa: E402
 from soup.hub import PULL_PATTERNS, RetryPolicy, ShardUploader, parse_hub_spec, pull, push  # noqa: E402
 
@@ -70,25 +74,19 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def manifest_for(files: dict[str, bytes]) -> dict:
-    return {
-        "soup_version": "0.1.0", "created": "2026-11-22T03:00:00Z",
-        "method": {"name": "greedy", "reference": "https://arxiv.org/abs/2409.04828"},
-        "ingredients": [
-            {"name": "ft-a", "source": "hf://owner/ft-a@" + "a" * 40, "repo": "owner/ft-a", "revision": "a" * 40,
-             "fingerprint": "f0", "weight": 0.5, "score": 0.71, "kept": True},
-            {"name": "ft-b", "source": "hf://owner/ft-b@" + "b" * 40, "repo": "owner/ft-b", "revision": "b" * 40,
-             "fingerprint": "f1", "weight": 0.5, "score": 0.69, "kept": True},
-            {"name": "local", "source": "/data/ft-c", "fingerprint": "f2", "weight": 0.0, "score": 0.4,
-             "kept": False},
-        ],
-        "rules": [], "dtype": "float32", "accumulate": "float32", "config_from": 0,
-        "files": {name: {"sha256": "0" * 64, "size": len(data)} for name, data in files.items()},
-        "total_size": sum(len(d) for d in files.values()),
-        "evaluation": {"evaluator": {"name": "perplexity", "args": {}, "direction": "minimize"},
-                       "soup_score": 3.2, "test_score": None, "trajectory": []},
-        "recipe": None,
-    }
+SCORES = {"ft-a": 0.71, "ft-b": 0.69, "local": 0.4}  # each ingredient's validation score alone
+
+
+def scores(candidate):
+    """A validation evaluator (a plain function): the members' mean score, +0.01 for a soup of several."""
+    members = list(candidate.weights)
+    return sum(SCORES[k] for k in members) / len(members) + (0.01 if len(members) > 1 else 0.0)
+
+
+def cooked(ingredients: list, **options) -> Manifest:
+    """The manifest of a real greedy soup of ft-a, ft-b and local, produced by the code (never written by
+    hand): ft-a and ft-b are kept (0.71, then 0.71 for both), local is not (0.61)."""
+    return greedy_soup(ingredients, scores, labels=list(SCORES), cache=None, **options).manifest
 
 
 # ---- specs ---------------------------------------------------------------------------------------------
@@ -253,9 +251,9 @@ def test_shard_uploader_in_merge_order_on_renamed_folder(hub, tmp_path):
     (tmp_out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     (tmp_out / "config.json").write_text('{"model_type": "toy"}')
     (tmp_out / "soup_plot.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
-    manifest = manifest_for(folder_bytes(tmp_out))
+    manifest = cooked([tiny_model(tmp_path / "in" / k, seed) for seed, k in enumerate(SCORES)])
     (tmp_out / "README.md").write_text(render_model_card(manifest))
-    (tmp_out / "soup.json").write_text(json.dumps(manifest))
+    write(tmp_out, manifest)
     tmp_out.rename(final)
     local = folder_bytes(final)
 
@@ -364,16 +362,24 @@ def test_unreachable_hub_is_one_line(tmp_path):
 
 
 # ---- model card ----------------------------------------------------------------------------------------
-def test_model_card_validates_against_the_hub(hub, monkeypatch):
-    manifest = manifest_for({"model.safetensors": b"x", "soup_plot.png": b"p"})
+def test_model_card_validates_against_the_hub(hub, monkeypatch, tmp_path):
+    shas = [push(tiny_model(tmp_path / "src" / k, seed), f"owner/{k}", endpoint=hub.url).commit
+            for seed, k in enumerate(("ft-a", "ft-b"))]
+    local = tiny_model(tmp_path / "ft-c", 2)
+    res = greedy_soup(["hf://owner/ft-a", f"hf://owner/ft-b@{shas[1]}", local], scores, labels=list(SCORES),
+                      out=tmp_path / "soup", hub=HubOptions(endpoint=hub.url), cache=None)
+    manifest = res.manifest
+    assert (tmp_path / "soup" / "README.md").read_text() == render_model_card(manifest)  # what merge wrote
     text = render_model_card(manifest, recipe_text="method: greedy\ningredients:\n  - hf://owner/ft-a\n")
     card = ModelCard(text)
     assert card.data.base_model == ["owner/ft-a", "owner/ft-b"]
     assert {"merge", "model-soup"} <= set(card.data.tags) and card.data.library_name == "transformers"
     assert "https://arxiv.org/abs/2409.04828" in text and "https://arxiv.org/abs/2203.05482" in text
-    assert "| 0 | owner/ft-a | `aaaaaaaaaaaa` | 0.5 | 0.71 | yes |" in text
-    assert "| 2 | /data/ft-c | – | 0 | 0.4 | no |" in text
-    assert "perplexity" in text and "3.2" in text and "](soup_plot.png)" in text
+    assert f"| 0 | ft-a | owner/ft-a | `{shas[0][:12]}` | 0.5 | 0.71 | yes |" in text  # pinned revisions
+    assert f"| 1 | ft-b | owner/ft-b | `{shas[1][:12]}` | 0.5 | 0.69 | yes |" in text
+    assert f"| 2 | local | {local} | – | 0 | 0.4 | no |" in text
+    assert "| Evaluator | `python` (maximize) |" in text and "| **Soup** | **0.71** |" in text
+    assert "](soup_plot.png)" in text and (tmp_path / "soup" / "soup_plot.png").exists()
     assert "```yaml\nmethod: greedy\ningredients:\n  - hf://owner/ft-a\n```" in text
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # ModelCard.validate() uses the global endpoint
@@ -382,10 +388,10 @@ def test_model_card_validates_against_the_hub(hub, monkeypatch):
     with pytest.raises(ValueError, match="base_model"):
         ModelCard("---\nbase_model: 3\n---\n# bad\n").validate()
 
-    local = dict(manifest, ingredients=[{"name": "x", "source": "/a", "weight": 1.0}], evaluation=None,
-                 files={})
-    text = render_model_card(local)
+    plain = merge([local, tiny_model(tmp_path / "ft-d", 3)], None).manifest  # a plain merge: no evaluation
+    text = render_model_card(plain)
     assert "base_model" not in text and "soup_plot" not in text and "## Evaluation" not in text
+    assert "the uniform average of all 2 ingredients" in text
     ModelCard(text).validate()
 
 

@@ -117,7 +117,7 @@ def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
         up.finish(res.path)
         remote = store.files("acme/lfs", "main")
         batches = [r for _, r, _ in store.requests].count("lfs_batch")
-        assert batches == len(given)  # one LFS batch per pre-upload; the commit reuses them, none of its own
+        assert batches == len(given), store.requests  # one LFS batch per pre-upload; the commit reuses them, none of its own
         assert len(given) >= 2
         for name, (sha, in_op) in given.items():
             data = (tmp_path / "out" / name).read_bytes()
