@@ -61,12 +61,12 @@ def child(mode: str, folder: Path, layers: int) -> dict:
     import torch
 
     import soup
-    from soup.bench import Bench
+    from soup.scorer import Scorer
     from soup.evaluators.python import PythonEvaluator
     from soup.ingredients import resolve_all
 
     cks = resolve_all(sorted(p for p in folder.iterdir() if p.is_dir()))
-    cand = Bench(cks, [PythonEvaluator(fn=lambda c: 0.0)]).candidate([1 / len(cks)] * len(cks), "uniform soup")
+    cand = Scorer(cks, [PythonEvaluator(fn=lambda c: 0.0)]).candidate([1 / len(cks)] * len(cks), "uniform soup")
     torch.set_num_threads(1)
     base = rss_anon()
     with PeakSampler() as peak, torch.no_grad():

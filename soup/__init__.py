@@ -4,13 +4,13 @@ Streaming weight merging (``merge``), evaluator-driven soups and hub publishing.
 weighted mean of ingredient checkpoints; strategies decide the weights, one engine applies them.
 """
 
-from .cook import SoupResult, average_soup, cook, greedy_soup, maximum_soup
+from .pipeline import SoupResult, average_soup, cook, greedy_soup, maximum_soup
 from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
 from .evaluate import Candidate, Evaluator, Score, load_evaluator
-from .inspect import inspect
+from .inspection import inspect
 from .manifest import Manifest
 from .manifest import read as read_manifest
-from .merge import MergeResult, merge, soup_version
+from .engine import MergeResult, merge, soup_version
 from .strategies import Choice, SoupStrategy, make_strategy
 
 __version__ = soup_version()

@@ -113,9 +113,9 @@ def merge(
 ) -> None:
     """Merge checkpoints into their weighted mean (a model soup), streaming tensor by tensor."""
     from .ingredients import HubOptions
-    from .inspect import human_bytes
-    from .merge import merge as run_merge
-    from .publish import Publisher
+    from .inspection import human_bytes
+    from .engine import merge as run_merge
+    from .hub.publisher import Publisher
 
     w = _weights(weights)
     target = {"repo": push_to, "revision": revision, "private": private, "create_pr": create_pr,
@@ -164,7 +164,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Describe a checkpoint (tensors, parameters, dtypes, shards, bytes), or check several for compatibility."""
-    from .inspect import human_bytes, inspect as run_inspect
+    from .inspection import human_bytes, inspect as run_inspect
 
     with _errors():
         report = run_inspect(*paths)
@@ -201,7 +201,7 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Cook the soup a recipe describes: evaluate, choose weights, merge, report (and push)."""
-    from .cook import describe_recipe, run_recipe
+    from .pipeline import describe_recipe, run_recipe
     from .recipe import load_recipe
     from .report import format_report
 

@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .bench import Bench, RunningSum
+from .scorer import Scorer, RunningSum
 from .errors import RecipeError
 from .evaluate import Score
 from .options import check_weights
@@ -57,7 +57,7 @@ class SoupStrategy(ABC):
     attributes: ``name`` (default: the class name), ``reference`` (a URL the model card cites) and
     ``needs_evaluator`` (False: ``choose`` may get ``scorer=None``).
 
-    The scorer contract — all a strategy may use (``soup.bench.Bench``):
+    The scorer contract — all a strategy may use (``soup.scorer.Scorer``):
 
     - ``scorer.labels``: the ingredients' names; ``scorer.direction``: "maximize" or "minimize";
     - ``scorer.score(weights, name) -> Score``: the soup with these weights (one per ingredient,
@@ -82,7 +82,7 @@ class SoupStrategy(ABC):
             cls.name = cls.__name__
 
     @abstractmethod
-    def choose(self, scorer: Bench | None, n: int) -> Choice:
+    def choose(self, scorer: Scorer | None, n: int) -> Choice:
         """Return the weights for ``n`` ingredients."""
 
     def options(self) -> dict[str, Any]:
@@ -110,12 +110,12 @@ class MaximumSoup(SoupStrategy):
         if self.p > n:
             raise RecipeError(f"strategy.p: {self.p} must be between 1 and the number of ingredients ({n})")
 
-    def choose(self, bench: Bench | None, n: int) -> Choice:
+    def choose(self, scorer: Scorer | None, n: int) -> Choice:
         self.check(n)
-        scores = bench.score_ingredients()
-        top = set(bench.rank(scores)[: self.p])
+        scores = scorer.score_ingredients()
+        top = set(scorer.rank(scores)[: self.p])
         weights = [1.0 / self.p if i in top else 0.0 for i in range(n)]
-        soup = scores[next(iter(top))] if self.p == 1 else bench.score(weights, f"maximum soup (top {self.p})")
+        soup = scores[next(iter(top))] if self.p == 1 else scorer.score(weights, f"maximum soup (top {self.p})")
         return Choice(weights, [s.value for s in scores], soup_score=soup, kept=[i in top for i in range(n)])
 
 
@@ -136,11 +136,11 @@ class AverageSoup(SoupStrategy):
 
         normalise_weights(self.weights, n, where="strategy.weights")
 
-    def choose(self, bench: Bench | None, n: int) -> Choice:
+    def choose(self, scorer: Scorer | None, n: int) -> Choice:
         from .plan import normalise_weights
 
         weights = list(normalise_weights(self.weights, n, where="strategy.weights"))
-        soup = bench.score(weights, "average soup") if bench is not None else None
+        soup = scorer.score(weights, "average soup") if scorer is not None else None
         return Choice(weights, [None] * n, soup_score=soup, kept=[w > 0 for w in weights])
 
 
@@ -162,34 +162,34 @@ class GreedySoup(SoupStrategy):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise RecipeError(f"strategy.tolerance: {t!r} must be a finite number >= 0")
 
-    def keep(self, bench: Bench, candidate: float, pool: float) -> bool:
-        gain = candidate - pool if bench.direction == "maximize" else pool - candidate
+    def keep(self, scorer: Scorer, candidate: float, pool: float) -> bool:
+        gain = candidate - pool if scorer.direction == "maximize" else pool - candidate
         return gain >= -self.tolerance if self.tie == ">=" else gain > -self.tolerance
 
-    def choose(self, bench: Bench | None, n: int) -> Choice:
-        scores = bench.score_ingredients()
-        order = bench.rank(scores)
+    def choose(self, scorer: Scorer | None, n: int) -> Choice:
+        scores = scorer.score_ingredients()
+        order = scorer.rank(scores)
         best = order[0]
         pool, pool_score = [best], scores[best]
-        trajectory = [{"step": 1, "tried": bench.labels[best], "score": pool_score.value, "kept": True,
-                       "pool": [bench.labels[best]]}]
-        running = RunningSum(bench, best, storage=self.sums, device=bench.devices[0]) \
-            if RunningSum.supports(bench.rules) and n > 1 else None
+        trajectory = [{"step": 1, "tried": scorer.labels[best], "score": pool_score.value, "kept": True,
+                       "pool": [scorer.labels[best]]}]
+        running = RunningSum(scorer, best, storage=self.sums, device=scorer.devices[0]) \
+            if RunningSum.supports(scorer.rules) and n > 1 else None
         try:
             for step, i in enumerate(order[1:], start=2):
-                name = f"greedy candidate {step}/{n} (+{bench.labels[i]})"
-                bench.reporter.step(name)
+                name = f"greedy candidate {step}/{n} (+{scorer.labels[i]})"
+                scorer.reporter.step(name)
                 weights = [1.0 / (len(pool) + 1) if j in pool or j == i else 0.0 for j in range(n)]
                 make = (lambda i=i, name=name: running.candidate(i, name)) if running is not None else None
-                s = bench.score(weights, name, make=make)
-                kept = self.keep(bench, s.value, pool_score.value)
+                s = scorer.score(weights, name, make=make)
+                kept = self.keep(scorer, s.value, pool_score.value)
                 if kept:
                     pool.append(i)
                     pool_score = s
                     if running is not None and step < n:
                         running.add(i)
-                trajectory.append({"step": step, "tried": bench.labels[i], "score": s.value, "kept": kept,
-                                   "pool": [bench.labels[j] for j in pool]})
+                trajectory.append({"step": step, "tried": scorer.labels[i], "score": s.value, "kept": kept,
+                                   "pool": [scorer.labels[j] for j in pool]})
         finally:
             if running is not None:
                 running.close()

@@ -19,8 +19,8 @@ from soup.errors import CheckpointError
 from soup.plan import Job
 
 lib = kernel.load()
-pytestmark = pytest.mark.skipif(lib is None, reason="soup's C kernel was not built with this install: "
-                                                    "the engine uses torch ops (tested elsewhere)")
+pytestmark = pytest.mark.skipif(lib is None, reason="soup's C kernel is off (not built with this install, or "
+                                                    "SOUP_NO_KERNEL=1): the engine uses torch ops, tested elsewhere")
 # the levels this CPU runs, by name ("baseline" first); each test below runs at every one
 LEVELS = [] if lib is None else [lib.cdll.soup_level_name(lv).decode() for lv in range(lib.level + 1)
                                  if lib.cdll.soup_level_supported(lv)]

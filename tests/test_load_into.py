@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import soup
 from conftest import reference_mean
-from soup.bench import Bench, RunningSum
+from soup.scorer import Scorer, RunningSum
 from soup.errors import IncompatibleIngredients
 from soup.evaluators.python import PythonEvaluator
 from soup.ingredients import resolve_all
@@ -88,7 +88,7 @@ def test_target_and_soup_must_fit(tmp_path):
 def test_candidate_load_into_equals_its_state_dict(tmp_path, running):
     paths, _ = fine_tunes(tmp_path)
     cks = resolve_all(paths)
-    bench = Bench(cks, [PythonEvaluator(fn=lambda c: 0.0)])
+    bench = Scorer(cks, [PythonEvaluator(fn=lambda c: 0.0)])
     if running:  # greedy's candidates, built from the pool's running sum
         pool = RunningSum(bench, 0)
         cand = pool.candidate(2, "pool+ft2")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from soup.card import render_model_card
 from soup.cli import app, main
-from soup.cook import average_soup, cook, greedy_soup, maximum_soup
+from soup.pipeline import average_soup, cook, greedy_soup, maximum_soup
 from soup.errors import SoupError
 from soup.manifest import MANIFEST, SCHEMA_VERSION, Manifest, read, write
 from soup.output import is_soup
@@ -219,7 +219,7 @@ def test_plot_scales_to_the_scores_that_matter(tmp_path):
 
 
 def test_hub_commit_message_comes_from_the_manifest(four, tmp_path):
-    from soup.hub.push import _default_message
+    from soup.hub.upload import _default_message
 
     res = maximum_soup(four, val_score, p=3, out=tmp_path / "soup", cache=None)
     assert _default_message(res.path, 5) == "soup: maximum soup of 4 ingredients"

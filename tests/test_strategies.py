@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import soup
-from soup.cook import average_soup, greedy_soup, maximum_soup
+from soup.pipeline import average_soup, greedy_soup, maximum_soup
 from soup.errors import EvaluatorError, RecipeError
 from soup.evaluate import Evaluator
 

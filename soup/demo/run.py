@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..cook import average_soup, greedy_soup, maximum_soup
+from ..pipeline import average_soup, greedy_soup, maximum_soup
 from ..progress import Reporter
 from .evaluator import DigitsAccuracy
 from .train import INGREDIENTS, build_ingredients

@@ -15,8 +15,8 @@
 """
 
 from .errors import RetryPolicy
-from .pull import PULL_PATTERNS, PulledRepo, pull
-from .push import PushResult, ShardUploader, push
+from .download import PULL_PATTERNS, PulledRepo, pull
+from .upload import PushResult, ShardUploader, push
 from .specs import HUB_PREFIX, parse_hub_spec
 
 __all__ = ["HUB_PREFIX", "PULL_PATTERNS", "PulledRepo", "PushResult", "RetryPolicy", "ShardUploader",

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import HubError
+from ..errors import HubError
 
 __all__ = ["Publisher", "PUSH_OPTIONS"]
 
@@ -31,7 +31,7 @@ class Publisher:
         self.target = dict(push_to) if push_to else None
         self._up = None
         if self.target is not None:
-            from .hub import ShardUploader
+            from .upload import ShardUploader
 
             opts = {k: v for k, v in self.target.items() if k != "repo" and v is not None}
             self._up = ShardUploader(self.target["repo"], endpoint=endpoint, token=token, **opts)

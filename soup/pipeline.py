@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from .bench import Bench
+from .scorer import Scorer
 from .cache import ScoreCache
 from .evaluate import Evaluator, Score, load_evaluator
 from .ingredients import HubOptions, IngredientSpec, resolve_all
 from .errors import RecipeError
 from .manifest import Evaluation, EvaluatorInfo, Manifest, Method, Selection, Step, TestEvaluation, Trial, jsonable
-from .merge import merge
+from .engine import merge
 from .options import MergeOptions, check_device, check_option_names
 from .plan import build_plan
 from .output import OutputDir, checkpoint_paths, input_paths
@@ -118,7 +118,7 @@ def cook(
         from .errors import RecipeError
 
         raise RecipeError(f"strategy {strategy.name} needs an evaluator")
-    from .publish import Publisher
+    from .hub.publisher import Publisher
 
     publisher = Publisher({"repo": push_to} if isinstance(push_to, str) else push_to,
                           endpoint=hub.endpoint if hub else None)
@@ -159,15 +159,15 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
         output.protect(checkpoint_paths(cks))
     scratch = output.work_dir() if output is not None else None
     common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
-    bench = Bench(cks, evs, devices=devices or ["cpu"], scratch=scratch, **common) if evs else None
-    choice = strategy.choose(bench, len(cks))
-    test_bench = Bench(cks, tests, scratch=scratch, **common) if tests else None
+    scorer = Scorer(cks, evs, devices=devices or ["cpu"], scratch=scratch, **common) if evs else None
+    choice = strategy.choose(scorer, len(cks))
+    test_scorer = Scorer(cks, tests, scratch=scratch, **common) if tests else None
     test_score, test_scores = None, {}
-    if test_bench is not None:
-        test_scores = {ck.label: s.value for ck, s in zip(cks, test_bench.score_ingredients("testing ingredient"))}
+    if test_scorer is not None:
+        test_scores = {ck.label: s.value for ck, s in zip(cks, test_scorer.score_ingredients("testing ingredient"))}
         reporter.step("testing the soup")
-        test_score = test_bench.score(choice.weights, f"{strategy.name} soup")
-    evaluation = _evaluation(choice, bench, test_bench, test_score)
+        test_score = test_scorer.score(choice.weights, f"{strategy.name} soup")
+    evaluation = _evaluation(choice, scorer, test_scorer, test_score)
     result = SoupResult({c.label: w for c, w in zip(cks, choice.weights)},
                         {c.label: s for c, s in zip(cks, choice.scores)}, choice.trajectory,
                         choice.soup_score, test_score, test_scores)
@@ -218,28 +218,28 @@ def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any]
     build_plan(cks, rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize, mixed_float=opts.mixed_float)
 
 
-def _evaluation(choice: Choice, bench: Bench | None, test: Bench | None,
+def _evaluation(choice: Choice, scorer: Scorer | None, test: Scorer | None,
                 test_score: Score | None) -> Evaluation | None:
-    """The evaluation record for soup.json: every evaluation of both benches in order, greedy's trajectory,
+    """The evaluation record for soup.json: every evaluation of both scorers in order, greedy's trajectory,
     the soup's validation and test scores (per-ingredient scores are read from the histories)."""
-    if bench is None and test is None:
+    if scorer is None and test is None:
         return None
     test_record = None
     if test is not None:
         test_record = TestEvaluation(EvaluatorInfo.from_identity(test.identity), test.direction,
                                      test_score.value if test_score else None,
                                      dict(test_score.metrics) if test_score else None, _history(test))
-    if bench is None:
+    if scorer is None:
         return Evaluation(test=test_record)
     soup = choice.soup_score
-    return Evaluation(EvaluatorInfo.from_identity(bench.identity), bench.direction,
-                      soup.value if soup else None, dict(soup.metrics) if soup else None, _history(bench),
+    return Evaluation(EvaluatorInfo.from_identity(scorer.identity), scorer.direction,
+                      soup.value if soup else None, dict(soup.metrics) if soup else None, _history(scorer),
                       trajectory=[_step(k, t) for k, t in enumerate(choice.trajectory)], test=test_record)
 
 
-def _history(bench: Bench) -> list[Trial]:
+def _history(scorer: Scorer) -> list[Trial]:
     return [Trial(r["candidate"], dict(r["weights"]), r["score"], dict(r.get("metrics") or {}), bool(r["cached"]))
-            for r in bench.records]
+            for r in scorer.records]
 
 
 def _step(k: int, t: Mapping[str, Any]) -> Step:

@@ -1,5 +1,6 @@
-"""The bench: where strategies taste candidates. Builds candidates over resolved ingredients, scores
-them through the cache, and runs independent evaluations concurrently, one evaluator per device.
+"""The scorer: how strategies taste candidates. Builds candidates (weighted means of the resolved
+ingredients), scores them through the cache, and runs independent evaluations concurrently, one
+evaluator per device. Its public methods are the scorer contract documented on ``SoupStrategy``.
 
 Candidates are built by the merge engine (in memory for ``candidate.state_dict``, in a temp folder
 for ``candidate.path``), so a candidate is exactly the soup that would be written. Greedy's running
@@ -21,15 +22,15 @@ import torch
 from .cache import ScoreCache, candidate_key, evaluator_key
 from .checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
 from .evaluate import Candidate, Evaluator, Score, run_evaluator
-from .merge import merge
+from .engine import merge
 from .progress import Reporter
 from .rules import Rule
 from .sinks import InPlaceSink
 
-__all__ = ["Bench", "RunningSum"]
+__all__ = ["Scorer", "RunningSum"]
 
 
-class Bench:
+class Scorer:
     """Score candidates (weighted means of ``checkpoints``) with cached, possibly parallel, evaluations.
 
     Args:
@@ -167,12 +168,12 @@ class RunningSum:
     the output dtype); the final soup is always re-merged from the ingredients themselves.
     """
 
-    def __init__(self, bench: Bench, first: int, *, storage: str = "memory", device: str = "cpu") -> None:
-        self.bench, self.storage, self.device = bench, storage, device
+    def __init__(self, scorer: Scorer, first: int, *, storage: str = "memory", device: str = "cpu") -> None:
+        self.scorer, self.storage, self.device = scorer, storage, device
         self.members = [first]
-        self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-", dir=bench.scratch)) \
+        self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-", dir=scorer.scratch)) \
             if storage == "disk" else None
-        self._sum: Any = self._combine([bench.checkpoints[first]], [1.0], step=0)
+        self._sum: Any = self._combine([scorer.checkpoints[first]], [1.0], step=0)
 
     @staticmethod
     def supports(rules: Sequence[Rule]) -> bool:
@@ -182,30 +183,30 @@ class RunningSum:
     def candidate(self, new: int, name: str) -> Candidate:
         """The uniform soup of the pool plus ingredient ``new``."""
         k = len(self.members)
-        w = [1.0 if i in self.members or i == new else 0.0 for i in range(len(self.bench.labels))]
-        new_ck = self.bench.checkpoints[new]
+        w = [1.0 if i in self.members or i == new else 0.0 for i in range(len(self.scorer.labels))]
+        new_ck = self.scorer.checkpoints[new]
         # inputs: the new ingredient, the pool's sum, then the sources of take: rules (weight 0)
-        takes = sorted({self._take_index(r) for r in self.bench.rules if r.action == "take"})
-        inputs = [new_ck, self._sum] + [self.bench.checkpoints[i] for i in takes]
+        takes = sorted({self._take_index(r) for r in self.scorer.rules if r.action == "take"})
+        inputs = [new_ck, self._sum] + [self.scorer.checkpoints[i] for i in takes]
         weights = [1.0 / (k + 1), 1.0 / (k + 1)] + [0.0] * len(takes)
         rules = [Rule(r.pattern, "take", ingredient=2 + takes.index(self._take_index(r))) if r.action == "take"
-                 else r for r in self.bench.rules]
-        common = dict(weights=weights, normalize=False, rules=rules, dtype=self.bench.dtype,
+                 else r for r in self.scorer.rules]
+        common = dict(weights=weights, normalize=False, rules=rules, dtype=self.scorer.dtype,
                       mixed_float=True, config_from=0)
-        return Candidate(name, self.bench.key([x / (k + 1) for x in w]),
+        return Candidate(name, self.scorer.key([x / (k + 1) for x in w]),
                          state_dict_fn=lambda device: merge(inputs, None, device=device, **common).state_dict,
                          load_fn=lambda target: merge(inputs, target, device=_math_device(target), **common),
                          write_fn=lambda folder: _write(inputs, folder, common),
-                         weights={lab: x / (k + 1) for lab, x in zip(self.bench.labels, w) if x},
-                         tmp_dir=self.bench.scratch)
+                         weights={lab: x / (k + 1) for lab, x in zip(self.scorer.labels, w) if x},
+                         tmp_dir=self.scorer.scratch)
 
     def _take_index(self, rule: Rule) -> int:
         ing = rule.ingredient
-        return ing if isinstance(ing, int) else self.bench.labels.index(ing)
+        return ing if isinstance(ing, int) else self.scorer.labels.index(ing)
 
     def add(self, new: int) -> None:
         """Keep ingredient ``new``: S <- S + x_new (one pass)."""
-        self._sum = self._combine([self._sum, self.bench.checkpoints[new]], [1.0, 1.0],
+        self._sum = self._combine([self._sum, self.scorer.checkpoints[new]], [1.0, 1.0],
                                   step=len(self.members))
         self.members.append(new)
 

@@ -25,7 +25,7 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
     Raises:
         CheckpointError: a path is missing or corrupt.
     """
-    from .remote import header_checkpoint
+    from .hub.precheck import header_checkpoint
 
     # hub repos are described from their safetensors headers (range requests): nothing is downloaded
     specs = [path, *more]
