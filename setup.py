@@ -21,14 +21,14 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as e:  # a missing or broken toolchain fails in many ways; none stops the install
+        except Exception as e:  # noqa: BLE001 - a missing or broken toolchain fails in many ways; none stops the install
             self._skip(e)
 
     def build_extension(self, ext: Extension) -> None:
         ext.extra_compile_args = MSVC_FLAGS if self.compiler.compiler_type == "msvc" else GCC_FLAGS
         try:
             super().build_extension(ext)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             self._skip(e)
 
     def get_export_symbols(self, ext: Extension) -> list[str]:
@@ -37,7 +37,7 @@ class OptionalBuildExt(build_ext):
     def copy_extensions_to_source(self) -> None:  # editable installs: skip a kernel that was not built
         try:
             super().copy_extensions_to_source()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             self._skip(e)
 
     @staticmethod

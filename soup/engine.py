@@ -7,6 +7,7 @@ without it the soup is returned in memory as a state dict on ``device`` (same pl
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,10 +26,11 @@ from .plan import Job, Plan, build_plan
 from .progress import Reporter, RichReporter
 from .rules import Rule, parse_rules
 from .stream import TensorReader
+from .options import MergeOptions, check_option_names, check_weights
 from .output import OutputDir, checkpoint_paths, input_paths
 from .signals import graceful
 from .sinks import InPlaceSink, MemorySink
-from .writer import ShardWriter, copy_aux_files, parse_size, write_manifest
+from .writer import ShardWriter, copy_aux_files, write_manifest
 from .manifest import FileEntry, IngredientEntry, Manifest, Method, Selection
 
 __all__ = ["merge", "MergeResult", "soup_version"]
@@ -54,24 +56,18 @@ class MergeResult:
 
 def merge(
     ingredients: Sequence[IngredientSpec],
-    out: str | Path | OutputDir | None = None,
+    out: str | Path | OutputDir | torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
     *,
     weights: Sequence[float] | None = None,
-    normalize: bool = True,
-    mixed_float: bool = False,
-    dtype: str | torch.dtype | None = None,
-    accumulate: str = "float32",
-    shard_size: str | int = "5GB",
-    device: str = "cpu",
     rules: Sequence[str | Mapping[str, Any] | Rule] = (),
-    strict: bool = False,
-    config_from: int | str = 0,
     overwrite: bool = False,
     progress: bool | Reporter = False,
-    on_shard: Callable[[Path, str], None] | None = None,
     labels: Sequence[str | None] | None = None,
     hub: HubOptions | None = None,
+    on_shard: Callable[[Path, str], None] | None = None,
     selection: Selection | None = None,
+    options: MergeOptions | None = None,
+    **option_values: Any,
 ) -> MergeResult:
     """Merge ingredients into their weighted mean, streaming tensor by tensor.
 
@@ -81,19 +77,19 @@ def merge(
             an ``nn.Module`` or ``{name: tensor}`` mapping (or an ``InPlaceSink`` around one)
             receives the soup in place (its own devices and dtypes; no second copy of the weights).
         weights: one per ingredient (default uniform); normalised to sum to 1 unless ``normalize=False``.
-        mixed_float: allow float dtypes to differ between ingredients (output: the first's).
-        dtype: output dtype of float tensors (default: the ingredients').
-        accumulate: "float32" (default) or "float64".
-        shard_size: bytes per output shard, e.g. "5GB" or 2_000_000_000.
-        device: where the math runs ("cpu", "cuda").
         rules: per-tensor rules, ``"PATTERN=take:N"``, ``"PATTERN=drop"``, ``"PATTERN=W1,W2"``.
-        strict: differing integer/bool buffers are an error, not a warning.
-        config_from: ingredient (index or label) whose config/tokenizer/processor files are copied.
-        overwrite: replace an existing ``out`` (only once the new soup is complete).
+        overwrite: replace a previous soup at ``out`` (only once the new soup is complete).
         progress: True for rich progress on stderr, or a Reporter.
+        labels: ingredient names (default: folder or repo names).
+        hub: how to reach the hub for ``hf://`` ingredients.
         on_shard: ``fn(path, sha256_hex)`` called as soon as each shard is written (a hub uploader).
         selection: how the weights were chosen (method, evaluation, kept flags, recipe), recorded in
             ``soup.json``, the model card and the plot; default: a plain average/weighted merge.
+        options / option_values: the engine's options, a ``MergeOptions`` or its fields as keywords:
+            ``dtype`` (output float dtype), ``accumulate`` ("float32" or "float64"), ``shard_size``
+            ("5GB"), ``device`` ("cpu", "cuda"), ``strict`` (differing integer buffers are an
+            error), ``config_from`` (ingredient whose config/tokenizer files are copied),
+            ``normalize``, ``mixed_float``. Checked before anything is read.
 
     Returns:
         MergeResult with the output path and manifest (or the state dict).
@@ -102,17 +98,14 @@ def merge(
         SoupError: bad input (CheckpointError, IncompatibleIngredients, RecipeError); nothing is written.
     """
     t0 = time.perf_counter()
-    reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
-    from .options import MergeOptions, check_weights
-
     # every value is checked before anything is read or written (RecipeError naming the option)
-    opts = MergeOptions(dtype=dtype, accumulate=accumulate, shard_size=shard_size, device=device, strict=strict,
-                        config_from=config_from, normalize=normalize, mixed_float=mixed_float)
+    check_option_names(option_values, MergeOptions.names(), where="merge")
+    opts = dataclasses.replace(options, **option_values) if options is not None else MergeOptions(**option_values)
     if weights is not None:
         check_weights(weights, where="weights")
-    parse_rules(rules)
-    out_dtype, acc_dtype = opts.torch_dtype, opts.accumulate_dtype
-    _check_device(device)  # is CUDA there?
+    rule_list = parse_rules(rules)
+    _check_device(opts.device)  # is CUDA there?
+    reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
     into = out if isinstance(out, (torch.nn.Module, Mapping, InPlaceSink)) else None  # written in place
     output = _output_dir(None if into is not None else out, overwrite, ingredients)  # refused before any read
     owned = output is not None and not isinstance(out, OutputDir)
@@ -122,11 +115,8 @@ def merge(
                 output.lock()
                 for note in output.cleaned:
                     reporter.warn(f"{output.given}: {note}")
-            return _merge(ingredients, output, weights=weights, normalize=normalize, mixed_float=mixed_float,
-                          out_dtype=out_dtype, acc_dtype=acc_dtype, accumulate=accumulate, shard_size=shard_size,
-                          device=device, rules=rules, strict=strict, config_from=config_from, reporter=reporter,
-                          on_shard=on_shard, labels=labels, hub=hub, selection=selection,
-                          t0=t0, into=into)
+            return _merge(ingredients, output, into, opts, weights=weights, rules=rule_list, reporter=reporter,
+                          on_shard=on_shard, labels=labels, hub=hub, selection=selection, t0=t0)
         except OSError as e:  # an environment fault: disk full, read-only, permission, a file for a folder
             raise SoupError(f"output {output.given if output else '-'}: {os_error_line(e)}") from e
         finally:
@@ -142,20 +132,20 @@ def _output_dir(out: str | Path | OutputDir | None, overwrite: bool,
     return OutputDir(out, overwrite=overwrite, protect=input_paths(ingredients))
 
 
-def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, weights, normalize, mixed_float,
-           out_dtype, acc_dtype, accumulate, shard_size, device, rules, strict, config_from, reporter, on_shard,
-           labels, hub, selection, t0, into=None) -> MergeResult:
-    """The body of ``merge`` once the output (if any) is checked and locked."""
-    shard_bytes = parse_size(shard_size)
-    rule_list = parse_rules(rules)
+def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into: Any, opts: MergeOptions, *,
+           weights: Sequence[float] | None, rules: list[Rule], reporter: Reporter, on_shard, labels, hub,
+           selection: Selection | None, t0: float) -> MergeResult:
+    """The body of ``merge`` once the options are checked and the output (if any) is locked."""
     from .hub.precheck import precheck
 
-    specs = precheck(ingredients, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or mixed_float)
+    out_dtype, acc_dtype, device = opts.torch_dtype, opts.accumulate_dtype, str(opts.device)
+    rule_list, accumulate, config_from = rules, opts.accumulate, opts.config_from
+    specs = precheck(ingredients, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or opts.mixed_float)
     cks = resolve_all(specs, labels=labels, hub=hub)
     if output is not None:
         output.protect(checkpoint_paths(cks))  # hub snapshots and link targets, known only now
-    plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=normalize,
-                      mixed_float=mixed_float)
+    plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=opts.normalize,
+                      mixed_float=opts.mixed_float)
     source = _config_source(cks, config_from)
     sink = (into if isinstance(into, InPlaceSink) else InPlaceSink(into)) if into is not None \
         else MemorySink(device) if output is None else None
@@ -173,7 +163,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, w
     threads = torch.get_num_threads()
     compute_threads = _compute_threads(plan, threads, to_disk=output is not None and device == "cpu")
     combiner = Combiner([c.label for c in cks], where=lambda i, name: _where(cks[i], name),
-                        accumulate=acc_dtype, device=device, strict=strict, warn=warn, threads=compute_threads)
+                        accumulate=acc_dtype, device=device, strict=opts.strict, warn=warn, threads=compute_threads)
     in_dtypes = {t.dtype for ck in cks for t in ck.tensors.values() if t.dtype.is_floating_point}
     out_dtypes = {j.out_dtype for j in plan.jobs if j.kind == "mean"}
     # the kernel runs its own threads; idle torch (OpenMP) workers would only spin beside it
@@ -197,7 +187,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, *, w
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, selection)
                 return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
             with output as tmp:
-                writer = ShardWriter(tmp, plan.jobs, shard_size=shard_bytes, on_shard=on_shard)
+                writer = ShardWriter(tmp, plan.jobs, shard_size=opts.shard_bytes, on_shard=on_shard)
                 writer.write(produce)
                 if source is not None and source.root is not None:
                     copy_aux_files(source.root, tmp, dtype=out_dtype)

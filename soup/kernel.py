@@ -9,9 +9,10 @@ values. Results are bit-identical to the torch path; tests compare them.
 
 Design:
 
-- Built with the package (``setup.py``: an optional setuptools extension, ``soup/_kernel*.so``),
-  never at run time; loaded with ctypes from the package folder only. Where it was not built (no
-  compiler at install time) or ``SOUP_NO_KERNEL=1``, the engine uses torch ops: only speed differs.
+- Built with the package (``setup.py``: an optional setuptools extension, ``soup/_kernel*.so``;
+  ``pip install -e .`` builds it in place, so rerun it after editing the C), never at run time;
+  loaded with ctypes from the package folder only. Where it was not built (no compiler at install
+  time) or with ``SOUP_NO_KERNEL=1``, the engine uses torch ops: only speed differs.
 - No ``-march``: each loop is compiled for the architecture's baseline (x86-64: SSE2) and, on x86-64,
   for AVX2 and AVX-512; the library reports what this CPU runs and the best level is used, so a
   build moved to another machine still runs. ``SOUP_KERNEL_VARIANT=baseline|avx2|avx512`` caps the
@@ -33,13 +34,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "variant", "Kernel", "FusedMean"]
+__all__ = ["FusedMean", "Kernel", "load", "variant"]
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_cdll: ctypes.CDLL | None | bool = False  # False: not opened yet; None: unavailable
-_path: Path | None = None
+_opened: tuple[ctypes.CDLL, Path] | None | bool = False  # False: not tried yet; None: unavailable
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,12 @@ class Kernel:
         return self.cdll.soup_count_nonfinite(self.level, acc, n)
 
 
-def _open() -> ctypes.CDLL | None:
-    global _path
+def _open() -> tuple[ctypes.CDLL, Path] | None:
     spec = importlib.util.find_spec("soup._kernel")  # the built extension's file, for this Python
     if spec is None or not spec.origin:
         log.debug("soup's C kernel was not built with this install: using torch ops")
         return None
     dll = ctypes.CDLL(spec.origin)
-    _path = Path(spec.origin)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     dll.soup_level_supported.argtypes, dll.soup_level_supported.restype = [ctypes.c_int], ctypes.c_int
     dll.soup_level_name.argtypes, dll.soup_level_name.restype = [ctypes.c_int], ctypes.c_char_p
@@ -76,7 +74,7 @@ def _open() -> ctypes.CDLL | None:
     dll.soup_accumulate.restype = None
     dll.soup_finish_bf16.argtypes, dll.soup_finish_bf16.restype = [ctypes.c_int, ptr, ptr, i64], i64
     dll.soup_count_nonfinite.argtypes, dll.soup_count_nonfinite.restype = [ctypes.c_int, ptr, i64], i64
-    return dll
+    return dll, Path(spec.origin)
 
 
 def _levels(dll: ctypes.CDLL) -> list[str]:
@@ -88,19 +86,19 @@ def _levels(dll: ctypes.CDLL) -> list[str]:
 
 def load() -> Kernel | None:
     """The compiled kernel at the best level this CPU runs; None when not built or disabled."""
-    global _cdll
+    global _opened
     if os.environ.get("SOUP_NO_KERNEL", "") not in ("", "0"):
         return None
     with _lock:
-        if _cdll is False:
+        if _opened is False:
             try:
-                _cdll = _open()
+                _opened = _open()
             except OSError as e:  # e.g. a library built for another platform
                 log.debug("soup's C kernel could not be loaded (%s): using torch ops", e)
-                _cdll = None
-        dll = _cdll
-    if dll is None:
+                _opened = None
+    if _opened is None:
         return None
+    dll, path = _opened
     names = _levels(dll)
     cap = os.environ.get("SOUP_KERNEL_VARIANT", "")
     if cap and cap not in names:
@@ -108,7 +106,7 @@ def load() -> Kernel | None:
         cap = ""
     top = names.index(cap) if cap else len(names) - 1
     level = max(lv for lv in range(top + 1) if dll.soup_level_supported(lv))
-    return Kernel(dll, _path, level, names[level])
+    return Kernel(dll, path, level, names[level])
 
 
 def variant() -> str | None:

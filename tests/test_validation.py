@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import soup
@@ -182,3 +183,15 @@ def test_api_weights_and_dtype_fail_before_output(make_ingredients, tmp_path):
 def test_example_recipes_still_validate(path):
     res = runner.invoke(app, ["validate", str(path)])
     assert res.exit_code == 0, res.output
+
+
+def test_merge_options_are_one_checked_object(make_ingredients, tmp_path):
+    """A misspelt engine option is a RecipeError that suggests the name, before the output exists."""
+
+    paths, _ = make_ingredients(2)
+    with pytest.raises(RecipeError, match="unknown option 'shard_sise' \\(did you mean 'shard_size'\\?\\)"):
+        soup.merge(paths, tmp_path / "o", shard_sise="1GB")
+    assert not (tmp_path / "o").exists()
+    opts = MergeOptions(dtype="float32", shard_size="1MB")
+    res = soup.merge(paths, None, options=opts, accumulate="float64")
+    assert {t.dtype for t in res.state_dict.values() if t.is_floating_point()} == {torch.float32}
