@@ -7,6 +7,8 @@ library picks AVX2 / AVX-512 code at run time from what the CPU reports, so a bu
 
 from __future__ import annotations
 
+import sys
+
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -19,9 +21,11 @@ class OptionalBuildExt(build_ext):
     """build_ext that warns instead of failing when the kernel cannot be compiled."""
 
     def run(self) -> None:
+        # a missing or broken toolchain fails in many ways (no compiler, no MSVC, no headers): none stops
+        # the install; build_extension and copy_extensions_to_source both run inside run()
         try:
             super().run()
-        except Exception as e:  # noqa: BLE001 - a missing or broken toolchain fails in many ways; none stops the install
+        except Exception as e:  # noqa: BLE001
             self._skip(e)
 
     def build_extension(self, ext: Extension) -> None:
@@ -34,16 +38,10 @@ class OptionalBuildExt(build_ext):
     def get_export_symbols(self, ext: Extension) -> list[str]:
         return []  # the C functions export themselves; PyInit__kernel exists only with Python's headers
 
-    def copy_extensions_to_source(self) -> None:  # editable installs: skip a kernel that was not built
-        try:
-            super().copy_extensions_to_source()
-        except Exception as e:  # noqa: BLE001
-            self._skip(e)
-
     @staticmethod
     def _skip(e: Exception) -> None:
         print(f"WARNING: soup's optional C kernel was not built ({type(e).__name__}: {e}); "
-              "soup will use torch ops for the weighted mean (same results, slower)")
+              "soup will use torch ops for the weighted mean (same results, slower)", file=sys.stderr)
 
 
 setup(

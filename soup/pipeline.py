@@ -28,7 +28,7 @@ from .options import MergeOptions, check_device, check_option_names
 from .plan import build_plan
 from .output import OutputDir, checkpoint_paths, input_paths
 from .progress import Reporter, RichReporter
-from .rules import parse_rules
+from .rules import Rule, parse_rules
 from .signals import graceful
 from .strategies import AverageSoup, Choice, GreedySoup, MaximumSoup, SoupStrategy
 
@@ -161,12 +161,14 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
     common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
     scorer = Scorer(cks, evs, devices=devices or ["cpu"], scratch=scratch, **common) if evs else None
     choice = strategy.choose(scorer, len(cks))
+    # the run's rules, then the strategy's per-group weights (as the scorer built its candidates)
+    final_rules = list(rule_list) + [Rule(p, "weights", weights=tuple(w)) for p, w in choice.groups.items()]
     test_scorer = Scorer(cks, tests, scratch=scratch, **common) if tests else None
     test_score, test_scores = None, {}
     if test_scorer is not None:
         test_scores = {ck.label: s.value for ck, s in zip(cks, test_scorer.score_ingredients("testing ingredient"))}
         reporter.step("testing the soup")
-        test_score = test_scorer.score(choice.weights, f"{strategy.name} soup")
+        test_score = test_scorer.score(choice.weights, f"{strategy.name} soup", groups=choice.groups)
     evaluation = _evaluation(choice, scorer, test_scorer, test_score)
     result = SoupResult({c.label: w for c, w in zip(cks, choice.weights)},
                         {c.label: s for c, s in zip(cks, choice.scores)}, choice.trajectory,
@@ -177,14 +179,14 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
                           evaluation, choice.kept, jsonable(dict(recipe)) if recipe else None)
     if out is not None:
         reporter.step(f"merging {sum(1 for w in choice.weights if w)} ingredient(s) into {out}")
-        m = merge(cks, output, weights=choice.weights, rules=rule_list, dtype=dtype, progress=reporter,
+        m = merge(cks, output, weights=choice.weights, rules=final_rules, dtype=dtype, progress=reporter,
                   selection=selection, on_shard=publisher.on_shard, **merge_options)
         result.path, result.manifest = m.path, m.manifest
         if publisher.target:
             reporter.step(f"pushing to {publisher.target['repo']}")
             result.push = publisher.finish(m.path)
     if return_state_dict or out is None:
-        m = merge(cks, None, weights=choice.weights, rules=rule_list, dtype=dtype, selection=selection,
+        m = merge(cks, None, weights=choice.weights, rules=final_rules, dtype=dtype, selection=selection,
                   **{k: v for k, v in merge_options.items() if k in ("device", "accumulate", "strict")})
         result.state_dict = m.state_dict
         result.manifest = result.manifest or m.manifest

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -64,30 +64,43 @@ class Scorer:
     def direction(self) -> str:
         return self.evaluator.direction
 
-    def key(self, weights: Sequence[float]) -> str:
-        return candidate_key([c.fingerprint for c in self.checkpoints], weights,
-                             rules=[r.to_dict() for r in self.rules], dtype=self.dtype)
+    @property
+    def parallelism(self) -> int:
+        """How many candidates ``score_many`` evaluates at once (evaluators over devices)."""
+        return len(self.evaluators)
 
-    def candidate(self, weights: Sequence[float], name: str) -> Candidate:
-        """A candidate soup with these weights (one per ingredient), built lazily by the engine."""
+    def rules_for(self, groups: Mapping[str, Sequence[float]] | None) -> list[Rule]:
+        """The run's rules, then one per-pattern weight rule per group (the run's rules win)."""
+        return self.rules + [Rule(pattern, "weights", weights=tuple(float(x) for x in w))
+                             for pattern, w in (groups or {}).items()]
+
+    def key(self, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None) -> str:
+        return candidate_key([c.fingerprint for c in self.checkpoints], weights,
+                             rules=[r.to_dict() for r in self.rules_for(groups)], dtype=self.dtype)
+
+    def candidate(self, weights: Sequence[float], name: str,
+                  groups: Mapping[str, Sequence[float]] | None = None) -> Candidate:
+        """A candidate soup with these weights (one per ingredient; ``groups``: other weights for the
+        tensors matching each glob pattern), built lazily by the engine."""
         cks, w = self.checkpoints, list(weights)
-        common = dict(weights=w, rules=self.rules, dtype=self.dtype, config_from=_first_nonzero(w))
-        return Candidate(name, self.key(w),
+        common = dict(weights=w, rules=self.rules_for(groups), dtype=self.dtype, config_from=_first_nonzero(w))
+        return Candidate(name, self.key(w, groups),
                          state_dict_fn=lambda device: merge(cks, None, device=device, **common).state_dict,
                          load_fn=lambda target: merge(cks, target, device=_math_device(target), **common),
                          write_fn=lambda folder: _write(cks, folder, common),
                          weights={lab: x for lab, x in zip(self.labels, w) if x}, tmp_dir=self.scratch)
 
-    def score(self, weights: Sequence[float], name: str, *, evaluator: int = 0,
-              make: Callable[[], Candidate] | None = None) -> Score:
-        """Score the soup with ``weights``: from the cache, or evaluated now (and stored)."""
-        key = self.key(weights)
+    def score(self, weights: Sequence[float], name: str, *, groups: Mapping[str, Sequence[float]] | None = None,
+              evaluator: int = 0, make: Callable[[], Candidate] | None = None) -> Score:
+        """Score the soup with ``weights`` (and per-pattern ``groups`` weights): from the cache, or
+        evaluated now (and stored)."""
+        key = self.key(weights, groups)
         hit = self.cache.get(self._ekey, key)
         if hit is not None:
             self._record(name, weights, hit, cached=True)
             return hit
         ev = self.evaluators[evaluator]
-        with (make() if make is not None else self.candidate(weights, name)) as cand:
+        with (make() if make is not None else self.candidate(weights, name, groups)) as cand:
             score = run_evaluator(ev, cand)
         self.cache.put(self._ekey, key, score, name=name, identity=self.identity)
         self._record(name, weights, score, cached=False)
@@ -100,17 +113,16 @@ class Scorer:
         return self.score_many([(one_hot[i], self.labels[i]) for i in range(n)],
                                steps=[f"{what} {i + 1}/{n} ({self.labels[i]})" for i in range(n)])
 
-    def score_many(self, candidates: Sequence[tuple[Sequence[float], str]], *,
-                   steps: Sequence[str] | None = None) -> list[Score]:
-        """Score independent candidates ``(weights, name)``, concurrently over the devices (one
-        evaluator each); results in the order given. The first failure propagates; scores finished
-        before it stay in the cache."""
-        steps = list(steps) if steps is not None else [f"evaluating {name}" for _, name in candidates]
+    def score_many(self, candidates: Sequence[tuple], *, steps: Sequence[str] | None = None) -> list[Score]:
+        """Score independent candidates ``(weights, name)`` or ``(weights, name, groups)``,
+        concurrently over the devices (one evaluator each); results in the order given. The first
+        failure propagates; scores finished before it stay in the cache."""
+        steps = list(steps) if steps is not None else [f"evaluating {c[1]}" for c in candidates]
         if len(self.evaluators) == 1:
             out = []
-            for (weights, name), step in zip(candidates, steps):
+            for c, step in zip(candidates, steps):
                 self.reporter.step(step)
-                out.append(self.score(weights, name))
+                out.append(self.score(c[0], c[1], groups=c[2] if len(c) > 2 else None))
             return out
         slots: list[int] = list(range(len(self.evaluators)))
         lock = threading.Lock()
@@ -120,7 +132,8 @@ class Scorer:
                 slot = slots.pop()
             try:
                 self.reporter.step(f"{steps[k]} on {self.devices[slot]}")
-                return self.score(candidates[k][0], candidates[k][1], evaluator=slot)
+                c = candidates[k]
+                return self.score(c[0], c[1], groups=c[2] if len(c) > 2 else None, evaluator=slot)
             finally:
                 with lock:
                     slots.append(slot)

@@ -47,6 +47,7 @@ class Choice:
     trajectory: list[dict[str, Any]] = field(default_factory=list)  # greedy: tried, kept, score
     soup_score: Score | None = None  # the chosen soup's score, when known
     kept: list[bool] | None = None  # greedy/maximum: which ingredients are in the soup
+    groups: dict[str, list[float]] = field(default_factory=dict)  # glob pattern -> its own weights
 
 
 class SoupStrategy(ABC):
@@ -60,10 +61,11 @@ class SoupStrategy(ABC):
     The scorer contract — all a strategy may use (``soup.scorer.Scorer``):
 
     - ``scorer.labels``: the ingredients' names; ``scorer.direction``: "maximize" or "minimize";
-    - ``scorer.score(weights, name) -> Score``: the soup with these weights (one per ingredient,
-      normalised), scored by the evaluator — from the score cache when it was scored before;
-    - ``scorer.score_many([(weights, name), ...]) -> [Score, ...]``: independent candidates,
-      evaluated concurrently over the devices;
+    - ``scorer.score(weights, name, groups=None) -> Score``: the soup with these weights (one per
+      ingredient, normalised; ``groups``: ``{glob pattern: weights}`` for the tensors matching a
+      pattern), scored by the evaluator — from the score cache when it was scored before;
+    - ``scorer.score_many([(weights, name[, groups]), ...]) -> [Score, ...]``: independent
+      candidates, evaluated concurrently (``scorer.parallelism`` at a time);
     - ``scorer.score_ingredients() -> [Score, ...]``: every ingredient alone;
     - ``scorer.rank(values) -> [index, ...]``: best first, in the evaluator's direction (ties keep
       their order); ``scorer.better(a, b)``: ``a`` strictly better than ``b``.
