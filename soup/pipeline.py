@@ -85,6 +85,7 @@ def cook(
     recipe: Mapping[str, Any] | None = None,
     push_to: Mapping[str, Any] | str | None = None,
     protect: Sequence[str | Path] = (),
+    storage: str | None = None,
     **merge_options: Any,
 ) -> SoupResult:
     """Evaluate, choose weights with ``strategy``, and merge.
@@ -101,6 +102,9 @@ def cook(
         push_to: ``"owner/name"`` or ``{repo, revision, private, create_pr, commit_message}``: shards
             are uploaded while the soup is written, then one commit lands (``result.push``).
         protect: more paths the output must keep clear of (the recipe, data files).
+        storage: an optuna storage URL shared with ``soup worker`` processes (evaluations are then
+            spread over them); default: none, and strategies that keep a study (search) use an
+            sqlite file beside the output (``.NAME.soup-study.sqlite``), so a killed run resumes.
         merge_options: passed to ``merge`` (shard_size, accumulate, config_from, overwrite, device...).
 
     Raises:
@@ -130,7 +134,7 @@ def cook(
                     reporter.warn(f"{output.given}: {note}")
             return _cook(strategy, ingredients, output, publisher, evs, tests, store, rule_list, reporter,
                          labels=labels, dtype=dtype, devices=devices, hub=hub, recipe=recipe,
-                         return_state_dict=return_state_dict, merge_options=merge_options)
+                         return_state_dict=return_state_dict, merge_options=merge_options, storage=storage)
         finally:
             publisher.close()
             for ev in evs + tests:
@@ -144,7 +148,7 @@ def cook(
 def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output: OutputDir | None,
           publisher: Any, evs: list[Evaluator], tests: list[Evaluator], store: ScoreCache, rule_list: list[Any],
           reporter: Reporter, *, labels, dtype, devices, hub, recipe, return_state_dict,
-          merge_options: Mapping[str, Any]) -> SoupResult:
+          merge_options: Mapping[str, Any], storage: str | None = None) -> SoupResult:
     """The body of ``cook`` once the output (if any) is checked and locked."""
     out = output.dest if output is not None else None
     publisher.start()  # fail fast on a bad token, before any evaluation
@@ -159,7 +163,9 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
         output.protect(checkpoint_paths(cks))
     scratch = output.work_dir() if output is not None else None
     common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
-    scorer = Scorer(cks, evs, devices=devices or ["cpu"], scratch=scratch, **common) if evs else None
+    study = storage or (_study_storage(output) if output is not None else None)
+    scorer = Scorer(cks, evs, devices=devices or ["cpu"], scratch=scratch, storage=study, shared=storage is not None,
+                    **common) if evs else None
     choice = strategy.choose(scorer, len(cks))
     # the run's rules, then the strategy's per-group weights (as the scorer built its candidates)
     final_rules = list(rule_list) + [Rule(p, "weights", weights=tuple(w)) for p, w in choice.groups.items()]
@@ -218,6 +224,11 @@ def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any]
     strategy.check(len(cks))
     opts.check_config_from([c.label for c in cks])
     build_plan(cks, rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize, mixed_float=opts.mixed_float)
+
+
+def _study_storage(output: OutputDir) -> str:
+    """The embedded default study storage: an sqlite file beside the output (kept between runs)."""
+    return f"sqlite:///{output.dest.parent / f'.{output.dest.name}.soup-study.sqlite'}"
 
 
 def _evaluation(choice: Choice, scorer: Scorer | None, test: Scorer | None,

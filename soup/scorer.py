@@ -39,13 +39,16 @@ class Scorer:
         devices: where candidates' state dicts are built for each evaluator.
         cache: the score cache (``ScoreCache(None)`` for none).
         rules, dtype: applied to every candidate, as to the final soup.
+        storage: an optuna storage URL where strategies keep their study (search resumes from it);
+        shared: the storage was given by the user to share work with ``soup worker`` processes.
         scratch: where candidate folders and greedy's on-disk sums are written (default: the system
             temp folder); ``cook`` passes the output's work folder, so a killed run's debris is found.
     """
 
     def __init__(self, checkpoints: Sequence[Checkpoint], evaluators: Sequence[Evaluator], *,
                  devices: Sequence[str] = ("cpu",), cache: ScoreCache | None = None, rules: Sequence[Rule] = (),
-                 dtype: str | None = None, reporter: Reporter | None = None, scratch: Path | None = None) -> None:
+                 dtype: str | None = None, reporter: Reporter | None = None, scratch: Path | None = None,
+                 storage: str | None = None, shared: bool = False) -> None:
         self.checkpoints = list(checkpoints)
         self.labels = [c.label for c in self.checkpoints]
         self.evaluators = list(evaluators)
@@ -55,6 +58,8 @@ class Scorer:
         self.dtype = dtype
         self.reporter = reporter or Reporter()
         self.scratch = scratch
+        self.storage = storage  # an optuna storage URL for strategies that keep a study (None: in memory)
+        self.shared = shared  # True: the storage is shared with `soup worker` processes
         self.evaluator = self.evaluators[0]
         self.identity = self.evaluator.identity()
         self._ekey = evaluator_key(self.identity)
