@@ -258,7 +258,8 @@ def report(
 
     with _errors():
         manifest = read(folder)
-    out.print(json.dumps(manifest.to_dict(), indent=2) if as_json else format_report(manifest))
+        text = json.dumps(manifest.to_dict(), indent=2) if as_json else format_report(manifest)
+    out.print(text)
 
 
 @app.command()
