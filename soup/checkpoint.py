@@ -2,10 +2,17 @@
 
 A checkpoint is a local folder in Hugging Face layout (``model.safetensors``, sharded
 ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``, ``pytorch_model.bin`` or its
-sharded index) or a single ``.safetensors`` / ``.bin`` file. The tensor table (name, dtype, shape,
-file, byte offset) is built from headers only: safetensors headers are parsed and checked against
-the file size here; torch ``.bin`` files are opened with ``torch.load(mmap=True)`` so no tensor data
-is read. Every problem is a CheckpointError naming the file (and tensor).
+sharded index) or a single ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` file. The tensor table
+(name, dtype, shape, file, byte offset) is built from headers only: safetensors headers are parsed
+and checked against the file size here; torch files (zip format) are opened with
+``torch.load(mmap=True, weights_only=True)``, so no tensor data is read and no pickled code runs.
+Every problem is a CheckpointError naming the file (and tensor).
+
+Training frameworks wrap the weights: DeepSpeed saves ``{"module": ...}``, Lightning and mmengine
+(XTuner) ``{"state_dict": ...}``, many loops ``{"model": ...}``. The weights are found under the one
+such key that holds a dict of tensors, or under the key the user names (``state_dict_key``). A
+prefix on every name (DDP's ``module.``, torch.compile's ``_orig_mod.``) can be stripped
+(``strip_prefix``); ``common_prefix`` finds it for ``soup inspect``.
 
 The fingerprint is cheap: file names, sizes, mtimes and the header bytes, hashed; gigabytes of
 tensor data are never hashed.
@@ -13,9 +20,11 @@ tensor data are never hashed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +34,8 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "DTYPES", "dtype_name", "parse_dtype"]
+__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "DTYPES", "dtype_name", "parse_dtype",
+           "load_torch_file", "common_prefix", "WRAPPER_KEYS", "WRAPPER_PREFIXES"]
 
 # safetensors dtype names <-> torch dtypes
 DTYPES: dict[str, torch.dtype] = {
@@ -44,6 +54,10 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 MAX_HEADER = 100_000_000  # the safetensors limit
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+WRAPPER_KEYS = ("state_dict", "module", "model")  # where training frameworks put the weights
+# name prefixes added by training wrappers: DDP/DeepSpeed, torch.compile, FSDP, Lightning Fabric
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_forward_module.")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -70,6 +84,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     file: Path | None  # None for in-memory tensors
     offset: int | None  # absolute byte offset in a safetensors file; None for .bin / memory
+    stored: str | None = None  # the name in the file, when a stripped prefix makes it differ
 
     @property
     def numel(self) -> int:
@@ -96,14 +111,24 @@ class Checkpoint:
     fingerprint: str
     memory: dict[str, torch.Tensor] | None = None  # in-memory weights, when not on disk
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. hub repo/revision for provenance
+    state_dict_key: str | None = None  # torch files: the wrapper key the weights are under
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_key: str | None = None,
+                    strip_prefix: str | None = None) -> Checkpoint:
     """Index a local checkpoint folder or file from its headers.
+
+    Args:
+        path: an HF-layout folder, or one ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` file.
+        label: the ingredient's name (default: the file or folder name).
+        state_dict_key: torch files only: the top-level key holding the weights (default: the
+            file itself when it is a flat state dict, else the one of ``state_dict``, ``module``,
+            ``model`` that holds a dict of tensors).
+        strip_prefix: removed from the start of every tensor name that has it (``module.``).
 
     Raises:
         CheckpointError: the path is missing, holds no weights, or a file is corrupt.
@@ -111,6 +136,8 @@ def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    if strip_prefix is not None and (not isinstance(strip_prefix, str) or not strip_prefix):
+        raise CheckpointError(f"{path}: strip_prefix must be a non-empty string, got {strip_prefix!r}")
     root: Path | None = None
     index_file: Path | None = None
     files_by_tensor: dict[str, str] | None = None
@@ -120,8 +147,10 @@ def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint
             if (path / name).is_file():
                 break
         else:
+            others = sorted(f.name for f in path.iterdir() if f.suffix in (".safetensors", *TORCH_SUFFIXES))
+            hint = f"; it holds {', '.join(others[:3])}: pass the file itself" if others else ""
             raise CheckpointError(f"{path}: no weights found (looked for {SAFETENSORS_INDEX}, "
-                                  f"{SAFETENSORS_SINGLE}, {BIN_INDEX}, {BIN_SINGLE})")
+                                  f"{SAFETENSORS_SINGLE}, {BIN_INDEX}, {BIN_SINGLE}){hint}")
         target = path / name
         if name.endswith(".json"):
             index_file = target
@@ -133,10 +162,14 @@ def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint
         files = [path]
     tensors: dict[str, TensorInfo] = {}
     digest = hashlib.sha256()
+    key = state_dict_key
     for file in files:
         if not file.is_file():
             raise CheckpointError(f"{index_file}: names missing file {file.name}")
-        header, table = _read_header(file)
+        if file.suffix in TORCH_SUFFIXES:
+            header, table, key = _read_torch_header(file, key)  # the key found in the first file, for all
+        else:
+            header, table = _read_header(file)
         st = file.stat()
         digest.update(f"{file.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         digest.update(header)
@@ -151,8 +184,41 @@ def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint
         digest.update(index_file.read_bytes())
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
+    if strip_prefix:
+        tensors = _strip(tensors, strip_prefix, path)
+    for what, value in (("key", key), ("strip", strip_prefix)):  # the same file read two ways differs
+        if value:
+            digest.update(f"\0{what}\0{value}".encode())
     return Checkpoint(label=label or path.name, source=str(path), root=root, files=files,
-                      tensors=tensors, fingerprint=digest.hexdigest())
+                      tensors=tensors, fingerprint=digest.hexdigest(), state_dict_key=key)
+
+
+def _strip(tensors: dict[str, TensorInfo], prefix: str, path: Path) -> dict[str, TensorInfo]:
+    """The table with ``prefix`` removed from every name that starts with it."""
+    out: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        new = name[len(prefix):] if name.startswith(prefix) else name
+        if not new:
+            raise CheckpointError(f"{path}: tensor {name}: stripping {prefix!r} leaves an empty name")
+        if new in out:
+            raise CheckpointError(f"{path}: tensor {name}: stripping {prefix!r} gives {new}, "
+                                  f"which is already a tensor name")
+        out[new] = dataclasses.replace(info, name=new, stored=name) if new != name else info
+    return out
+
+
+def common_prefix(names) -> str | None:
+    """The dotted prefix every name starts with (``"module."``), or None.
+
+    Only the first component counts, and only when it is shared by at least two names; a model's
+    own first component (``model.``) is shared too when its head is tied, so this is reported,
+    never stripped automatically.
+    """
+    names = list(names)
+    if len(names) < 2 or any("." not in n for n in names):
+        return None
+    first = {n.split(".", 1)[0] for n in names}
+    return f"{first.pop()}." if len(first) == 1 else None
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -170,10 +236,8 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def _read_header(file: Path) -> tuple[bytes, list[TensorInfo]]:
-    if file.suffix in (".bin", ".pt", ".pth"):
-        return _read_torch_header(file)
     if file.suffix != ".safetensors":
-        raise CheckpointError(f"{file}: unknown weight format (expected .safetensors or .bin)")
+        raise CheckpointError(f"{file}: unknown weight format (expected .safetensors, .bin, .pt or .pth)")
     return read_safetensors_header(file)
 
 
@@ -231,29 +295,85 @@ def read_safetensors_header(file: Path) -> tuple[bytes, list[TensorInfo]]:
     return head + raw, table
 
 
-def _read_torch_header(file: Path) -> tuple[bytes, list[TensorInfo]]:
-    state = load_torch_file(file)
+def _read_torch_header(file: Path, key: str | None) -> tuple[bytes, list[TensorInfo], str | None]:
+    state, key = read_torch_weights(file, key)
     table = [TensorInfo(k, v.dtype, tuple(v.shape), file, None) for k, v in state.items()]
     with open(file, "rb") as fh:  # the zip central directory is at the end: hash both ends
         head = fh.read(65536)
         fh.seek(max(0, file.stat().st_size - 65536))
         head += fh.read()
-    return head, table
+    return head, table, key
 
 
-def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
-    """Open a torch ``.bin`` state dict memory-mapped (``weights_only``): no tensor data is read."""
+def load_torch_file(file: Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """A torch file's weights, memory-mapped (``weights_only``): no tensor data is read."""
+    return read_torch_weights(file, key)[0]
+
+
+def read_torch_weights(file: Path, key: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A torch file's state dict and the wrapper key it was under (None: the file is the state dict).
+
+    ``torch.load(mmap=True, weights_only=True)``: tensors stay on disk, and a pickle that would
+    call anything but tensor and container constructors is refused before it runs.
+    """
     try:
-        state = torch.load(file, mmap=True, weights_only=True, map_location="cpu")
+        obj = torch.load(file, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        raise CheckpointError(f"{file}: cannot read torch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{file}: not a flat state dict of tensors")
+        raise CheckpointError(f"{file}: {_torch_load_error(e)}") from None
+    state, key = _unwrap(obj, file, key)
     for k, v in state.items():
         if v.dtype not in _NAMES:
             raise CheckpointError(f"{file}: tensor {k}: unsupported dtype {v.dtype}")
-    return state
+    return state, key
+
+
+def _torch_load_error(e: Exception) -> str:
+    """One line for a failed ``torch.load``."""
+    text = str(e)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return (f"refused: unpickling it would call {unsafe.group(1)}, which weights_only loading does not "
+                "allow (soup never runs code from a checkpoint)")
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        return f"refused by weights_only loading ({reason})"
+    if "mmap can only be used" in text:
+        return ("not a zip-format torch checkpoint (truncated, or saved with "
+                "_use_new_zipfile_serialization=False: load and re-save it with torch.save)")
+    first = text.splitlines()[0] if text else ""
+    return f"cannot read torch checkpoint ({type(e).__name__}: {first})"
+
+
+def _is_state(value: Any) -> bool:
+    return (isinstance(value, dict) and bool(value)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
+
+
+def _unwrap(obj: Any, file: Path, key: str | None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The state dict inside a loaded torch file: the file itself, ``obj[key]``, or the one wrapper key."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: holds a {type(obj).__name__}, not a state dict of tensors")
+    keys = ", ".join(repr(k) for k in list(obj)[:12]) + (", ..." if len(obj) > 12 else "")
+    if key is not None:
+        if key not in obj:
+            raise CheckpointError(f"{file}: no key {key!r} (--state-dict-key); top-level keys: {keys}")
+        if not _is_state(obj[key]):
+            raise CheckpointError(f"{file}: {key!r} (--state-dict-key) holds a {type(obj[key]).__name__}, "
+                                  "not a dict of tensors")
+        return obj[key], key
+    if _is_state(obj):
+        return obj, None
+    found = [k for k in WRAPPER_KEYS if _is_state(obj.get(k))]
+    if len(found) == 1:
+        return obj[found[0]], found[0]
+    states = [repr(k) for k, v in obj.items() if _is_state(v)]
+    if len(found) > 1:
+        raise CheckpointError(f"{file}: weights under several keys ({', '.join(states)}): choose one with "
+                              "--state-dict-key (key: in a recipe)")
+    hint = (f"; dicts of tensors under {', '.join(states)}: choose one with --state-dict-key (key: in a recipe)"
+            if states else "")
+    raise CheckpointError(f"{file}: not a flat state dict, and no {'/'.join(WRAPPER_KEYS)} key holds one "
+                          f"(top-level keys: {keys}){hint}")
 
 
 def memory_checkpoint(state_dict: dict[str, torch.Tensor], *, label: str,

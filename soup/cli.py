@@ -38,6 +38,18 @@ CreatePr = Annotated[bool, typer.Option("--create-pr", help="Open a pull request
 Message = Annotated[Optional[str], typer.Option("--commit-message", "-m", help="Commit message.")]
 Endpoint = Annotated[Optional[str], typer.Option("--endpoint", envvar="HF_ENDPOINT",
                                                  help="Hub endpoint for hf:// ingredients and pushes.")]
+StateDictKey = Annotated[Optional[str], typer.Option(
+    "--state-dict-key", help="Torch files (.pt/.pth/.bin): the top-level key the weights are under "
+    "(default: the file itself if it is a flat state dict, else the one of state_dict, module, model "
+    "holding one).")]
+StripPrefix = Annotated[Optional[str], typer.Option(
+    "--strip-prefix", help="Remove this prefix from every tensor name that has it, e.g. 'module.' "
+    "(DDP) or '_orig_mod.' (torch.compile); soup inspect shows a shared prefix.")]
+Cache = Annotated[Optional[str], typer.Option(help="Score cache: a sqlite path, or a database URL "
+                                              "(sqlite:///..., postgresql://...).")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Evaluate everything; store nothing.")]
+Devices = Annotated[Optional[str], typer.Option(help="Evaluate on these devices concurrently, e.g. "
+                                                "cuda:0,cuda:1 (overrides the recipe's devices).")]
 
 
 @app.callback()
@@ -102,6 +114,8 @@ def merge(
     config_from: Annotated[str, typer.Option(help="Ingredient (index or name) whose config, tokenizer and "
                                              "processor files are copied.")] = "0",
     strict: Annotated[bool, typer.Option(help="Differing integer/bool buffers are an error, not a warning.")] = False,
+    state_dict_key: StateDictKey = None,
+    strip_prefix: StripPrefix = None,
     overwrite: Overwrite = False,
     push_to: PushTo = None,
     revision: Revision = None,
@@ -112,7 +126,7 @@ def merge(
     quiet: Quiet = False,
 ) -> None:
     """Merge checkpoints into their weighted mean (a model soup), streaming tensor by tensor."""
-    from .ingredients import HubOptions
+    from .ingredients import HubOptions, with_reading
     from .inspection import human_bytes
     from .engine import merge as run_merge
     from .hub.publisher import Publisher
@@ -124,7 +138,8 @@ def merge(
         publisher = Publisher(target, endpoint=endpoint)
         try:
             publisher.start()
-            result = run_merge(ingredients, output, weights=w, normalize=not no_normalize, dtype=dtype,
+            result = run_merge(with_reading(ingredients, key=state_dict_key, strip_prefix=strip_prefix),
+                               output, weights=w, normalize=not no_normalize, dtype=dtype,
                                accumulate=accumulate, shard_size=shard_size, device=device, rules=rule or (),
                                strict=strict, config_from=config_from, overwrite=overwrite, progress=not quiet,
                                hub=HubOptions(endpoint=endpoint), on_shard=publisher.on_shard)
@@ -161,21 +176,37 @@ def push(
 @app.command()
 def inspect(
     paths: Annotated[list[str], typer.Argument(help="One checkpoint to describe, or several to compare.")],
+    diff: Annotated[bool, typer.Option("--diff", help="Read the data once and report, per component, whether "
+                                       "the ingredients are identical (frozen) or differ, with suggested "
+                                       "take:0 rules for the identical ones.")] = False,
+    state_dict_key: StateDictKey = None,
+    strip_prefix: StripPrefix = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    quiet: Quiet = False,
 ) -> None:
-    """Describe a checkpoint (tensors, parameters, dtypes, shards, bytes), or check several for compatibility."""
+    """Describe a checkpoint (tensors, parameters, dtypes, shards, bytes, components: vision towers,
+    connector, language model, LoRA pairs, embeddings, head), or check several for compatibility."""
+    from .checkpoint import WRAPPER_PREFIXES
     from .inspection import human_bytes, inspect as run_inspect
 
     with _errors():
-        report = run_inspect(*paths)
+        report = run_inspect(*paths, diff=diff, state_dict_key=state_dict_key, strip_prefix=strip_prefix,
+                             progress=diff and not quiet and not as_json)
     if as_json:
         out.print(json.dumps(report, indent=2))
     else:
-        for s in report.get("ingredients", [report]):
+        summaries = report.get("ingredients", [report])
+        for s in summaries:
             out.print(f"{s['name']}: {s['tensors']} tensors, {s['parameters']:,} parameters, "
                       f"{human_bytes(s['bytes'])}, dtypes {s['dtypes']}, {len(s['files'])} file(s)")
             for f, size in s["files"].items():
                 out.print(f"  {f}\t{human_bytes(size)}")
+            if s["prefix"] in WRAPPER_PREFIXES:
+                out.print(f"  every tensor name starts with {s['prefix']!r}, a training wrapper's prefix: "
+                          f"--strip-prefix {s['prefix']} removes it")
+            elif s["prefix"]:
+                out.print(f"  every tensor name starts with {s['prefix']!r} (--strip-prefix {s['prefix']} "
+                          "would remove it)")
         if "compatible" in report:
             if report["compatible"]:
                 out.print("compatible: yes")
@@ -183,8 +214,42 @@ def inspect(
                 out.print(f"compatible: no ({report['difference_count']} tensor(s) differ)")
                 for d in report["differences"]:
                     out.print(f"  {d['tensor']}: {d['issue']} {d['values']}")
+                wrappers = sorted({s["prefix"] for s in summaries} & set(WRAPPER_PREFIXES))
+                if wrappers and len({s["prefix"] for s in summaries}) > 1:
+                    out.print(f"  the name prefixes differ: --strip-prefix {wrappers[0]} may make them match")
+        _print_components(report, human_bytes)
     if report.get("compatible") is False:
         raise typer.Exit(1)
+
+
+def _print_components(report: dict, human_bytes) -> None:
+    """The component table of ``soup inspect`` and, after --diff, the suggested rules."""
+    import shlex
+
+    rows = []
+    for c in report["components"]:
+        status = ""
+        if "status" in c:
+            dist = ", ".join(f"{k} {v * 100:.3g}%" for k, v in c["distance"].items() if v is not None)
+            status = {"identical": "identical (frozen)",
+                      "differs": f"differs (distance from the first: {dist})" if dist else "differs",
+                      "partly identical": f"partly identical ({c['identical_tensors']}/{c['tensors']} tensors; "
+                                          f"distance from the first: {dist})"}[c["status"]]
+        shown = c["patterns"][:3] + (["..."] if len(c["patterns"]) > 3 else [])
+        rows.append([c["kind"], c["name"], f"{c['tensors']} tensor{'s' if c['tensors'] != 1 else ''}",
+                     f"{c['parameters']:,} params",
+                     human_bytes(c["bytes"]), ", ".join(shown), status])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows else []
+    out.print("components (by tensor name):")
+    for r in rows:
+        out.print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    if "suggested_rules" in report:
+        if report["suggested_rules"]:
+            out.print("suggested rules (identical in every ingredient: read once, from the first):")
+            for rule in report["suggested_rules"]:
+                out.print(f"  --rule {shlex.quote(rule)}")
+        else:
+            out.print("suggested rules: none (no component is identical in every ingredient)")
 
 
 @app.command()
@@ -192,12 +257,22 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Override the recipe's output.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; evaluate and write nothing.")] = False,
-    cache: Annotated[Optional[str], typer.Option(help="Score cache: a sqlite path or sqlite:/// URL.")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Evaluate everything; store nothing.")] = False,
-    devices: Annotated[Optional[str], typer.Option(help="Evaluate on these devices concurrently, e.g. "
-                                                   "cuda:0,cuda:1 (overrides the recipe's devices).")] = None,
+    cache: Cache = None,
+    no_cache: NoCache = False,
+    devices: Devices = None,
+    storage: Annotated[Optional[str], typer.Option(help="An optuna storage URL (sqlite:///study.db, "
+                                                   "postgresql://user@host/db) shared with `soup worker` processes: "
+                                                   "candidates are queued there and evaluated by the workers; "
+                                                   "the default score cache is then that database.")] = None,
+    local_worker: Annotated[bool, typer.Option("--local-worker/--no-local-worker",
+                                               help="With --storage: also evaluate queued candidates here "
+                                                    "while waiting for the workers.")] = True,
     endpoint: Endpoint = None,
     overwrite: Overwrite = False,
+    if_changed: Annotated[bool, typer.Option("--if-changed", help="Only if the ingredients (pinned), the recipe "
+                                             "or the evaluator changed since the published soup (hub head, MLflow "
+                                             "version or local output): else print 'up to date: ...' and write "
+                                             "nothing. Replaces only a previous soup.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Cook the soup a recipe describes: evaluate, choose weights, merge, report (and push)."""
@@ -220,11 +295,83 @@ def run(
             chosen = ScoreCache(None)
         else:
             chosen = cache
-        result = run_recipe(r, overwrite=overwrite, cache=chosen, progress=not quiet, output=output)
-        out.print(format_report(result.manifest))
-        out.print(f"wrote {result.path}")
-        if result.push is not None:
-            _print_push(result.push)
+        if if_changed:
+            update = run_recipe(r, cache=chosen, progress=not quiet, output=output, storage=storage,
+                                local_worker=local_worker, if_changed=True)
+            if update.result is not None:
+                _print_result(update.result, format_report)
+            out.print(update.line)
+            return
+        result = run_recipe(r, overwrite=overwrite, cache=chosen, progress=not quiet, output=output,
+                            storage=storage, local_worker=local_worker)
+        _print_result(result, format_report)
+
+
+@app.command()
+def watch(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (read again at each tick).")],
+    every: Annotated[str, typer.Option(help="How often to look for new ingredients: 30m, 1h, 45s, 1h30m.")] = "30m",
+    max_ticks: Annotated[Optional[int], typer.Option("--max-ticks", min=1, help="Stop after N ticks "
+                                                     "(default: run until stopped).")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines on stderr.")] = False,
+    webhook: Annotated[Optional[str], typer.Option(help="HOST:PORT to also accept Hugging Face Hub and MLflow "
+                                                   "registry webhooks on: a matching event runs a tick at once.")] = None,
+    webhook_secret: Annotated[Optional[str], typer.Option(envvar="SOUP_WEBHOOK_SECRET", show_default=False,
+                                                          help="The webhooks' secret (never printed).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Override the recipe's output.")] = None,
+    cache: Cache = None,
+    no_cache: NoCache = False,
+    endpoint: Endpoint = None,
+) -> None:
+    """Re-soup whenever the ingredients change: `soup run RECIPE --if-changed` every --every, one log line
+    per tick on stderr; a failing tick is retried with backoff; Ctrl-C / SIGTERM stop it cleanly."""
+    from .schedule import parse_every, watch as run_watch
+
+    with _errors():
+        parse_every(every)
+        chosen = cache
+        if no_cache:
+            from .cache import ScoreCache
+
+            chosen = ScoreCache(None)
+        run_watch(recipe, every=every, max_ticks=max_ticks, webhook=webhook, webhook_secret=webhook_secret,
+                  log_json=log_json, cache=chosen, output=output, endpoint=endpoint)
+
+
+def _print_result(result, format_report) -> None:
+    out.print(format_report(result.manifest))
+    out.print(f"wrote {result.path}")
+    if result.push is not None:
+        _print_push(result.push)
+    if result.registered:
+        out.print(f"registered {result.registered}")
+
+
+@app.command()
+def worker(
+    recipe: Annotated[Path, typer.Argument(help="The coordinator's recipe (same ingredients, evaluator, rules).")],
+    storage: Annotated[str, typer.Option(help="The coordinator's optuna storage URL (soup run RECIPE --storage URL).")],
+    devices: Devices = None,
+    cache: Cache = None,
+    no_cache: NoCache = False,
+    idle_timeout: Annotated[float, typer.Option(help="Stop after this many seconds with nothing to do "
+                                                "(waiting for the coordinator included).")] = 600.0,
+    endpoint: Endpoint = None,
+    quiet: Quiet = False,
+) -> None:
+    """Evaluate a coordinator's candidates on this machine until its runs are done: start one per machine
+    (or GPU), e.g. as a Slurm array or a Kubernetes Job. A worker that dies mid-candidate (preempted, OOM
+    killed) loses nothing: its candidate is evaluated again by another worker."""
+    from .workers import worker as run_worker
+
+    if idle_timeout <= 0:
+        raise typer.BadParameter("must be > 0", param_hint="--idle-timeout")
+    with _errors():
+        chosen = None if no_cache else (cache or "default")
+        res = run_worker(recipe, storage=storage, devices=[d.strip() for d in devices.split(",") if d.strip()]
+                         if devices else None, cache=chosen, idle_timeout=idle_timeout, progress=not quiet,
+                         endpoint=endpoint)
+    out.print(f"{res.study}\t{res.evaluated} candidate(s) evaluated\t{res.reason}\t{res.seconds:.1f}s")
 
 
 def _print_push(res) -> None:

@@ -190,7 +190,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                 writer = ShardWriter(tmp, plan.jobs, shard_size=opts.shard_bytes, on_shard=on_shard)
                 writer.write(produce)
                 if source is not None and source.root is not None:
-                    copy_aux_files(source.root, tmp, dtype=out_dtype)
+                    copy_aux_files(source.root, tmp, dtype=out_dtype, warn=warn)
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, writer.files,
                                      selection, folder=True)
                 from .card import render_model_card

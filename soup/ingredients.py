@@ -2,13 +2,15 @@
 
 An ingredient is a local folder or weight file, a hub repo (``hf://owner/name@revision``, pinned to
 a commit sha before anything else happens), an in-memory state dict, or an already opened
-``Checkpoint``. Labels (used by ``take:`` rules, reports and score tables) are the folder or repo
+``Checkpoint``; an ``Ingredient`` adds how to read a training framework's file (the key its
+weights are under, a prefix to strip). Labels (used by ``take:`` rules, reports and score tables) are the folder or repo
 name, made unique by a ``#N`` suffix when two ingredients share one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -17,9 +19,38 @@ import torch
 
 from .checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
 
-__all__ = ["IngredientSpec", "HubOptions", "resolve", "resolve_all", "describe"]
+__all__ = ["Ingredient", "IngredientSpec", "HubOptions", "resolve", "resolve_all", "describe", "with_reading"]
 
-IngredientSpec = Union[str, Path, Checkpoint, Mapping[str, torch.Tensor]]
+
+@dataclass(frozen=True)
+class Ingredient(os.PathLike):
+    """A path (or ``hf://`` spec) with how to read it; usable wherever a path is.
+
+    ``soup.Ingredient("runs/xtuner/iter_500.pth", key="state_dict", strip_prefix="module.")``
+    """
+
+    path: str  # a folder, a weight file or hf://owner/name@revision
+    key: str | None = None  # torch files: the top-level key the weights are under (default: found)
+    strip_prefix: str | None = None  # removed from the start of every tensor name that has it
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+
+IngredientSpec = Union[str, Path, Ingredient, Checkpoint, Mapping[str, torch.Tensor]]
+
+
+def with_reading(specs: Sequence[IngredientSpec], *, key: str | None = None,
+                 strip_prefix: str | None = None) -> list[IngredientSpec]:
+    """``specs`` with paths turned into ``Ingredient``s read with ``key`` / ``strip_prefix`` (the CLI's
+    ``--state-dict-key`` / ``--strip-prefix``, applied to every ingredient); others unchanged."""
+    if key is None and strip_prefix is None:
+        return list(specs)
+    return [Ingredient(str(s), key=key, strip_prefix=strip_prefix) if isinstance(s, (str, Path)) else s
+            for s in specs]
 
 
 @dataclass(frozen=True)
@@ -37,6 +68,7 @@ def resolve(spec: IngredientSpec, *, label: str | None = None, hub: HubOptions |
         return spec
     if isinstance(spec, Mapping):
         return memory_checkpoint(dict(spec), label=label or "memory")
+    reading = {"state_dict_key": spec.key, "strip_prefix": spec.strip_prefix} if isinstance(spec, Ingredient) else {}
     text = str(spec)
     if text.startswith("hf://"):
         from . import hub as hub_mod  # imported lazily: local merges never touch the network code
@@ -45,21 +77,24 @@ def resolve(spec: IngredientSpec, *, label: str | None = None, hub: HubOptions |
         opts = hub or HubOptions()
         pulled = hub_mod.pull(repo_id, revision=revision, endpoint=opts.endpoint, token=opts.token,
                               cache_dir=opts.cache_dir)
-        ck = open_checkpoint(pulled.path, label=label or repo_id.split("/")[-1])
+        ck = open_checkpoint(pulled.path, label=label or repo_id.split("/")[-1], **reading)
         ck.source = f"hf://{repo_id}@{pulled.commit}"
         ck.extra.update(repo=repo_id, revision=pulled.commit, requested_revision=revision)
         if getattr(pulled, "file_oids", None):
-            ck.fingerprint = _oid_fingerprint(pulled.file_oids)
+            ck.fingerprint = _oid_fingerprint(pulled.file_oids, reading)
         return ck
-    return open_checkpoint(Path(text), label=label)
+    return open_checkpoint(Path(text), label=label, **reading)
 
 
-def _oid_fingerprint(oids: Mapping[str, str]) -> str:
+def _oid_fingerprint(oids: Mapping[str, str], reading: Mapping[str, str | None]) -> str:
     import hashlib
 
     digest = hashlib.sha256()
     for name in sorted(oids):
         digest.update(f"{name}\0{oids[name]}\0".encode())
+    for what, value in sorted(reading.items()):  # the same files read another way are another model
+        if value:
+            digest.update(f"{what}\0{value}\0".encode())
     return "oids-" + digest.hexdigest()
 
 

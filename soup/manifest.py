@@ -34,7 +34,8 @@ from typing import Any
 from .errors import SoupError
 
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "Manifest", "Method", "IngredientEntry", "FileEntry", "EvaluatorInfo",
-           "Trial", "Step", "Scoring", "Evaluation", "TestEvaluation", "Selection", "read", "write", "jsonable"]
+           "Trial", "Step", "Scoring", "Evaluation", "TestEvaluation", "Selection", "read", "write", "jsonable",
+           "pin_key"]
 
 MANIFEST = "soup.json"
 SCHEMA_VERSION = 1  # 1: soup 0.2 (typed; evaluation.history); 0: soup 0.1 (no schema_version)
@@ -67,6 +68,12 @@ class IngredientEntry:
     test_score: float | None = None  # held-out test score alone (reported only)
     kept: bool | None = None  # in the soup (greedy pool / maximum top-p); None when not a selection
 
+    @property
+    def pin(self) -> str:
+        """What identifies this exact ingredient across runs (``soup run --if-changed``): a pinned
+        remote source (``hf://owner/name@sha``, ``models:/NAME/N``) alone, a local one with its fingerprint."""
+        return pin_key(self.source, self.fingerprint)
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -84,13 +91,17 @@ class EvaluatorInfo:
     version: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
     primary: str | None = None  # the metric used for selection, for evaluators returning several
+    key: str | None = None  # the score cache's key of the whole identity (direction, source hashes...)
 
     @classmethod
     def from_identity(cls, identity: Mapping[str, Any]) -> EvaluatorInfo:
         """From ``Evaluator.identity()``; arguments are made JSON-safe (a function becomes its repr)."""
+        from .cache import evaluator_key
+
         version = identity.get("version")
         return cls(name=str(identity.get("name") or "?"), version=None if version is None else str(version),
-                   args=jsonable(dict(identity.get("args") or {})), primary=identity.get("primary"))
+                   args=jsonable(dict(identity.get("args") or {})), primary=identity.get("primary"),
+                   key=evaluator_key(identity))
 
 
 @dataclass(frozen=True)
@@ -270,6 +281,15 @@ def write(folder: str | Path, manifest: Manifest) -> Path:
     return path
 
 
+REMOTE_PINNED = ("hf://", "models:/")  # sources that carry their pin (a commit sha, a version number)
+
+
+def pin_key(source: str, fingerprint: str | None) -> str:
+    """An ingredient's identity across runs: a pinned remote source alone (its fingerprint may depend
+    on how it was downloaded), a local path with its content fingerprint."""
+    return source if source.startswith(REMOTE_PINNED) else f"{source}#{fingerprint or ''}"
+
+
 def jsonable(value: Any) -> Any:
     """``value`` as JSON would give it back (anything JSON cannot hold becomes its ``str``)."""
     return json.loads(json.dumps(value, default=str))
@@ -289,7 +309,8 @@ def _entry_dict(i: IngredientEntry) -> dict[str, Any]:
 def _scoring_dict(s: Scoring) -> dict[str, Any]:
     e = s.evaluator
     return {
-        "evaluator": {"name": e.name, "version": e.version, "args": e.args, "primary": e.primary} if e else None,
+        "evaluator": {"name": e.name, "version": e.version, "args": e.args, "primary": e.primary, "key": e.key}
+        if e else None,
         "direction": s.direction,
         "soup_score": s.soup_score,
         "soup_metrics": s.soup_metrics,
@@ -427,7 +448,8 @@ def _scoring(r: _Reader, d: Mapping[str, Any], path: str) -> dict[str, Any]:
         evaluator = EvaluatorInfo(name=r.get(e, "name", str, f"{path}evaluator.name", required=True),
                                   version=None if version is None else str(version),
                                   args=r.get(e, "args", dict, f"{path}evaluator.args") or {},
-                                  primary=r.get(e, "primary", str, f"{path}evaluator.primary"))
+                                  primary=r.get(e, "primary", str, f"{path}evaluator.primary"),
+                                  key=r.get(e, "key", str, f"{path}evaluator.key"))
     direction = r.get(d, "direction", str, f"{path}direction")
     if direction not in (None, "maximize", "minimize"):
         raise _BadShape(f"{path}direction: expected 'maximize' or 'minimize', got {direction!r}")

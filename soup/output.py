@@ -59,7 +59,7 @@ def input_paths(ingredients: Iterable[object]) -> list[Path]:
     """The local paths among ingredient specs (folders, files, opened checkpoints), before resolving."""
     paths: list[Path] = []
     for s in ingredients:
-        if isinstance(s, (str, Path)) and not str(s).startswith("hf://"):
+        if isinstance(s, (str, os.PathLike)) and not str(s).startswith("hf://"):  # paths, Ingredients
             paths.append(Path(str(s)))
         elif hasattr(s, "files"):
             paths.extend(checkpoint_paths([s]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,7 +32,10 @@ from .rules import Rule, parse_rules
 from .signals import graceful
 from .strategies import AverageSoup, Choice, GreedySoup, MaximumSoup, SoupStrategy
 
-__all__ = ["SoupResult", "cook", "maximum_soup", "average_soup", "greedy_soup"]
+if TYPE_CHECKING:
+    from .schedule import Update
+
+__all__ = ["SoupResult", "cook", "maximum_soup", "average_soup", "greedy_soup", "search_soup"]
 
 EvaluatorSpec = str | type | Evaluator | Callable[..., Any]
 
@@ -51,6 +54,7 @@ class SoupResult:
     state_dict: dict[str, torch.Tensor] | None = None
     manifest: Manifest | None = None  # what soup.json records (also for an in-memory soup)
     push: Any = None  # the hub PushResult, when pushed
+    registered: str | None = None  # models:/NAME/N, when registered in MLflow (recipe ``publish``)
 
 
 def _evaluators(spec: EvaluatorSpec | None, args: Mapping[str, Any], devices: Sequence[str] | None) -> list[Evaluator]:
@@ -86,6 +90,7 @@ def cook(
     push_to: Mapping[str, Any] | str | None = None,
     protect: Sequence[str | Path] = (),
     storage: str | None = None,
+    local_worker: bool = True,
     **merge_options: Any,
 ) -> SoupResult:
     """Evaluate, choose weights with ``strategy``, and merge.
@@ -105,16 +110,27 @@ def cook(
         storage: an optuna storage URL shared with ``soup worker`` processes (evaluations are then
             spread over them); default: none, and strategies that keep a study (search) use an
             sqlite file beside the output (``.NAME.soup-study.sqlite``), so a killed run resumes.
+            With a storage, the default ``cache`` is the storage's own database (shared scores).
+        local_worker: with ``storage``, this process also evaluates queued candidates while it waits
+            (default); False: only ``soup worker`` processes do.
         merge_options: passed to ``merge`` (shard_size, accumulate, config_from, overwrite, device...).
 
     Raises:
         SoupError: bad inputs, a failing evaluator (scores computed so far stay in the cache).
     """
     _check_options(strategy, dtype, devices, merge_options)  # before anything is opened or read
+    if storage is not None and (not isinstance(storage, str) or "://" not in storage):
+        raise RecipeError(f"storage: {storage!r} must be an optuna storage URL (sqlite:///..., postgresql://...)")
+    if not isinstance(local_worker, bool):
+        raise RecipeError(f"local_worker: must be true or false, got {local_worker!r}")
     # the output is checked and locked before anything is opened (the cache too); candidates live beside it
     output = OutputDir(out, overwrite=bool(merge_options.get("overwrite", False)),
-                       protect=input_paths(ingredients) + [Path(p) for p in protect]) if out is not None else None
+                       protect=input_paths(ingredients) + [Path(p) for p in protect] + _db_files(storage, cache)) \
+        if out is not None else None
     reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
+    from .workers import shared_cache
+
+    cache = shared_cache(cache, storage)  # with a shared storage, "default" is the storage's own database
     store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
     rule_list = parse_rules(rules)
     evs, tests = _evaluators(evaluator, evaluator_args or {}, devices), _evaluators(test_evaluator, test_args or {}, None)
@@ -134,7 +150,8 @@ def cook(
                     reporter.warn(f"{output.given}: {note}")
             return _cook(strategy, ingredients, output, publisher, evs, tests, store, rule_list, reporter,
                          labels=labels, dtype=dtype, devices=devices, hub=hub, recipe=recipe,
-                         return_state_dict=return_state_dict, merge_options=merge_options, storage=storage)
+                         return_state_dict=return_state_dict, merge_options=merge_options, storage=storage,
+                         local_worker=local_worker)
         finally:
             publisher.close()
             for ev in evs + tests:
@@ -148,7 +165,7 @@ def cook(
 def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output: OutputDir | None,
           publisher: Any, evs: list[Evaluator], tests: list[Evaluator], store: ScoreCache, rule_list: list[Any],
           reporter: Reporter, *, labels, dtype, devices, hub, recipe, return_state_dict,
-          merge_options: Mapping[str, Any], storage: str | None = None) -> SoupResult:
+          merge_options: Mapping[str, Any], storage: str | None = None, local_worker: bool = True) -> SoupResult:
     """The body of ``cook`` once the output (if any) is checked and locked."""
     out = output.dest if output is not None else None
     publisher.start()  # fail fast on a bad token, before any evaluation
@@ -165,8 +182,13 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
     common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
     study = storage or (_study_storage(output) if output is not None else None)
     scorer = Scorer(cks, evs, devices=devices or ["cpu"], scratch=scratch, storage=study, shared=storage is not None,
+                    local_worker=local_worker,
                     **common) if evs else None
-    choice = strategy.choose(scorer, len(cks))
+    try:
+        choice = strategy.choose(scorer, len(cks))
+    finally:
+        if scorer is not None:
+            scorer.close()  # a shared queue is marked done: its workers stop once idle
     # the run's rules, then the strategy's per-group weights (as the scorer built its candidates)
     final_rules = list(rule_list) + [Rule(p, "weights", weights=tuple(w)) for p, w in choice.groups.items()]
     test_scorer = Scorer(cks, tests, scratch=scratch, **common) if tests else None
@@ -226,6 +248,14 @@ def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any]
     build_plan(cks, rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize, mixed_float=opts.mixed_float)
 
 
+def _db_files(storage: str | None, cache: Any) -> list[Path]:
+    """The sqlite files of a storage URL and a cache URL: the output keeps clear of them too."""
+    from .cache import db_file
+
+    return [p for p in (db_file(storage), db_file(cache) if isinstance(cache, str) and "://" in cache else None)
+            if p is not None]
+
+
 def _study_storage(output: OutputDir) -> str:
     """The embedded default study storage: an sqlite file beside the output (kept between runs)."""
     return f"sqlite:///{output.dest.parent / f'.{output.dest.name}.soup-study.sqlite'}"
@@ -280,10 +310,46 @@ def greedy_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec,
     return cook(GreedySoup(tie=tie, tolerance=tolerance, sums=sums), ingredients, evaluator=evaluator, **options)
 
 
+def search_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, n_trials: int = 50,
+                sampler: str = "tpe", groups: Mapping[str, str] | None = None, timeout: float | None = None,
+                seed: int | None = 0, **options: Any) -> SoupResult:
+    """Weight search (optuna): the mixing weights of the best of ``n_trials`` trials, seeded with the best
+    single ingredient and the uniform soup; ``groups`` ({name: glob pattern}) get their own weights.
+    The study resumes from ``storage`` (default: an sqlite file beside ``out``). See ``soup.search``."""
+    from .search import SearchSoup
+
+    return cook(SearchSoup(n_trials=n_trials, sampler=sampler, groups=dict(groups) if isinstance(groups, Mapping) else groups,
+                           timeout=timeout, seed=seed), ingredients, evaluator=evaluator, **options)
+
+
 def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progress: bool | Reporter = False,
-               output: str | Path | None = None) -> SoupResult:
-    """Cook a validated Recipe (``soup run``); ``cache``/``output`` override the recipe's."""
+               output: str | Path | None = None, storage: str | None = None, local_worker: bool = True,
+               if_changed: bool = False) -> SoupResult | Update:
+    """Cook a validated Recipe or a recipe file (``soup run``); ``cache``/``output`` override the recipe's;
+    ``storage``: an optuna storage URL shared with ``soup worker`` processes (see ``cook``).
+
+    Registry queries among the ingredients are resolved first, before anything is evaluated. With
+    ``if_changed`` the soup is made (and published) only if its ingredients, the recipe or the
+    evaluators changed since the published one: returns a ``soup.schedule.Update`` saying what changed.
+    """
     from .strategies import make_strategy
+
+    if isinstance(recipe, (str, Path)):
+        from .recipe import load_recipe
+
+        recipe = load_recipe(recipe)
+    if if_changed:
+        from .schedule import run_if_changed
+
+        return run_if_changed(recipe, cache=cache, progress=progress, output=output, storage=storage,
+                              local_worker=local_worker)
+    from .registry import has_queries, resolve_ingredients
+
+    if has_queries(recipe):  # pinned now: what is evaluated is what soup.json records
+        import dataclasses
+
+        pinned = resolve_ingredients(recipe)
+        recipe = dataclasses.replace(recipe, ingredients=[p.spec() for p in pinned], labels=[p.label for p in pinned])
 
     out = output if output is not None else recipe.output
     if out is None:
@@ -294,17 +360,34 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
     protect = [recipe.source] if recipe.source else []
     if isinstance(chosen_cache, (str, Path)) and chosen_cache != "default" and "://" not in str(chosen_cache):
         protect.append(Path(chosen_cache))
-    return cook(
+    result = cook(
         make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
         evaluator=recipe.evaluator.name if recipe.evaluator else None,
         evaluator_args=recipe.evaluator.args if recipe.evaluator else None,
         test_evaluator=recipe.test.name if recipe.test else None,
         test_args=recipe.test.args if recipe.test else None,
         out=out, labels=recipe.labels, rules=recipe.rules, dtype=recipe.dtype, devices=recipe.devices,
-        cache=chosen_cache, progress=progress, protect=protect,
+        cache=chosen_cache, progress=progress, protect=protect, storage=storage, local_worker=local_worker,
         hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite, push_to=recipe.push_to,
         shard_size=recipe.shard_size, accumulate=recipe.accumulate, device=recipe.device,
         config_from=recipe.config_from, strict=recipe.strict)
+    if recipe.publish:  # registered in MLflow once the soup is complete at the output
+        from .report import format_update
+        from .schedule import publish_mlflow
+
+        publish_mlflow(recipe, result, format_update(None, result.manifest))
+    return result
+
+
+def _cook_recipe(recipe: Any, ingredients: Sequence[Any], labels: Sequence[str | None], *,
+                 push_to: Mapping[str, Any] | None, **options: Any) -> SoupResult:
+    """``run_recipe`` with these (pinned) ingredients and this push target, publishing nowhere else
+    (``soup.schedule`` publishes to MLflow itself, with what changed)."""
+    import dataclasses
+
+    pinned = dataclasses.replace(recipe, ingredients=list(ingredients), labels=list(labels),
+                                 push_to=dict(push_to) if push_to else None, publish=None)
+    return run_recipe(pinned, **options)
 
 
 def describe_recipe(recipe: Any) -> str:
@@ -317,6 +400,14 @@ def describe_recipe(recipe: Any) -> str:
             lines.append(f"{role}: {ev.name} {ev.args}")
     lines.append(f"ingredients ({len(recipe.ingredients)}):")
     for src, lab in zip(recipe.ingredients, recipe.labels):
+        if not isinstance(src, str):  # a registry query: what it resolves to now (nothing is downloaded)
+            from .registry import context_of, describe_pinned
+
+            found = src.resolve(context_of(recipe))
+            lines.append(f"  {src.where}: {src.describe()} -> {len(found)} match(es)" + ("" if found else
+                         " (an empty query is an error at run time)"))
+            lines.extend("  " + line for line in describe_pinned(found))
+            continue
         if src.startswith("hf://"):
             lines.append(f"  {lab or src}: {src} (pulled at run time, pinned to a commit)")
             continue
@@ -329,5 +420,6 @@ def describe_recipe(recipe: Any) -> str:
                  f"shard size {recipe.shard_size}, device {recipe.device}"
                  + (f", devices {recipe.devices}" if recipe.devices else ""))
     lines.append(f"cache: {recipe.cache}")
-    lines.append(f"output: {recipe.output}" + (f" -> push to {recipe.push_to['repo']}" if recipe.push_to else ""))
+    lines.append(f"output: {recipe.output}" + (f" -> push to {recipe.push_to['repo']}" if recipe.push_to else "")
+                 + (f" -> register as mlflow model {recipe.publish['mlflow']}" if recipe.publish else ""))
     return "\n".join(lines)

@@ -3,7 +3,9 @@
     ingredients:                    # folders, files, hf://owner/name@rev, or mappings
       - runs/ft-chat
       - {path: runs/ft-ocr, name: ocr}
+      - {path: runs/xtuner/iter_500.pth, key: state_dict, strip_prefix: "module."}  # torch files
       - {repo: acme/ft-math, revision: 3f2c...}
+      - {registry: hub, author: acme, name: "sft-*"}   # a registry query (soup.registry), pinned at run time
     strategy: {name: greedy, tie: ">=", tolerance: 0.0}   # maximum (p) | average (weights) | greedy
     evaluator: {name: perplexity, args: {data: ./val.jsonl}}
     test: {name: perplexity, args: {data: ./test.jsonl}}  # reported, never used for selection
@@ -12,6 +14,8 @@
     dtype: bfloat16
     output: ./soup-out
     push_to: acme/soup                # or {repo, revision, private, create_pr, commit_message}
+    publish: {mlflow: soup-model}     # also register the soup as an MLflow model version
+    tracking_uri: http://mlflow:5000  # MLflow (default MLFLOW_TRACKING_URI)
 
 Relative paths (ingredients, output, cache, ``file.py:Class`` evaluators and evaluator arguments
 starting with ``./`` or ``../``) are relative to the recipe file. Unknown keys are errors; every
@@ -27,6 +31,7 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
+from .ingredients import Ingredient
 from .options import MergeOptions, check_device
 from .plan import normalise_weights
 from .rules import Rule, parse_rule
@@ -35,7 +40,8 @@ from .strategies import STRATEGIES, make_strategy
 __all__ = ["Recipe", "EvaluatorEntry", "load_recipe", "parse_recipe"]
 
 TOP_KEYS = {"ingredients", "strategy", "evaluator", "test", "rules", "dtype", "accumulate", "shard_size",
-            "device", "devices", "config_from", "output", "push_to", "cache", "endpoint", "strict"}
+            "device", "devices", "config_from", "output", "push_to", "cache", "endpoint", "strict",
+            "tracking_uri", "publish"}
 PUSH_KEYS = {"repo", "revision", "private", "create_pr", "commit_message"}
 
 
@@ -47,7 +53,7 @@ class EvaluatorEntry:
 
 @dataclass
 class Recipe:
-    ingredients: list[str]  # local paths (absolute) or hf://owner/name@rev
+    ingredients: list[Any]  # local paths (absolute), hf://owner/name@rev, or registry Queries (soup.registry)
     labels: list[str | None]
     strategy: str
     strategy_options: dict[str, Any]
@@ -65,6 +71,8 @@ class Recipe:
     cache: str | None = "default"
     endpoint: str | None = None
     strict: bool = False
+    tracking_uri: str | None = None  # MLflow, for registry queries and publish (default MLFLOW_TRACKING_URI)
+    publish: dict[str, Any] | None = None  # {mlflow: NAME}: the soup is also registered as a model version
     source: Path | None = None  # the recipe file
     raw: dict[str, Any] = field(default_factory=dict)  # as written, for the manifest
 
@@ -107,6 +115,8 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
     _keys(data, TOP_KEYS, "", errors)
     raw_ingredients = data.get("ingredients")
     n = len(raw_ingredients) if isinstance(raw_ingredients, list) else 0  # 0: unknown, not checked
+    if n and any(isinstance(i, dict) and "registry" in i for i in raw_ingredients):
+        n = 0  # registry queries: the count is known at run time
     sources, labels = _ingredients(raw_ingredients, base, errors)
     strategy, options, made = _strategy(data.get("strategy"), n, base, errors)
     evaluator = _evaluator(data.get("evaluator"), "evaluator", base, errors)
@@ -125,6 +135,9 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
         if data.get(key) is not None and not (isinstance(data[key], str) and data[key]):
             errors.append(f"{key}: must be a string, got {data[key]!r}")
     push = _push(data.get("push_to"), errors)
+    publish = _publish(data.get("publish"), errors)
+    if data.get("tracking_uri") is not None and not (isinstance(data["tracking_uri"], str) and data["tracking_uri"]):
+        errors.append(f"tracking_uri: must be a string, got {data['tracking_uri']!r}")
     cache = data.get("cache", "default")
     if cache is False or cache is None:
         cache = None
@@ -140,7 +153,8 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
                   accumulate=data.get("accumulate", "float32"), shard_size=data.get("shard_size", "5GB"),
                   device=data.get("device", "cpu"), devices=devices, config_from=data.get("config_from", 0),
                   output=_rel(base, output) if output else None, push_to=push, cache=cache,
-                  endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=data)
+                  endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=data,
+                  tracking_uri=data.get("tracking_uri"), publish=publish)
 
 
 def _error(errors: list[str]) -> RecipeError:
@@ -186,13 +200,22 @@ def _ingredients(value: Any, base: Path, errors: list[str]) -> tuple[list[str], 
         if not isinstance(item, dict):
             errors.append(f"{where}: a path, hf://owner/name@revision, or a mapping with path or repo")
             continue
-        _keys(item, {"path", "repo", "revision", "name"}, where, errors)
+        if "registry" in item:  # a query, resolved at run time (soup.registry)
+            from .registry import parse_query
+
+            query = parse_query(item, where, base, errors)
+            if query is not None:
+                sources.append(query)
+                labels.append(None)
+            continue
+        _keys(item, {"path", "repo", "revision", "name", "key", "strip_prefix"}, where, errors)
         if ("path" in item) == ("repo" in item):
             errors.append(f"{where}: give exactly one of path, repo")
             continue
         if "revision" in item and "repo" not in item:
             errors.append(f"{where}.revision: only with repo")
-        bad = [k for k, kinds in (("path", str), ("repo", str), ("revision", (str, int)), ("name", (str, int)))
+        bad = [k for k, kinds in (("path", str), ("repo", str), ("revision", (str, int)), ("name", (str, int)),
+                                  ("key", str), ("strip_prefix", str))
                if k in item and (isinstance(item[k], bool) or not isinstance(item[k], kinds) or item[k] == "")]
         for k in bad:
             errors.append(f"{where}.{k}: must be a string, got {item[k]!r}")
@@ -203,6 +226,8 @@ def _ingredients(value: Any, base: Path, errors: list[str]) -> tuple[list[str], 
         else:
             rev = item.get("revision")
             sources.append(f"hf://{item['repo']}" + (f"@{rev}" if rev else ""))
+        if "key" in item or "strip_prefix" in item:  # how to read a training framework's file
+            sources[-1] = Ingredient(sources[-1], key=item.get("key"), strip_prefix=item.get("strip_prefix"))
         labels.append(str(item["name"]) if item.get("name") is not None else None)
     return sources, labels
 
@@ -291,6 +316,20 @@ def _evaluator(value: Any, where: str, base: Path, errors: list[str]) -> Evaluat
     args = {k: str(_rel(base, v)) if isinstance(v, str) and v.startswith(("./", "../")) else v
             for k, v in args.items()}
     return EvaluatorEntry(name, args)
+
+
+def _publish(value: Any, errors: list[str]) -> dict[str, Any] | None:
+    """``publish: {mlflow: NAME}``: register each new soup as a version of an MLflow registered model."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        errors.append("publish: a mapping, e.g. {mlflow: soup-model}")
+        return None
+    _keys(value, {"mlflow"}, "publish", errors)
+    if not isinstance(value.get("mlflow"), str) or not value["mlflow"]:
+        errors.append(f"publish.mlflow: the registered model's name is required, got {value.get('mlflow')!r}")
+        return None
+    return dict(value)
 
 
 def _push(value: Any, errors: list[str]) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from typing import Any
 from .card import describe_method
 from .manifest import Manifest, Scoring, Trial
 
-__all__ = ["format_report", "write_plot", "make_figure", "can_plot", "score_limits"]
+__all__ = ["format_report", "format_update", "write_plot", "make_figure", "can_plot", "score_limits"]
 
 
 # ---- text --------------------------------------------------------------------------------------------
@@ -83,6 +83,68 @@ def format_report(manifest: Manifest | Mapping[str, Any] | Any, *, where: str | 
         lines.append(f"soup test score: {_fmt(ev.test.soup_score)}")
     lines.append(f"{m.tensors} tensors, {m.total_size:,} bytes, {len(m.files)} file(s), dtype {m.dtype}")
     return "\n".join(lines)
+
+
+def format_update(previous: Manifest | None, current: Manifest) -> str:
+    """What changed from one published soup to the next, in one line (a commit message, a watcher's log):
+    ``+ acme/sft-ocr@abc1234 (0.612); greedy kept 4/7; score 0.618 (+0.004)``.
+
+    ``+`` a new ingredient (with its score alone), ``-`` one gone, ``~`` the same repo or folder at a new
+    revision; then "recipe changed" / "evaluator changed", how many ingredients the soup kept, and its
+    score with the difference from the previous soup's (when both were scored by the same evaluator).
+    """
+    parts = []
+    if previous is not None:
+        old = {i.pin: i for i in previous.ingredients}
+        new = {i.pin: i for i in current.ingredients}
+        gone = {_identity(i): i for pin, i in old.items() if pin not in new}
+        changes = []
+        for pin, i in new.items():
+            if pin not in old:
+                changes.append(f"{'~' if gone.pop(_identity(i), None) is not None else '+'} {_short_ingredient(i)}"
+                               + (f" ({_score(i.score)})" if i.score is not None else ""))
+        changes += [f"- {_short_ingredient(i)}" for i in gone.values()]
+        if changes:
+            parts.append(", ".join(changes))
+        if previous.recipe != current.recipe:
+            parts.append("recipe changed")
+        if _evaluator_key(previous) != _evaluator_key(current):
+            parts.append("evaluator changed")
+    n = len(current.ingredients)
+    kept = [i for i in current.ingredients if i.kept] if any(i.kept is not None for i in current.ingredients) else None
+    parts.append(f"{current.method.name} kept {len(kept)}/{n}" if kept is not None else f"{current.method.name} of {n}")
+    ev = current.evaluation
+    if ev is not None and ev.soup_score is not None:
+        line = f"score {_score(ev.soup_score)}"
+        before = previous.evaluation if previous is not None else None
+        if before is not None and before.soup_score is not None and _evaluator_key(previous) == _evaluator_key(current):
+            line += f" ({_delta(ev.soup_score - before.soup_score)})"
+        parts.append(line)
+    return "; ".join(parts)
+
+
+def _identity(i: Any) -> str:
+    """What stays the same when an ingredient moves to a new revision: its repo, or its local path."""
+    return i.repo or i.source
+
+
+def _short_ingredient(i: Any) -> str:
+    if i.repo:
+        return f"{i.repo}@{(i.revision or '')[:7]}"
+    return i.source if i.source.startswith("models:/") else i.name
+
+
+def _evaluator_key(m: Manifest) -> Any:
+    e = m.evaluation.evaluator if m.evaluation is not None else None
+    return None if e is None else (e.key or (e.name, e.version, repr(e.args), e.primary))
+
+
+def _score(x: float) -> str:
+    return f"{x:.3f}" if abs(x) >= 0.01 or x == 0 else f"{x:.3g}"
+
+
+def _delta(d: float) -> str:
+    return f"{d:+.3f}" if abs(d) >= 0.0005 or d == 0 else f"{d:+.1e}"
 
 
 def _kind(m: Manifest, t: Trial) -> str:

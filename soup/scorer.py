@@ -40,7 +40,11 @@ class Scorer:
         cache: the score cache (``ScoreCache(None)`` for none).
         rules, dtype: applied to every candidate, as to the final soup.
         storage: an optuna storage URL where strategies keep their study (search resumes from it);
-        shared: the storage was given by the user to share work with ``soup worker`` processes.
+        shared: the storage was given by the user to share work with ``soup worker`` processes:
+            ``score``/``score_many`` then send candidates through an evaluation queue in it
+            (``soup.workers``), and ``close()`` must be called when the run needs no more evaluations.
+        local_worker: with ``shared``, this process evaluates queued candidates too while it waits
+            (False: only workers do).
         scratch: where candidate folders and greedy's on-disk sums are written (default: the system
             temp folder); ``cook`` passes the output's work folder, so a killed run's debris is found.
     """
@@ -48,7 +52,7 @@ class Scorer:
     def __init__(self, checkpoints: Sequence[Checkpoint], evaluators: Sequence[Evaluator], *,
                  devices: Sequence[str] = ("cpu",), cache: ScoreCache | None = None, rules: Sequence[Rule] = (),
                  dtype: str | None = None, reporter: Reporter | None = None, scratch: Path | None = None,
-                 storage: str | None = None, shared: bool = False) -> None:
+                 storage: str | None = None, shared: bool = False, local_worker: bool = True) -> None:
         self.checkpoints = list(checkpoints)
         self.labels = [c.label for c in self.checkpoints]
         self.evaluators = list(evaluators)
@@ -64,6 +68,11 @@ class Scorer:
         self.identity = self.evaluator.identity()
         self._ekey = evaluator_key(self.identity)
         self.records: list[dict[str, Any]] = []  # every evaluation, in order
+        self._queue: Any = None  # the evaluation queue shared with `soup worker` processes, when shared
+        if shared and storage is not None:
+            from .workers import EvaluationQueue
+
+            self._queue = EvaluationQueue(storage, self, local_worker=local_worker)
 
     @property
     def direction(self) -> str:
@@ -71,8 +80,9 @@ class Scorer:
 
     @property
     def parallelism(self) -> int:
-        """How many candidates ``score_many`` evaluates at once (evaluators over devices)."""
-        return len(self.evaluators)
+        """How many candidates ``score_many`` evaluates at once (evaluators over devices; with a shared
+        storage, the devices of the live workers)."""
+        return self._queue.parallelism() if self._queue is not None else len(self.evaluators)
 
     def rules_for(self, groups: Mapping[str, Sequence[float]] | None) -> list[Rule]:
         """The run's rules, then one per-pattern weight rule per group (the run's rules win)."""
@@ -98,18 +108,26 @@ class Scorer:
     def score(self, weights: Sequence[float], name: str, *, groups: Mapping[str, Sequence[float]] | None = None,
               evaluator: int = 0, make: Callable[[], Candidate] | None = None) -> Score:
         """Score the soup with ``weights`` (and per-pattern ``groups`` weights): from the cache, or
-        evaluated now (and stored)."""
+        evaluated now (and stored); with a shared storage, by whichever worker takes it."""
+        if self._queue is not None:  # ``make`` is this process's shortcut; a worker builds the candidate itself
+            return self._queue.score_many([(weights, name, groups)], steps=[f"evaluating {name}"])[0]
+        score, cached = self._evaluate(weights, name, groups=groups, evaluator=evaluator, make=make)
+        self._record(name, weights, score, cached=cached)
+        return score
+
+    def _evaluate(self, weights: Sequence[float], name: str, *, groups: Mapping[str, Sequence[float]] | None = None,
+                  evaluator: int = 0, make: Callable[[], Candidate] | None = None) -> tuple[Score, bool]:
+        """From the cache (True), or evaluated in this process now and stored (False); not recorded.
+        ``soup.workers`` evaluates queued candidates with it."""
         key = self.key(weights, groups)
         hit = self.cache.get(self._ekey, key)
         if hit is not None:
-            self._record(name, weights, hit, cached=True)
-            return hit
+            return hit, True
         ev = self.evaluators[evaluator]
         with (make() if make is not None else self.candidate(weights, name, groups)) as cand:
             score = run_evaluator(ev, cand)
         self.cache.put(self._ekey, key, score, name=name, identity=self.identity)
-        self._record(name, weights, score, cached=False)
-        return score
+        return score, False
 
     def score_ingredients(self, what: str = "evaluating ingredient") -> list[Score]:
         """Score every ingredient alone (concurrently over the devices)."""
@@ -123,6 +141,8 @@ class Scorer:
         concurrently over the devices (one evaluator each); results in the order given. The first
         failure propagates; scores finished before it stay in the cache."""
         steps = list(steps) if steps is not None else [f"evaluating {c[1]}" for c in candidates]
+        if self._queue is not None:  # shared with `soup worker` processes
+            return self._queue.score_many(candidates, steps=steps)
         if len(self.evaluators) == 1:
             out = []
             for c, step in zip(candidates, steps):
@@ -155,6 +175,13 @@ class Scorer:
     def better(self, a: float, b: float) -> bool:
         """True if score ``a`` is strictly better than ``b`` in the evaluator's direction."""
         return self.evaluator.better(a, b)
+
+    def close(self) -> None:
+        """The run needs no more evaluations: with a shared storage, the queue is marked done (its
+        workers stop once idle) and candidates nobody took are cancelled. Idempotent."""
+        queue, self._queue = self._queue, None
+        if queue is not None:
+            queue.close()
 
     def _record(self, name: str, weights: Sequence[float], score: Score, *, cached: bool) -> None:
         self.records.append({"candidate": name, "weights": {lab: w for lab, w in zip(self.labels, weights) if w},

@@ -13,6 +13,9 @@ et al. 2022, arXiv:2203.05482):
   of the final pool. Tie rule ``tie``: ``">="`` (default, as in POINTS: an ingredient that does not
   hurt the held-out score is kept, and more averaging tends to generalise better) or ``">"`` (as in
   the model-soups code). ``tolerance`` lets a candidate be at most that much worse and still kept.
+  On W = ``scorer.parallelism`` workers the ingredients are scored W at a time, and each round of
+  greedy steps scores speculatively the candidates of the next d steps for every keep/reject outcome
+  (2^d - 1 <= W): d steps per round, with exactly the pool and trajectory of one step at a time.
 
 One abstract base class, one abstract method: ``choose(scorer, n) -> Choice``. Strategies are
 plug-ins like evaluators (``soup.plugins``): entry-point group ``soup.strategies`` (the built-ins are
@@ -169,35 +172,100 @@ class GreedySoup(SoupStrategy):
         return gain >= -self.tolerance if self.tie == ">=" else gain > -self.tolerance
 
     def choose(self, scorer: Scorer | None, n: int) -> Choice:
-        scores = scorer.score_ingredients()
+        scores = scorer.score_ingredients()  # spread over the scorer's workers
         order = scorer.rank(scores)
-        best = order[0]
-        pool, pool_score = [best], scores[best]
-        trajectory = [{"step": 1, "tried": scorer.labels[best], "score": pool_score.value, "kept": True,
-                       "pool": [scorer.labels[best]]}]
-        running = RunningSum(scorer, best, storage=self.sums, device=scorer.devices[0]) \
-            if RunningSum.supports(scorer.rules) and n > 1 else None
+        pool, pool_score = [order[0]], scores[order[0]]
+        trajectory = [self._record(scorer, 1, order[0], pool_score, True, pool)]
+        if self.lookahead(scorer.parallelism) == 1:
+            pool_score = self._sequential(scorer, order, pool, pool_score, trajectory)
+        else:
+            pool_score = self._speculative(scorer, order, pool, pool_score, trajectory)
+        weights = [1.0 / len(pool) if j in pool else 0.0 for j in range(n)]
+        return Choice(weights, [s.value for s in scores], trajectory, pool_score, [j in pool for j in range(n)])
+
+    @staticmethod
+    def lookahead(workers: int) -> int:
+        """How many greedy steps one round decides on ``workers``: the largest d with 2^d - 1 <= workers."""
+        return max(1, (workers + 1).bit_length() - 1)
+
+    def _sequential(self, scorer: Scorer, order: list[int], pool: list[int], pool_score: Score,
+                    trajectory: list[dict[str, Any]]) -> Score:
+        """One candidate per step; with a ``Scorer`` (no per-pattern weights) built from a running sum."""
+        n = len(order)
+        running = RunningSum(scorer, order[0], storage=self.sums, device=scorer.devices[0]) \
+            if isinstance(scorer, Scorer) and RunningSum.supports(scorer.rules) and n > 1 else None
         try:
             for step, i in enumerate(order[1:], start=2):
-                name = f"greedy candidate {step}/{n} (+{scorer.labels[i]})"
+                name = _candidate_name(scorer, step, n, i)
                 scorer.reporter.step(name)
-                weights = [1.0 / (len(pool) + 1) if j in pool or j == i else 0.0 for j in range(n)]
-                make = (lambda i=i, name=name: running.candidate(i, name)) if running is not None else None
-                s = scorer.score(weights, name, make=make)
+                weights = _uniform(pool + [i], n)
+                if running is not None:
+                    s = scorer.score(weights, name, make=lambda i=i, name=name: running.candidate(i, name))
+                else:
+                    s = scorer.score(weights, name)
                 kept = self.keep(scorer, s.value, pool_score.value)
                 if kept:
                     pool.append(i)
                     pool_score = s
                     if running is not None and step < n:
                         running.add(i)
-                trajectory.append({"step": step, "tried": scorer.labels[i], "score": s.value, "kept": kept,
-                                   "pool": [scorer.labels[j] for j in pool]})
+                trajectory.append(self._record(scorer, step, i, s, kept, pool))
         finally:
             if running is not None:
                 running.close()
-        weights = [1.0 / len(pool) if j in pool else 0.0 for j in range(n)]
-        return Choice(weights, [s.value for s in scores], trajectory, pool_score, [j in pool for j in range(n)])
+        return pool_score
 
+    def _speculative(self, scorer: Scorer, order: list[int], pool: list[int], pool_score: Score,
+                     trajectory: list[dict[str, Any]]) -> Score:
+        """Sequential greedy, d = ``lookahead(scorer.parallelism)`` steps decided per ``score_many``.
+
+        A round scores, concurrently, the candidate of each of its next d steps under every
+        keep/reject outcome of the round's earlier steps (2^d - 1 candidates; fewer at the end of the
+        list), then walks the real outcomes with ``keep``: the pool, the trajectory and the soup's
+        score are exactly those of one candidate per step. The candidates off the path taken are
+        scored too (they are in the scorer's history and cache, named by the outcome they assumed).
+        Candidates are built by the scorer from the ingredients (no running sum). d is read again
+        each round: remote workers may come and go.
+        """
+        n, step = len(order), 2  # step 1 seeded the pool; ``step``: the first step of this round
+        while step <= n:
+            tries = order[step - 1:step - 1 + self.lookahead(scorer.parallelism)]  # in greedy order
+            # step j of the round, assuming the earlier tries that ``mask`` keeps: index 2^j - 1 + mask
+            candidates = []
+            for j, new in enumerate(tries):
+                for mask in range(2 ** j):
+                    assumed = [tries[k] for k in range(j) if mask >> k & 1]
+                    name = _candidate_name(scorer, step + j, n, new,
+                                           [(tries[k], bool(mask >> k & 1)) for k in range(j)])
+                    candidates.append((_uniform(pool + assumed + [new], n), name))
+            got = scorer.score_many(candidates, steps=[name for _, name in candidates])
+            mask = 0
+            for j, new in enumerate(tries):
+                s = got[2 ** j - 1 + mask]
+                kept = self.keep(scorer, s.value, pool_score.value)
+                if kept:
+                    pool.append(new)
+                    pool_score = s
+                    mask |= 1 << j
+                trajectory.append(self._record(scorer, step + j, new, s, kept, pool))
+            step += len(tries)
+        return pool_score
+
+    @staticmethod
+    def _record(scorer: Scorer, step: int, tried: int, score: Score, kept: bool, pool: list[int]) -> dict[str, Any]:
+        return {"step": step, "tried": scorer.labels[tried], "score": score.value, "kept": kept,
+                "pool": [scorer.labels[j] for j in pool]}
+
+
+def _uniform(members: list[int], n: int) -> list[float]:
+    """Uniform weights over ``members`` (ingredient indices), zero elsewhere."""
+    return [1.0 / len(members) if j in members else 0.0 for j in range(n)]
+
+
+def _candidate_name(scorer: Scorer, step: int, n: int, new: int, assumed: list[tuple[int, bool]] | None = None) -> str:
+    """``greedy candidate 3/8 (+b)``; a speculative one names the outcomes it assumed: ``(+c if a kept)``."""
+    ifs = ", ".join(f"{scorer.labels[i]} {'kept' if kept else 'rejected'}" for i, kept in assumed or ())
+    return f"greedy candidate {step}/{n} (+{scorer.labels[new]}{' if ' + ifs if ifs else ''})"
 
 ENTRY_POINT_GROUP = "soup.strategies"
 # found even when the package's entry points are not installed (a source checkout)

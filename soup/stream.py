@@ -2,7 +2,7 @@
 
 Safetensors files are memory-mapped (read-only) and each tensor is a zero-copy ``torch.frombuffer``
 view into the mapping, so input pages live in the page cache, never in the process's anonymous
-memory. ``.bin`` files are opened with ``torch.load(mmap=True)``. While one tensor is combined, the
+memory. Torch files (``.bin``, ``.pt``, ``.pth``) are opened with ``torch.load(mmap=True)``. While one tensor is combined, the
 kernel is asked to read the next one ahead (``posix_fadvise(WILLNEED)``), so disk reads overlap the
 math.
 
@@ -52,7 +52,7 @@ class TensorReader:
         if info.numel == 0:
             return torch.empty(0, dtype=info.dtype)
         if info.offset is None:
-            t = self._bin(info.file)[name]
+            t = self._bin(info.file)[info.stored or name]
             if t.dtype != info.dtype or tuple(t.shape) != info.shape:
                 raise CheckpointError(f"{info.file}: tensor {name} changed since it was indexed")
             return t.reshape(-1)
@@ -119,5 +119,5 @@ class TensorReader:
 
     def _bin(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._bins:
-            self._bins[file] = load_torch_file(file)
+            self._bins[file] = load_torch_file(file, self.checkpoint.state_dict_key)
         return self._bins[file]

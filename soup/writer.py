@@ -7,6 +7,8 @@
   the math.
 - The folder written into is a temporary one (``soup.output.OutputDir``); ``soup.json`` (the
   manifest) is written last, then the folder is renamed into place.
+- The files a checkpoint needs beside its weights (config, tokenizer, processor, chat templates,
+  remote code: ``soup.modelfiles``) are copied from one ingredient; weight files never are.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .checkpoint import SAFETENSORS_INDEX, dtype_name
 from .errors import SoupError, os_error_line
 from .manifest import MANIFEST, Manifest  # MANIFEST re-exported: soup.manifest owns soup.json
+from .modelfiles import support_files
 from .plan import Job
 
 __all__ = ["ShardWriter", "copy_aux_files", "parse_size", "MANIFEST",
            "AUX_FILES"]
 
-# config, generation, tokenizer and processor files copied from one ingredient (vision-language
-# models have processor files and chat templates)
+# well-known config, generation, tokenizer and processor files; copy_aux_files copies these and every
+# other file soup.modelfiles finds (remote code, chat templates, files the config names)
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
              "merges.txt", "spiece.model", "preprocessor_config.json", "processor_config.json",
@@ -181,13 +184,25 @@ def _header(jobs: Sequence[Job]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def copy_aux_files(src: Path, dst: Path, *, dtype: torch.dtype | None = None) -> list[str]:
-    """Copy config/tokenizer/processor files from ``src`` to ``dst``; set the config's dtype if given."""
+def copy_aux_files(src: Path, dst: Path, *, dtype: torch.dtype | None = None,
+                   warn: Callable[[str], None] | None = None) -> list[str]:
+    """Copy the files the checkpoint at ``src`` needs beside its weights to ``dst``.
+
+    Config, generation config, tokenizer and processor files, chat templates, remote code (every
+    ``*.py``, ``auto_map`` targets) and files a config names (``soup.modelfiles.support_files``);
+    never weights, indexes or soup's own files. Sets the config's dtype if given. ``warn`` hears
+    about ``auto_map`` targets missing from ``src``. Returns the copied names (relative paths).
+    """
+    found = support_files(src)
+    if warn is not None:
+        for name in found.missing_code:
+            warn(f"{src}: the config's auto_map names {name}, which is not beside the weights: "
+                 "the soup will not load with trust_remote_code")
     copied = []
-    for name in AUX_FILES:
+    for name in found.files:
         f = src / name
-        if not f.is_file():
-            continue
+        if "/" in name:
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
         if name == "config.json" and dtype is not None:
             cfg = json.loads(f.read_text())
             for key in ("torch_dtype", "dtype"):

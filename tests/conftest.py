@@ -143,3 +143,90 @@ def auth_hub():
 def _private_score_cache(tmp_path, monkeypatch):
     """No test writes to the user's score cache."""
     monkeypatch.setenv("SOUP_CACHE", str(tmp_path / "default-scores.sqlite"))
+
+
+# ---- a throwaway PostgreSQL server (Debian's postgresql package; .ci/run installs it) ----
+def _pg_bin() -> Path | None:
+    """The folder holding initdb and pg_ctl: Debian's /usr/lib/postgresql/N/bin (newest), else PATH."""
+    import shutil
+
+    def version(p: Path) -> int:
+        return int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=version)
+    if found:
+        return found[-1].parent
+    which = shutil.which("pg_ctl")
+    return Path(which).parent if which and (Path(which).parent / "initdb").exists() else None
+
+
+@pytest.fixture(scope="session")
+def _pg_cluster():
+    """initdb + pg_ctl start on 127.0.0.1:<free port>, in a temp folder; as the ``postgres`` OS user
+    when run as root (PostgreSQL refuses root). Yields ``(host, port, superuser)``; stopped at the end."""
+    import os
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = _pg_bin()
+    missing = "PostgreSQL's initdb/pg_ctl not found" if bindir is None else None
+    try:
+        import psycopg  # noqa: F401  (the driver the storage and cache URLs use)
+    except ImportError:
+        missing = missing or "psycopg is not installed (pip install -e '.[dev]')"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}: .ci/run installs it; PostgreSQL tests must not be skipped in CI")
+        pytest.skip(missing)
+    root = Path(tempfile.mkdtemp(prefix="soup-pg-"))  # not under a root-only pytest tmp folder
+    user = None
+    if os.geteuid() == 0:
+        name = "postgres"
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            name = "nobody"
+        user = name
+        root.chmod(0o755)
+        shutil.chown(root, user=name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, log = root / "data", root / "server.log"
+
+    def run(*cmd: str) -> None:
+        res = subprocess.run(cmd, user=user, cwd=root, capture_output=True, text=True, timeout=120)
+        if res.returncode:
+            server_log = log.read_text()[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed: {res.stdout}{res.stderr}{server_log}")
+
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-U", "soup", "-A", "trust", "-E", "UTF8", "--locale=C")
+        opts = (f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off "
+                "-c full_page_writes=off -c max_connections=200")
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start")
+        try:
+            yield "127.0.0.1", port, "soup"
+        finally:
+            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres(_pg_cluster):
+    """A fresh database on the throwaway server: yields its SQLAlchemy URL (``postgresql+psycopg://``)."""
+    import uuid
+
+    import psycopg
+
+    host, port, user = _pg_cluster
+    name = f"soup_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+    with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

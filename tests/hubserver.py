@@ -3,14 +3,16 @@
 ``HubStore`` holds repositories in memory with git-like history: every commit gets a 40-hex sha and
 its own file map, branches and pull-request refs point at commits. ``HubHandler`` serves the routes
 that huggingface_hub 2.x uses for model repos (create, info, tree, paths-info, refs, commits, branch,
-preupload, LFS batch/upload/verify, NDJSON commit, resolve with Range) and types its errors with the
+preupload, LFS batch/upload/verify, NDJSON commit, resolve with Range), ``list_models`` (author, search,
+tag filters; tags come from the model card's front matter) and ``get_collection``, and types its errors with the
 ``X-Error-Code`` header, as the real hub does. ``running_hub()`` starts it on a free port of
 127.0.0.1 in a thread. Clients must use ``HF_HUB_DISABLE_XET=1`` (LFS transfers only) and pass
 ``endpoint=store.url``.
 
 Test knobs on the store: ``token`` (every API call then needs ``Authorization: Bearer <token>``),
 ``lfs_threshold`` (bytes from which preupload answers "lfs"), ``fail_next(route, times, status)``
-(fault injection) and ``requests`` (a log of ``(method, route, status)``).
+(fault injection), ``requests`` (a log of ``(method, route, status)``) and ``collections``
+(``{slug: [repo ids]}``).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class HubStore:
         self.url = ""
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded through /lfs-upload
+        self.collections: dict[str, list[str]] = {}  # slug (owner/title-id) -> model repo ids, in order
         self.requests: list[tuple[str, str, int]] = []  # (method, route, status), in order
         self._faults: dict[str, list[int]] = {}  # route -> statuses to answer with, next first
         self._secret = secrets.token_bytes(16)
@@ -201,6 +204,8 @@ class HubStore:
 REPO = r"(?P<repo>[^/]+/[^/]+?)"
 ROUTES = [
     ("create_repo", "POST", r"/api/repos/create"),
+    ("list_models", "GET", r"/api/models"),
+    ("collection", "GET", r"/api/collections/(?P<slug>[^/]+/[^/]+)"),
     ("validate_yaml", "POST", r"/api/validate-yaml"),
     ("info", "GET", rf"/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?"),
     ("tree", "GET", rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?"),
@@ -275,7 +280,8 @@ class HubHandler(BaseHTTPRequestHandler):
         self._route = "unknown"
         body = self._read_body()
         raw_path, _, query = self.path.partition("?")
-        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        self._query = parse_qs(query)  # every value of repeated parameters (list_models' filter, expand)
+        params = {k: v[-1] for k, v in self._query.items()}
         try:
             for name, route_method, pattern in ROUTES:
                 match = re.fullmatch(pattern, raw_path)
@@ -358,6 +364,34 @@ class HubHandler(BaseHTTPRequestHandler):
         warnings = [] if match else [{"message": "empty or missing yaml metadata in repo card"}]
         status = 400 if errors else 200
         self._json(status, {"errors": [{"message": e} for e in errors], "warnings": warnings})
+
+    def route_list_models(self, *, body: bytes, params: dict) -> None:
+        """``HfApi.list_models``: author (exact), search (substring of the id), every ``filter`` tag;
+        one page (no Link header)."""
+        author, search = params.get("author"), params.get("search", "").lower()
+        wanted = set(self._query.get("filter", []))
+        out = []
+        for repo_id in sorted(self.store.repos):
+            repo = self.store.repos[repo_id]
+            if "main" not in repo.branches:
+                continue
+            head = repo.commits[repo.branches["main"]]
+            tags = _card_tags(head.files.get("README.md"))
+            if (author and repo_id.split("/")[0] != author) or search not in repo_id.lower() or not wanted <= set(tags):
+                continue
+            out.append({"_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
+                        "sha": head.sha, "private": repo.private, "tags": tags, "lastModified": head.date,
+                        "createdAt": repo.commits[next(iter(repo.commits))].date, "likes": 0, "downloads": 0})
+        self._json(200, out)
+
+    def route_collection(self, *, body: bytes, params: dict, slug: str) -> None:
+        if slug not in self.store.collections:
+            raise HubHTTPError(404, f"Collection {slug} not found")
+        items = [{"_id": f"{k:024x}", "id": repo_id, "type": "model", "position": k}
+                 for k, repo_id in enumerate(self.store.collections[slug])]
+        self._json(200, {"slug": slug, "title": slug.split("/")[1], "owner": {"name": slug.split("/")[0]},
+                         "items": items, "lastUpdated": "2025-01-01T00:00:00.000Z", "position": 0,
+                         "private": False, "theme": "blue", "upvotes": 0})
 
     def route_info(self, *, body: bytes, params: dict, repo: str, rev: str = "main") -> None:
         commit = self.store.resolve(repo, rev)
@@ -506,6 +540,19 @@ class HubHandler(BaseHTTPRequestHandler):
             status, data = 206, data[first:last + 1]
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
         self._send(status, data, headers, content_type="application/octet-stream")
+
+
+def _card_tags(readme: Blob | None) -> list[str]:
+    """The ``tags`` of a model card's YAML front matter (what the hub lists a model's tags from)."""
+    if readme is None:
+        return []
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", readme.data.decode("utf-8", "replace"), re.DOTALL)
+    try:
+        meta = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return []
+    tags = meta.get("tags") if isinstance(meta, dict) else None
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
 @contextmanager

@@ -1,8 +1,10 @@
 """Pull an ingredient from the hub, pinned to one commit.
 
-The revision (branch, tag or sha) is resolved to a commit sha *first*; then only the weight,
-config, tokenizer and processor files of that commit are downloaded, into the standard HF cache
-(shared with transformers, reused, and usable offline once cached). With ``HF_HUB_OFFLINE=1``
+The revision (branch, tag or sha) is resolved to a commit sha *first*; then only the weights and
+the files a soup copies beside them (config, tokenizer, processor, chat templates, remote code and
+files the config names: ``soup.modelfiles``) of that commit are downloaded, into the standard HF
+cache (shared with transformers, reused, and usable offline once cached). Nothing downloaded is
+ever imported or run. With ``HF_HUB_OFFLINE=1``
 nothing is requested: a pinned sha, or a branch pulled before, is served from the cache.
 """
 
@@ -18,17 +20,17 @@ from huggingface_hub.errors import CachedRepoTreeNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 
 from ..errors import HubError
+from ..modelfiles import PATTERNS as SUPPORT_PATTERNS, support_files
 from .errors import RetryPolicy, hub_error, retrying
 from .specs import SHA, check_repo_id, hub_cache_dir, hub_endpoint, is_offline
 
 __all__ = ["PULL_PATTERNS", "PulledRepo", "pull"]
 
-# what an ingredient needs: weights (+ index), config, tokenizer, processor files, chat templates
+# what an ingredient needs: weights (+ index), and config, tokenizer, processor files, chat templates,
+# remote code (soup.modelfiles.PATTERNS; files the configs name are fetched in a second step)
 PULL_PATTERNS = [
     "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.*", "merges.txt", "*.model", "preprocessor_config.json", "processor_config.json",
-    "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+    *SUPPORT_PATTERNS,
 ]
 WEIGHTS = re.compile(r"(\.safetensors|(^|/)pytorch_model[^/]*\.bin)$")
 
@@ -79,9 +81,15 @@ def pull(repo_id: str, *, revision: str | None = None, endpoint: str | None = No
             # HfApi.resolve_revision would fall back to the cached ref on a 5xx or a timeout
             api = HfApi(endpoint=endpoint, token=token)
             commit = retrying(lambda: api.model_info(repo_id, revision=revision).sha, retry)
-        path = Path(retrying(lambda: snapshot_download(
-            repo_id, revision=commit or revision or constants.DEFAULT_REVISION, cache_dir=cache,
-            endpoint=endpoint, token=token, allow_patterns=PULL_PATTERNS, local_files_only=offline), retry))
+        def download(patterns: list[str]) -> Path:
+            return Path(retrying(lambda: snapshot_download(
+                repo_id, revision=commit or revision or constants.DEFAULT_REVISION, cache_dir=cache,
+                endpoint=endpoint, token=token, allow_patterns=patterns, local_files_only=offline), retry))
+
+        path = download(PULL_PATTERNS)
+        named = support_files(path).missing  # files the configs name (auto_map targets...), if the repo has them
+        if named:
+            download([_literal(name) for name in named])
     except Exception as err:
         raise hub_error(err, where, token=token, offline=offline) from None
     commit = commit or path.name
@@ -91,6 +99,11 @@ def pull(repo_id: str, *, revision: str | None = None, endpoint: str | None = No
     if not any(WEIGHTS.search(name) for name in oids):
         raise HubError(f"hub: {repo_id}@{commit[:12]} has no weight files (*.safetensors or pytorch_model*.bin)")
     return PulledRepo(repo_id=repo_id, revision=revision, commit=commit, path=path, file_oids=oids)
+
+
+def _literal(name: str) -> str:
+    """An allow pattern (fnmatch) matching exactly ``name``."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _remember_ref(cache: str, repo_id: str, revision: str, commit: str) -> None:

@@ -22,7 +22,8 @@ class Publisher:
     """Wraps a ShardUploader for one merge; a Publisher with no target does nothing.
 
     Args:
-        push_to: ``{"repo": "owner/name", "revision", "private", "create_pr", "commit_message"}`` or None.
+        push_to: ``{"repo": "owner/name", "revision", "private", "create_pr", "commit_message"}`` or None;
+            ``soup.schedule`` adds ``parent_commit`` and ``previous`` (see ``ShardUploader``).
         endpoint: hub URL (default ``HF_ENDPOINT`` / huggingface.co).
     """
 
@@ -52,6 +53,8 @@ class Publisher:
         try:
             return self._up.finish(Path(folder))
         except HubError as e:
+            if self.target.get("parent_commit"):  # --if-changed: another soup landed first; the next run looks again
+                raise HubError(f"{e} (the soup is complete in {folder})") from None
             raise HubError(f"{e} (the soup is complete in {folder}; retry with: soup push {folder} "
                            f"{self.target['repo']})") from None
 

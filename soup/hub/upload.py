@@ -107,12 +107,18 @@ class ShardUploader:
         token: a token, or None for huggingface_hub's usual places.
         retry: backoff for transient failures.
         max_workers: shards pre-uploaded at the same time.
+        parent_commit: the branch head the caller based its work on (``soup run --if-changed`` read the
+            previous soup there): ``start`` fails if the branch has moved since, and the commit is made
+            against it, so two runs that saw the same soup publish once.
+        previous: the previous soup's ``Manifest``: the default commit message then says what changed.
     """
 
     def __init__(self, repo_id: str, *, revision: str | None = None, private: bool = False,
                  create_pr: bool = False, commit_message: str | None = None, endpoint: str | None = None,
-                 token: str | bool | None = None, retry: RetryPolicy | None = None, max_workers: int = 2) -> None:
+                 token: str | bool | None = None, retry: RetryPolicy | None = None, max_workers: int = 2,
+                 parent_commit: str | None = None, previous: Any = None) -> None:
         check_repo_id(repo_id)
+        self.expected, self.previous = parent_commit, previous
         self.repo_id, self.branch = repo_id, revision or constants.DEFAULT_REVISION
         self.where = f"{repo_id}@{self.branch}"  # names the target in errors
         self.private, self.create_pr, self.commit_message = private, create_pr, commit_message
@@ -137,6 +143,9 @@ class ShardUploader:
             if self.parent is None and self.branch != constants.DEFAULT_REVISION:
                 self._call(lambda: self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True))
                 self.parent = self._head()
+            if self.expected is not None and self.parent != self.expected:
+                raise HubError(f"hub: {self.where} moved since {self.expected[:12]} (another soup was published "
+                               "first); nothing was pushed")
             if self.parent is not None:
                 self.remote_files = self._call(lambda: {f.path for f in self.api.list_repo_tree(
                     self.repo_id, revision=self.parent, recursive=True) if isinstance(f, RepoFile)})
@@ -189,12 +198,15 @@ class ShardUploader:
         names = {op.path_in_repo for op in operations}
         operations += [CommitOperationDelete(path_in_repo=p) for p in sorted(self.remote_files - names)
                        if STALE.search(p)]
-        message = self.commit_message or _default_message(folder, len(operations))
+        message = self.commit_message or _default_message(folder, len(operations), self.previous)
         try:
             info = self._call(lambda: self.api.create_commit(
                 self.repo_id, operations, commit_message=message, revision=self.branch,
                 create_pr=self.create_pr, parent_commit=self.parent))
         except Exception as err:
+            if status_code(err) == 412 and self.expected is not None:
+                raise HubError(f"hub: {self.where} moved since {self.expected[:12]} (another soup was published "
+                               "first); nothing was pushed") from None
             if status_code(err) == 412:
                 raise HubError(f"hub: {self.where} moved since {(self.parent or '')[:12]} (another push landed "
                                "first); nothing was pushed, re-run soup push") from None
@@ -262,12 +274,18 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
-def _default_message(folder: Path, n_files: int) -> str:
-    """The default commit message, e.g. "soup: greedy soup of 8 ingredients", from the folder's manifest."""
+def _default_message(folder: Path, n_files: int, previous: Any = None) -> str:
+    """The default commit message from the folder's manifest: "soup: greedy soup of 8 ingredients", or,
+    given the ``previous`` soup's manifest, what changed since (``soup.report.format_update``), e.g.
+    "+ acme/sft-ocr@abc1234 (0.612); greedy kept 4/7; score 0.618 (+0.004)"."""
     from ..manifest import read
 
     try:
         manifest = read(folder)
     except SoupError:
         return f"soup: upload {n_files} files"
+    if previous is not None:
+        from ..report import format_update
+
+        return format_update(previous, manifest)
     return f"soup: {manifest.method.name} soup of {len(manifest.ingredients)} ingredients"

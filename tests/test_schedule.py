@@ -1,0 +1,317 @@
+"""Scheduled merging against the local hub: `soup run --if-changed`, `soup watch`, webhooks.
+
+Ingredients are hub repos found by a registry query (``{registry: hub, author: acme, name: "sft-*"}``);
+the evaluator appends one line per evaluation to a log file, so every test counts exactly what was
+evaluated; the soup is published to ``acme/soup`` and the tests count its commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import soup
+from soup.cli import app
+from soup.errors import HubError, SoupError
+from soup.hub import push
+
+from conftest import make_state, write_checkpoint
+
+pytestmark = pytest.mark.usefixtures("hf_isolated")
+
+runner = CliRunner()
+SECRET = "whsec-test-0123456789"
+
+EVALS = '''
+import json, os
+
+def score(candidate, log, fail_flag):
+    """Closer to 0.5 is better; one log line per evaluation; crashes while ``fail_flag`` exists."""
+    if os.path.exists(fail_flag):
+        raise RuntimeError("evaluator crashed (test)")
+    w = candidate.state_dict("cpu")["model.norm.weight"].float()
+    with open(log, "a") as f:
+        f.write(json.dumps(candidate.weights, sort_keys=True) + "\\n")
+    return float(-((w - 0.5) ** 2).mean())
+'''
+
+
+class Shop:
+    """A registry of fine-tunes on the local hub, a recipe over it, and the evidence."""
+
+    def __init__(self, hub, tmp_path: Path) -> None:
+        self.hub, self.tmp = hub, tmp_path
+        self.log, self.flag = tmp_path / "evals.log", tmp_path / "FAIL"
+        (tmp_path / "evals.py").write_text(EVALS)
+        self.recipe = tmp_path / "soup.yaml"
+        self.recipe.write_text(yaml.safe_dump({
+            "ingredients": [{"registry": "hub", "author": "acme", "name": "sft-*"}],
+            "strategy": "greedy",
+            "evaluator": {"name": "python", "args": {"fn": "./evals.py:score",
+                                                    "kwargs": {"log": str(self.log), "fail_flag": str(self.flag)}}},
+            "endpoint": hub.url, "output": "out", "push_to": "acme/soup", "cache": "scores.sqlite"}))
+
+    def add(self, name: str, seed: int) -> str:
+        folder = write_checkpoint(self.tmp / "src" / name, make_state(seed, big=3000))
+        return push(folder, f"acme/{name}", endpoint=self.hub.url).commit
+
+    def evaluations(self) -> list[dict[str, float]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+
+    def commits(self) -> list[str]:
+        """Commit titles of acme/soup's main branch, oldest first."""
+        with self.hub.lock:
+            repo = self.hub.repos.get("acme/soup")
+            if repo is None:
+                return []
+            titles, sha = [], repo.branches["main"]
+            while sha is not None:
+                titles.append(repo.commits[sha].title)
+                sha = repo.commits[sha].parent
+            return titles[::-1]
+
+
+@pytest.fixture
+def shop(hub, tmp_path):
+    s = Shop(hub, tmp_path)
+    s.add("sft-a", 1)
+    s.add("sft-b", 2)
+    return s
+
+
+def test_if_changed_publishes_once_and_evaluates_only_what_is_new(shop, tmp_path):
+    first = soup.run_recipe(shop.recipe, if_changed=True)
+    assert first.changed and first.reasons == ["no previous soup"]
+    assert shop.commits() == ["initial commit", "soup: greedy soup of 2 ingredients"]
+    assert len(shop.evaluations()) == first.evaluated == 3  # a, b, then the candidate a+b
+    head = shop.hub.head("acme/soup")
+    assert first.published == f"acme/soup@{head}"
+    manifest = json.loads(shop.hub.files("acme/soup")["soup.json"])
+    assert [i["source"] for i in manifest["ingredients"]] == [
+        f"hf://acme/sft-a@{shop.hub.head('acme/sft-a')}", f"hf://acme/sft-b@{shop.hub.head('acme/sft-b')}"]
+
+    # nothing changed: one line, no evaluation, no commit, nothing written
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = runner.invoke(app, ["run", str(shop.recipe), "--if-changed", "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == f"up to date: acme/soup@{head}"
+    assert len(shop.evaluations()) == 3 and len(shop.commits()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+    # a new fine-tune lands: one new commit saying what changed; only it and new candidates are evaluated
+    sha_c = shop.add("sft-c", 3)
+    update = soup.run_recipe(shop.recipe, if_changed=True)
+    assert update.reasons == [f"+ acme/sft-c@{sha_c[:7]}"]
+    new = shop.evaluations()[3:]
+    assert new and all("sft-c" in w for w in new), new  # nothing without sft-c was evaluated again
+    assert {"sft-c": 1.0} in new and update.evaluated == len(new) and update.cached >= 2
+    titles = shop.commits()
+    assert len(titles) == 3
+    assert titles[-1].startswith(f"+ acme/sft-c@{sha_c[:7]} (") and "; greedy kept " in titles[-1]
+    assert "/3; score " in titles[-1] and titles[-1].endswith(")")  # the score's change since the last soup
+    assert update.line == f"published acme/soup@{shop.hub.head('acme/soup')}: {titles[-1]}"
+
+
+def test_recipe_or_evaluator_change_is_a_change(shop):
+    soup.run_recipe(shop.recipe, if_changed=True)
+    data = yaml.safe_load(shop.recipe.read_text())
+    data["strategy"] = {"name": "greedy", "tie": ">"}
+    shop.recipe.write_text(yaml.safe_dump(data))
+    update = soup.run_recipe(shop.recipe, if_changed=True)
+    assert update.reasons == ["recipe changed"] and len(shop.evaluations()) == 3  # the scores were cached
+    (shop.tmp / "evals.py").write_text(EVALS + "\n# edited\n")  # the evaluator's source: a new identity
+    update = soup.run_recipe(shop.recipe, if_changed=True)
+    assert update.reasons == ["evaluator changed"] and len(shop.evaluations()) == 6
+    assert shop.commits()[-1].startswith("evaluator changed; greedy kept")
+
+
+def test_two_concurrent_runs_publish_one_commit(shop, tmp_path, monkeypatch):
+    soup.run_recipe(shop.recipe, if_changed=True)
+    shop.add("sft-c", 3)
+    import soup.schedule as schedule
+
+    barrier, read = threading.Barrier(2, timeout=30), schedule.read_previous
+
+    def read_then_wait(*args, **kwargs):  # both runs see the same previous soup before either publishes
+        prev = read(*args, **kwargs)
+        barrier.wait()
+        return prev
+
+    monkeypatch.setattr(schedule, "read_previous", read_then_wait)
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:  # two machines: each its own output
+        try:
+            results[name] = soup.run_recipe(shop.recipe, if_changed=True, output=tmp_path / name)
+        except SoupError as e:
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("m1", "m2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    outcomes = sorted(type(r).__name__ for r in results.values())
+    assert outcomes == ["HubError", "Update"], results
+    error = next(r for r in results.values() if isinstance(r, HubError))
+    assert "moved since" in str(error) and "another soup was published first" in str(error)
+    assert len(shop.commits()) == 3  # initial, the first soup, ONE re-soup
+    monkeypatch.setattr(schedule, "read_previous", read)
+    assert not soup.run_recipe(shop.recipe, if_changed=True).changed  # the loser's next tick: up to date
+
+
+def test_watch_survives_a_failing_tick_and_never_republishes(shop):
+    """Ticks: first soup; +sft-c; evaluator crash (+sft-d pending); retry succeeds; up to date."""
+    seen: list[dict] = []
+
+    def on_log(entry: dict) -> None:
+        seen.append(entry)
+        if entry.get("tick") == 1:
+            shop.add("sft-c", 3)
+        elif entry.get("tick") == 2:
+            shop.flag.write_text("crash")
+            shop.add("sft-d", 4)
+        elif entry.get("tick") == 3:
+            shop.flag.unlink()
+
+    entries = soup.watch(shop.recipe, every=0.2, max_ticks=5, log=on_log, retry_after=0.05)
+    assert entries == seen and entries[0]["event"] == "start"
+    ticks = [e for e in entries if e["event"] == "tick"]
+    assert [t["status"] for t in ticks] == ["published", "published", "failed", "published", "up-to-date"]
+    assert [t["trigger"] for t in ticks] == ["schedule", "schedule", "schedule", "retry", "schedule"]
+    assert "evaluator crashed (test)" in ticks[2]["message"] and ticks[2]["retry_in"] == 0.05
+    assert ticks[3]["changes"] == [f"+ acme/sft-d@{shop.hub.head('acme/sft-d')[:7]}"]
+    assert ticks[4]["evaluated"] == 0 and ticks[4]["message"].startswith("up to date: acme/soup@")
+    assert len(shop.commits()) == 4  # initial + three soups; the failed tick committed nothing
+    assert sum(1 for w in shop.evaluations() if w == {"sft-d": 1.0}) == 1
+    leftovers = [p.name for p in shop.tmp.iterdir() if p.name.startswith(".out.soup-")]
+    assert leftovers == [], leftovers
+
+
+def _post(url: str, payload: dict, headers: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _hub_event(repo: str, scope: str = "repo.content") -> dict:
+    return {"event": {"action": "update", "scope": scope}, "repo": {"type": "model", "name": repo, "id": "x"},
+            "webhook": {"id": "w", "version": 3}}
+
+
+def test_webhook_secret_and_matching_event_trigger_a_tick(shop):
+    entries: list[dict] = []
+    ticked = threading.Event()
+
+    def on_log(entry: dict) -> None:
+        entries.append(entry)
+        if entry.get("event") == "tick":
+            ticked.set()
+
+    thread = threading.Thread(target=soup.watch, args=(shop.recipe,), daemon=True,
+                              kwargs=dict(every="1h", max_ticks=2, log=on_log, webhook="127.0.0.1:0",
+                                          webhook_secret=SECRET))
+    thread.start()
+    assert ticked.wait(60) and entries[1]["status"] == "published"
+    ticked.clear()
+    url = entries[0]["webhook"]
+    assert SECRET not in json.dumps(entries)
+    shop.add("sft-c", 3)
+    assert _post(url, _hub_event("acme/sft-c"), {"X-Webhook-Secret": "wrong"}) == (401, {"error": "unauthorized"})
+    assert _post(url, _hub_event("acme/sft-c"), {}) [0] == 401
+    assert _post(url, _hub_event("acme/other"), {"X-Webhook-Secret": SECRET}) == (200, {"status": "ignored"})
+    assert _post(url, _hub_event("acme/sft-c", "discussion"), {"X-Webhook-Secret": SECRET})[1]["status"] == "ignored"
+    assert _post(url, _hub_event("acme/soup"), {"X-Webhook-Secret": SECRET})[1]["status"] == "ignored"  # our own
+    assert not ticked.wait(0.5)  # no tick for any of those
+    assert _post(url, _hub_event("acme/sft-c"), {"X-Webhook-Secret": SECRET}) == (202, {"status": "queued"})
+    thread.join(60)
+    assert not thread.is_alive()
+    tick = entries[-1]
+    assert tick["trigger"] == "webhook acme/sft-c" and tick["status"] == "published"
+    assert tick["changes"][0].startswith("+ acme/sft-c@") and len(shop.commits()) == 3
+
+
+def test_mlflow_webhook_signature():
+    from soup.registry import Event
+    from soup.webhooks import WebhookServer, mlflow_signature
+
+    got: list[Event] = []
+    server = WebhookServer("127.0.0.1:0", SECRET, lambda e: got.append(e) or e.name == "sft")
+    server.start()
+    try:
+        body = {"entity": "model_version", "action": "created", "timestamp": "x",
+                "data": {"name": "sft", "version": "3", "source": "s", "run_id": None, "tags": {}, "description": None}}
+        raw = json.dumps(body).encode()
+        stamp = str(int(time.time()))
+
+        def send(signature: str, when: str = stamp) -> int:
+            req = urllib.request.Request(server.url, data=raw, method="POST", headers={
+                "X-MLflow-Signature": signature, "X-MLflow-Delivery-Id": "d-1", "X-MLflow-Timestamp": when})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert send(mlflow_signature("not-the-secret", "d-1", stamp, raw)) == 401
+        old = str(int(time.time()) - 3600)
+        assert send(mlflow_signature(SECRET, "d-1", old, raw), old) == 401  # a replayed delivery
+        assert got == []
+        assert send(mlflow_signature(SECRET, "d-1", stamp, raw)) == 202
+        assert got == [Event("mlflow", "sft", "model_version.created")]
+    finally:
+        server.close()
+
+
+def test_cli_watch_stops_cleanly_on_sigterm(shop, tmp_path):
+    env = {**os.environ, "SOUP_WEBHOOK_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
+    cli = "import sys; from soup.cli import main; sys.argv[0] = 'soup'; main()"
+    proc = subprocess.Popen([sys.executable, "-c", cli, "watch", str(shop.recipe), "--every", "1h",
+                             "--log-json", "--webhook", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        lines = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"event": "tick"' in line:
+                break
+        entries = [json.loads(x) for x in lines if x.startswith("{")]
+        assert entries and entries[-1]["status"] == "published", lines
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, rest
+    assert "interrupted (SIGTERM)" in rest
+    assert SECRET not in "".join(lines) + rest
+    assert [p.name for p in tmp_path.iterdir() if ".soup-" in p.name] == []  # no temp folder, no lock left
+
+
+def test_every_and_webhook_options_are_checked(shop):
+    res = runner.invoke(app, ["watch", str(shop.recipe), "--every", "soon"])
+    assert res.exit_code == 1 and "--every: 'soon' is not a duration" in res.stderr
+    res = runner.invoke(app, ["watch", str(shop.recipe), "--webhook", "127.0.0.1:0", "--max-ticks", "1"],
+                        env={"SOUP_WEBHOOK_SECRET": ""})
+    assert res.exit_code == 1 and "a secret is required" in res.stderr
+    assert soup.schedule.parse_every("1h30m") == 5400 and soup.schedule.parse_every("500ms") == 0.5
