@@ -8,6 +8,7 @@ from .pipeline import SoupResult, average_soup, cook, greedy_soup, maximum_soup,
 from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
 from .evaluate import Candidate, Evaluator, Score, load_evaluator
 from .inspection import inspect
+from .ingredients import Ingredient
 from .manifest import Manifest
 from .manifest import read as read_manifest
 from .engine import MergeResult, merge, soup_version
@@ -19,7 +20,7 @@ from .schedule import Update, watch
 __version__ = soup_version()
 
 __all__ = [
-    "merge", "MergeResult", "inspect", "Manifest", "read_manifest",
+    "merge", "MergeResult", "inspect", "Ingredient", "Manifest", "read_manifest",
     "maximum_soup", "average_soup", "greedy_soup", "search_soup", "cook", "SoupResult",
     "Evaluator", "Candidate", "Score", "load_evaluator",
     "SoupStrategy", "Choice", "make_strategy",

@@ -30,7 +30,8 @@ import sqlalchemy as sa
 from .errors import SoupError
 from .evaluate import Score
 
-__all__ = ["ScoreCache", "default_cache_path", "candidate_key", "evaluator_key", "display_url", "db_file"]
+__all__ = ["ScoreCache", "default_cache_path", "candidate_key", "evaluator_key", "display_url", "db_file", "engine",
+           "ensure_table"]
 
 TABLE = "soup_scores"
 _LEGACY_TABLE = "scores"  # sqlite caches written before the table was named for sharing a database
@@ -125,8 +126,8 @@ class ScoreCache:
         try:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._engine = _engine(url)
-            _create_table(self._engine)
+            self._engine = engine(url)
+            ensure_table(self._engine, _scores, legacy=_LEGACY_TABLE)
         except OSError as e:
             raise SoupError(f"score cache {self.url}: {e.strerror or e}") from None
         except ModuleNotFoundError as e:
@@ -180,14 +181,15 @@ class ScoreCache:
             raise SoupError(f"score cache {self.url}: {_reason(e)}") from None
 
 
-def _engine(url: str | sa.engine.URL) -> sa.engine.Engine:
-    """An engine with a busy timeout; sqlite files use the WAL journal (readers never block the writer)."""
+def engine(url: str | sa.engine.URL) -> sa.engine.Engine:
+    """An SQLAlchemy engine for soup's own tables: a busy timeout; sqlite files use the WAL journal
+    (readers never block the writer)."""
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return sa.create_engine(parsed, pool_pre_ping=True)
-    engine = sa.create_engine(parsed, connect_args={"timeout": 60})
+    eng = sa.create_engine(parsed, connect_args={"timeout": 60})
 
-    @sa.event.listens_for(engine, "connect")
+    @sa.event.listens_for(eng, "connect")
     def _wal(dbapi_conn: Any, record: Any) -> None:
         cur = dbapi_conn.cursor()
         try:
@@ -195,21 +197,22 @@ def _engine(url: str | sa.engine.URL) -> sa.engine.Engine:
         finally:
             cur.close()
 
-    return engine
+    return eng
 
 
-def _create_table(engine: sa.engine.Engine) -> None:
-    """Create ``soup_scores`` (renaming a legacy sqlite ``scores`` table); safe when others race to do it."""
+def ensure_table(eng: sa.engine.Engine, table: sa.Table, *, legacy: str | None = None) -> None:
+    """Create ``table`` unless it exists (renaming an sqlite table called ``legacy``); safe when other
+    processes race to do the same."""
     for attempt in range(5):
         try:
-            with engine.begin() as conn:
+            with eng.begin() as conn:
                 tables = set(sa.inspect(conn).get_table_names())
-                if TABLE in tables:
+                if table.name in tables:
                     return
-                if engine.dialect.name == "sqlite" and _LEGACY_TABLE in tables:
-                    conn.execute(sa.text(f"ALTER TABLE {_LEGACY_TABLE} RENAME TO {TABLE}"))
+                if legacy and eng.dialect.name == "sqlite" and legacy in tables:
+                    conn.execute(sa.text(f"ALTER TABLE {legacy} RENAME TO {table.name}"))
                     return
-                _metadata.create_all(conn, checkfirst=True)
+                table.create(conn, checkfirst=True)
             return
         except (sa.exc.IntegrityError, sa.exc.OperationalError, sa.exc.ProgrammingError):
             if attempt == 4:  # not a race after all

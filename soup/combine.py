@@ -110,7 +110,7 @@ class Combiner:
         srcs = job.sources()
         if len(srcs) > 1 and abs(math.fsum(job.weights) - 1.0) <= 1e-6 and \
                 self._identical([views[i] for i in srcs], job.numel):
-            yield from self._take(job, views[srcs[0]], srcs[0])  # the soup of identical tensors
+            yield from self._take(job, views[srcs[0]], srcs[0], mean=True)  # the soup of identical tensors
             return
         pairs = [(views[i], job.weights[i]) for i in srcs]
         check_cast = self._cast_may_overflow(job, [x.dtype for x, _ in pairs])
@@ -199,7 +199,7 @@ class Combiner:
                 return False
         return True
 
-    def _take(self, job: Job, x: torch.Tensor, source: int) -> Iterator[torch.Tensor]:
+    def _take(self, job: Job, x: torch.Tensor, source: int, mean: bool = False) -> Iterator[torch.Tensor]:
         same = x.dtype == job.out_dtype and self.device.type == "cpu"
         for start in range(0, job.numel, self.block):
             stop = min(start + self.block, job.numel)
@@ -209,17 +209,23 @@ class Combiner:
                 out = self._out_buf(job.out_dtype, stop - start)
                 out.copy_(x[start:stop])
             if not _all_finite(out):
-                self._trace_take(job, x, start, out, source)
+                self._trace_take(job, x, start, out, source, mean)
             yield out
 
-    def _trace_take(self, job: Job, x: torch.Tensor, start: int, out: torch.Tensor, source: int) -> None:
-        """A taken block holds a non-finite value: the ingredient's own, or its cast's overflow."""
+    def _trace_take(self, job: Job, x: torch.Tensor, start: int, out: torch.Tensor, source: int,
+                    mean: bool) -> None:
+        """A taken block holds a non-finite value: the ingredient's own, or its cast's overflow
+        (reported as the mean's when ``mean``: the soup of identical tensors)."""
         bad = _first_nonfinite(out)
         i, value = source, float(x[start + bad])
         where = f"{self.where(i, job.name)}: tensor {job.name}"
         if not math.isfinite(value):
             raise CheckpointError(f"{where}: non-finite value {value} at flat index {start + bad} "
                                   f"(ingredient {self.labels[i]})")
+        if mean:
+            raise CheckpointError(f"tensor {job.name}: the weighted mean overflows {_name(job.out_dtype)} "
+                                  f"(max {torch.finfo(job.out_dtype).max:.6g}) at flat index {start + bad} "
+                                  f"(value {value:.6g})")
         raise CheckpointError(f"{where}: value {value:.6g} at flat index {start + bad} overflows "
                               f"{_name(job.out_dtype)} (max {torch.finfo(job.out_dtype).max:.6g}) "
                               f"(ingredient {self.labels[i]})")

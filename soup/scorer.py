@@ -211,6 +211,9 @@ class RunningSum:
     the merge engine from two inputs (S and x), instead of re-reading all k pool members. Its
     tensors can differ from the direct uniform mean by float32 rounding (an ulp before the cast to
     the output dtype); the final soup is always re-merged from the ingredients themselves.
+
+    The sum is brought up to date when a candidate is built (the same passes, in the same order), so
+    a scorer whose candidates are built elsewhere (by ``soup worker`` processes) never pays for it.
     """
 
     def __init__(self, scorer: Scorer, first: int, *, storage: str = "memory", device: str = "cpu") -> None:
@@ -218,7 +221,8 @@ class RunningSum:
         self.members = [first]
         self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-", dir=scorer.scratch)) \
             if storage == "disk" else None
-        self._sum: Any = self._combine([scorer.checkpoints[first]], [1.0], step=0)
+        self._sum: Any = None  # the sum of members[:self._summed]
+        self._summed = 0
 
     @staticmethod
     def supports(rules: Sequence[Rule]) -> bool:
@@ -232,7 +236,7 @@ class RunningSum:
         new_ck = self.scorer.checkpoints[new]
         # inputs: the new ingredient, the pool's sum, then the sources of take: rules (weight 0)
         takes = sorted({self._take_index(r) for r in self.scorer.rules if r.action == "take"})
-        inputs = [new_ck, self._sum] + [self.scorer.checkpoints[i] for i in takes]
+        inputs = [new_ck, self._current()] + [self.scorer.checkpoints[i] for i in takes]
         weights = [1.0 / (k + 1), 1.0 / (k + 1)] + [0.0] * len(takes)
         rules = [Rule(r.pattern, "take", ingredient=2 + takes.index(self._take_index(r))) if r.action == "take"
                  else r for r in self.scorer.rules]
@@ -250,10 +254,18 @@ class RunningSum:
         return ing if isinstance(ing, int) else self.scorer.labels.index(ing)
 
     def add(self, new: int) -> None:
-        """Keep ingredient ``new``: S <- S + x_new (one pass)."""
-        self._sum = self._combine([self._sum, self.scorer.checkpoints[new]], [1.0, 1.0],
-                                  step=len(self.members))
+        """Keep ingredient ``new``: S <- S + x_new (one pass, when the next candidate is built)."""
         self.members.append(new)
+
+    def _current(self) -> Checkpoint:
+        """The pool's sum, with every member added since the last candidate folded in."""
+        cks = self.scorer.checkpoints
+        if self._sum is None:
+            self._sum, self._summed = self._combine([cks[self.members[0]]], [1.0], step=0), 1
+        while self._summed < len(self.members):
+            self._sum = self._combine([self._sum, cks[self.members[self._summed]]], [1.0, 1.0], step=self._summed)
+            self._summed += 1
+        return self._sum
 
     def _combine(self, inputs: list[Any], weights: list[float], *, step: int) -> Checkpoint:
         common = dict(weights=weights, normalize=False, dtype=torch.float32, device=self.device)

@@ -10,7 +10,7 @@ trial's weights, written by the engine like any other soup.
 Seeds are enqueued before the sampler proposes anything, so the search never ends worse than them on
 the selection evaluator: the best single ingredient, the uniform soup and, when every greedy
 candidate's score is already in the score cache, the greedy soup's pool. They run even when
-``n_trials`` is smaller.
+``n_trials`` is smaller or ``timeout`` has passed.
 
 Resume: the study lives in ``scorer.storage`` (``cook`` sets an sqlite file beside the output, or
 the ``--storage`` URL) under a name derived from the run (ingredients, evaluator, rules, dtype and
@@ -32,11 +32,13 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 from .cache import evaluator_key
 from .errors import RecipeError, SoupError
 from .evaluate import Score
+from .rules import match_rule
 from .scorer import Scorer
 from .strategies import Choice, SoupStrategy
 
@@ -50,7 +52,7 @@ HEARTBEAT_S = 30  # shared storages: a trial without a heartbeat for 3x this lon
 @dataclass
 class SearchSoup(SoupStrategy):
     n_trials: int = 50  # COMPLETE trials to reach (a resumed study's count; the seeds always run)
-    timeout: float | None = None  # seconds: no new batch of trials starts after this
+    timeout: float | None = None  # seconds: then the sampler proposes no more trials (the seeds still run)
     sampler: str = "tpe"  # tpe | cmaes | gp | random
     groups: dict[str, str] | None = None  # group name -> glob pattern: those tensors get their own weights
     seed: int | None = 0  # the sampler's seed (None: not reproducible)
@@ -91,6 +93,7 @@ class SearchSoup(SoupStrategy):
         import optuna
 
         self.check(n)
+        self._check_groups(scorer)
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
@@ -121,6 +124,16 @@ class SearchSoup(SoupStrategy):
         kept = [weights[i] > 0 or any(g[i] > 0 for g in groups.values()) for i in range(n)]
         return Choice(weights, [s.value for s in scores], trajectory, soup, kept, groups)
 
+    def _check_groups(self, scorer: Scorer) -> None:
+        """Each group must weigh some tensor that the run's rules and the earlier groups leave to it."""
+        free = [t for t in scorer.checkpoints[0].tensors if match_rule(scorer.rules, t) is None]
+        for name, pattern in (self.groups or {}).items():
+            mine = {t for t in free if fnmatchcase(t, pattern)}
+            if not mine:
+                raise RecipeError(f"strategy.groups.{name}: {pattern!r} matches no tensor left to it "
+                                  "(by the rules and the groups before it)")
+            free = [t for t in free if t not in mine]
+
     # ---- the study -------------------------------------------------------------------------------
 
     def _open(self, scorer: Scorer, optuna: Any) -> tuple[Any, Any]:
@@ -128,11 +141,10 @@ class SearchSoup(SoupStrategy):
         Trials a killed run left RUNNING are failed and re-enqueued with their weights."""
         storage, shared = None, bool(scorer.storage) and scorer.shared
         if scorer.storage:
+            beats = dict(heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
             try:
-                storage = optuna.storages.RDBStorage(
-                    scorer.storage, heartbeat_interval=HEARTBEAT_S if shared else None,
-                    grace_period=3 * HEARTBEAT_S if shared else None,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback() if shared else None)
+                storage = optuna.storages.RDBStorage(scorer.storage, **(beats if shared else {}))
             except Exception as e:  # the URL may hold a password: not repeated
                 raise SoupError(f"storage: cannot open the optuna storage ({type(e).__name__})") from None
         study = optuna.create_study(storage=storage, study_name=self._study_name(scorer), direction=scorer.direction,
@@ -156,21 +168,17 @@ class SearchSoup(SoupStrategy):
         return "soup-search-" + hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _sampler(self, optuna: Any, seed: int | None) -> Any:
-        s = optuna.samplers
-        if self.sampler == "tpe":  # weights interact (they are normalised): model them jointly
-            return s.TPESampler(seed=seed, multivariate=True, constant_liar=True)
-        if self.sampler == "cmaes":
-            return s.CmaEsSampler(seed=seed)
-        if self.sampler == "gp":
-            return s.GPSampler(seed=seed)
-        return s.RandomSampler(seed=seed)
+        s = optuna.samplers  # tpe: multivariate, as the weights interact (they are normalised together)
+        return {"tpe": lambda: s.TPESampler(seed=seed, multivariate=True, constant_liar=True),
+                "cmaes": lambda: s.CmaEsSampler(seed=seed), "gp": lambda: s.GPSampler(seed=seed),
+                "random": lambda: s.RandomSampler(seed=seed)}[self.sampler]()
 
     def _seed(self, study: Any, scorer: Scorer, scores: Sequence[Score]) -> None:
         """Enqueue the best single ingredient, the uniform soup and the cached greedy pool (once per study)."""
         labels = scorer.labels
         for pool in ([scorer.rank(scores)[0]], list(range(len(labels))), _greedy_pool(scorer, scores)):
             if pool:
-                params = {f"{v}.{lab}": 1.0 if i in pool else 0.0 for v in self._vectors() for i, lab in enumerate(labels)}
+                params = {f"{v}.{lab}": float(i in pool) for v in self._vectors() for i, lab in enumerate(labels)}
                 study.enqueue_trial(params, skip_if_exists=True)
 
     def _vectors(self) -> list[str]:
@@ -178,8 +186,8 @@ class SearchSoup(SoupStrategy):
 
     def _run(self, study: Any, storage: Any, scorer: Scorer, TrialState: Any) -> None:
         """Ask, score and tell, ``scorer.parallelism`` trials at a time, until ``n_trials`` are COMPLETE
-        and every enqueued trial has run (or ``timeout``). A resumed study's finished trials join this
-        run's history first when their scores are cached (free)."""
+        and every enqueued trial has run (after ``timeout``: only the enqueued ones). A resumed study's
+        finished trials join this run's history first when their scores are cached (free)."""
         start, labels, vectors = time.monotonic(), scorer.labels, self._vectors()
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             weights, groups = self._weights(t.params, labels)
@@ -188,12 +196,13 @@ class SearchSoup(SoupStrategy):
         while True:
             complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-            remaining = max(self.n_trials - complete, waiting)
-            if remaining <= 0 or (self.timeout is not None and time.monotonic() - start >= self.timeout):
+            timed_out = self.timeout is not None and time.monotonic() - start >= self.timeout
+            remaining = waiting if timed_out else max(self.n_trials - complete, waiting)  # seeds always run
+            if remaining <= 0:
                 return
             batch: list[Any] = []
             try:
-                for _ in range(min(scorer.parallelism, remaining)):
+                for _ in range(min(max(1, scorer.parallelism), remaining)):  # 0 live workers: still one
                     trial = study.ask()
                     batch.append(trial)
                     for v in vectors:
@@ -217,7 +226,7 @@ class SearchSoup(SoupStrategy):
                 t.set_user_attr("primary", s.primary)
                 study.tell(t, s.value)
 
-    def _weights(self, params: Mapping[str, float], labels: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
+    def _weights(self, params: Mapping[str, float], labels: Sequence[str]) -> tuple[list[float], dict[str, list]]:
         """A trial's normalised global weights and per-pattern group weights (a group with the global
         weights is left out: it changes nothing, and the soup then shares the plain soup's cache key)."""
         weights = _normalise([params[f"{GLOBAL}.{lab}"] for lab in labels])
@@ -238,7 +247,7 @@ def _name(number: int) -> str:
     return f"search trial {number + 1}"
 
 
-def _cached(scorer: Scorer, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None) -> Score | None:
+def _cached(scorer: Scorer, weights: Sequence[float], groups: Mapping[str, list] | None = None) -> Score | None:
     """The score cache's entry for a soup: a peek, nothing is evaluated or recorded."""
     return scorer.cache.get(evaluator_key(scorer.identity), scorer.key(weights, groups or None))
 

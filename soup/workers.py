@@ -148,10 +148,11 @@ def _trial_id(trial: optuna.trial.FrozenTrial) -> int:
 
 # --- the storage -----------------------------------------------------------------------------------
 
-def _open_storage(url: str, settings: QueueSettings | None = None) -> Any:
-    """An optuna RDBStorage on ``url`` (with the heartbeat and retry callback when ``settings``)."""
+def _open_storage(url: str, settings: QueueSettings | None = None, claims: _Claims | None = None) -> Any:
+    """An optuna RDBStorage on ``url``; with ``settings`` (and ``claims``), the heartbeat and the
+    retry of stale trials."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
@@ -160,7 +161,7 @@ def _open_storage(url: str, settings: QueueSettings | None = None) -> Any:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if settings is not None:
             kwargs.update(heartbeat_interval=settings.heartbeat, grace_period=settings.grace,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry))
+                          heartbeat_stale_trial_callback=_RetryOnce(claims, settings.max_retry))
         try:
             return RDBStorage(url, **kwargs)
         except ImportError as e:
@@ -187,11 +188,66 @@ def _retrying(what: str, url: str, fn: Callable[[], Any], *, attempts: int = 8) 
             time.sleep(0.1 * (attempt + 1))
 
 
+class _Claims:
+    """First come, first served, on every database: one row per claim in the table ``soup_claims``
+    (its primary key), beside optuna's tables. ``trial:ID``: the worker that evaluates a trial;
+    ``retry:ID``: the process that queues a stale trial's copy.
+
+    optuna's state changes (WAITING -> RUNNING, RUNNING -> FAIL) are exclusive only where the database
+    locks rows (PostgreSQL, MySQL: ``SELECT ... FOR UPDATE``); sqlite takes no row lock, and two
+    processes can both see their change succeed (optuna's own queue has the same race there).
+    """
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        from .cache import engine, ensure_table
+
+        self._sa = sa
+        self.table = sa.Table("soup_claims", sa.MetaData(),
+                              sa.Column("claim", sa.String(64), primary_key=True),
+                              sa.Column("worker", sa.Text, nullable=False),
+                              sa.Column("claimed", sa.String(32), nullable=False))
+        self.engine = engine(url)
+        ensure_table(self.engine, self.table)
+
+    def take(self, claim: str, who: str) -> bool:
+        """True if this process is the first to take ``claim``."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self._sa.insert(self.table).values(claim=claim, worker=who, claimed=_now()))
+        except self._sa.exc.IntegrityError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class _RetryOnce:
+    """optuna's ``RetryHeartbeatStaleTrialCallback`` (a WAITING copy of a stale trial, at most
+    ``max_retry`` times), run by exactly one of the processes that found the trial stale."""
+
+    def __init__(self, claims: _Claims | None, max_retry: int) -> None:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.claims = claims
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.claims is None or self.claims.take(f"retry:{_trial_id(trial)}", _me()):
+            self.retry(study, trial)
+
+
+def _me() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
 class _Queue:
     """A queue study opened in a storage: claim, complete, fail and hand back trials; read its state."""
 
-    def __init__(self, url: str, storage: Any, study: optuna.Study, settings: QueueSettings) -> None:
-        self.url, self.storage, self.study, self.settings = url, storage, study, settings
+    def __init__(self, url: str, storage: Any, study: optuna.Study, settings: QueueSettings, claims: _Claims) -> None:
+        self.url, self.storage, self.study, self.settings, self.claims = url, storage, study, settings, claims
         self.name = study.study_name
 
     def attrs(self) -> dict[str, Any]:
@@ -224,11 +280,20 @@ class _Queue:
             try:
                 if not self.storage.set_trial_state_values(tid, TrialState.RUNNING):
                     continue  # another worker was first
+            except UpdateFinishedTrialError:
+                continue  # cancelled meanwhile
+            if not self.claims.take(f"trial:{tid}", who):
+                continue  # both changed it to RUNNING (sqlite): the other worker's claim came first
+            try:
                 self.storage.set_trial_user_attr(tid, "worker", who)
             except UpdateFinishedTrialError:
                 continue  # cancelled meanwhile
             return t
         return None
+
+    def close(self) -> None:
+        self.claims.close()
+        self.storage.remove_session()
 
     def complete(self, trial: optuna.trial.FrozenTrial, score: Score, *, cached: bool, seconds: float) -> bool:
         """Store ``score`` as the trial's value; False if the trial was handed on meanwhile."""
@@ -301,8 +366,9 @@ class _Runner:
     heartbeat thread beats for every claimed trial and keeps this worker's registration fresh.
     """
 
-    def __init__(self, queue: _Queue, scorer: Scorer, reporter: Reporter) -> None:
+    def __init__(self, queue: _Queue, scorer: Scorer, reporter: Reporter, *, coordinator: bool = False) -> None:
         self.queue, self.scorer, self.reporter = queue, scorer, reporter
+        self.coordinator = coordinator  # the coordinator's own worker: it raises the failures it reports
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"  # pids are reused: a suffix
         self.evaluated = 0
         self._lock = threading.Lock()
@@ -330,7 +396,7 @@ class _Runner:
             with self._lock:
                 if not self._free:
                     break
-            trial = self.queue.claim(f"{socket.gethostname()} pid {os.getpid()}")
+            trial = self.queue.claim(_me())
             if trial is None:
                 break
             did = True
@@ -367,7 +433,8 @@ class _Runner:
             score, cached = sc._evaluate(weights, name, groups=groups, evaluator=slot)
         except Exception as e:  # the evaluator's failure: the coordinator reports it
             self.queue.fail(trial, redact(str(e)) or type(e).__name__)
-            self.reporter.warn(f"{name}: {redact(str(e))}")
+            if not self.coordinator:
+                self.reporter.warn(f"{name}: {redact(str(e))}")
         else:
             if self.queue.complete(trial, score, cached=cached, seconds=time.monotonic() - start):
                 self.evaluated += 1
@@ -439,17 +506,19 @@ class EvaluationQueue:
         self.url, self.scorer = url, scorer
         self.settings = QueueSettings.from_env()
         self.name = queue_name(scorer)
-        storage = _retrying("opening the storage", url, lambda: _open_storage(url, self.settings))
+        storage = _retrying("opening the storage", url, lambda: _open_storage(url))  # optuna's tables first
+        claims = _retrying("creating table soup_claims", url, lambda: _Claims(url))
+        storage = _open_storage(url, self.settings, claims)
         with _quiet_optuna():
             study = _retrying(f"creating study {self.name}", url, lambda: optuna.create_study(
                 storage=storage, study_name=self.name, direction=scorer.direction, load_if_exists=True))
-        self.queue = _Queue(url, storage, study, self.settings)
+        self.queue = _Queue(url, storage, study, self.settings, claims)
         study.set_user_attr("soup", {"identity": queue_identity(scorer), "settings": asdict(self.settings)})
         self.run_id = uuid.uuid4().hex[:12]
         self._run = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(), "done": False}
         self._forget_dead_runs()
         study.set_user_attr(f"run:{self.run_id}", self._run)
-        self.runner = _Runner(self.queue, scorer, scorer.reporter) if local_worker else None
+        self.runner = _Runner(self.queue, scorer, scorer.reporter, coordinator=True) if local_worker else None
         self._last_stale_check = 0.0
         self._parallelism = (0.0, 1)
 
@@ -600,6 +669,8 @@ class EvaluationQueue:
             self.queue.study.set_user_attr(f"run:{self.run_id}", {**self._run, "done": True, "finished": _now()})
         except Exception as e:  # the database is unreachable: workers stop after their idle timeout
             self.scorer.reporter.warn(f"could not mark the run done in {display_url(self.url)}: {e}")
+        finally:
+            self.queue.close()
 
 
 @contextmanager
@@ -726,7 +797,7 @@ def _local_scorer(r: Recipe, devices: Sequence[str] | None, cache: Any, reporter
     except BaseException:
         store.close()
         raise
-    scorer = Scorer(cks, evs, devices=devs or [r.device if r.device else "cpu"], cache=store,
+    scorer = Scorer(cks, evs, devices=devs or ["cpu"], cache=store,
                     rules=parse_rules(r.rules), dtype=r.dtype, reporter=reporter)
     return scorer, evs, store
 
@@ -755,12 +826,13 @@ def _join(url: str, scorer: Scorer, wait: float, reporter: Reporter) -> _Queue:
                             "--storage URL` with the same recipe (same ingredient files, evaluator and rules)")
         time.sleep(POLL_MAX)
     settings = QueueSettings.from_attrs((study.user_attrs.get("soup") or {}).get("settings"))
-    plain.engine.dispose()
-    storage = _retrying("opening the storage", url, lambda: _open_storage(url, settings))
+    plain.remove_session()
+    claims = _retrying("creating table soup_claims", url, lambda: _Claims(url))
+    storage = _retrying("opening the storage", url, lambda: _open_storage(url, settings, claims))
     study = _retrying(f"loading study {name}", url, lambda: optuna.load_study(study_name=name, storage=storage))
     reporter.step(f"joined study {name} in {display_url(url)} (heartbeat {settings.heartbeat}s, "
                   f"grace {settings.grace}s)")
-    return _Queue(url, storage, study, settings)
+    return _Queue(url, storage, study, settings, claims)
 
 
 def _mismatches(storage: Any, scorer: Scorer, told: set[str]) -> list[str]:
@@ -835,6 +907,7 @@ def _drain(queue: _Queue, scorer: Scorer, idle_timeout: float, reporter: Reporte
             pause = min(POLL_MAX, pause * 1.5)
     finally:
         runner.close()
+        queue.close()
 
 
 class _Scratch:

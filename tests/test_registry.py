@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -190,7 +191,8 @@ def mlflow_server(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                              "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # starts 2x faster
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90

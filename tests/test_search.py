@@ -97,6 +97,13 @@ def test_seeds_run_even_with_a_smaller_budget_and_include_the_cached_greedy_pool
     assert res.soup_score.value == max(greedy.soup_score.value, max(res.scores.values()))
 
 
+def test_timeout_stops_the_sampler_not_the_seeds(three):
+    paths, _, target = three
+    TARGET["model.norm.weight"] = target["model.norm.weight"]
+    res = soup.search_soup(paths, closeness, n_trials=50, timeout=1e-9, cache=None)
+    assert [t["tried"] for t in res.trajectory] == ["search trial 1", "search trial 2"]  # best single, uniform
+
+
 def test_a_crashed_run_resumes_without_evaluating_anything_twice(three, tmp_path):
     paths, _, target = three
     TARGET["model.norm.weight"] = target["model.norm.weight"]
@@ -211,7 +218,8 @@ def test_trials_are_scored_in_batches_over_the_devices(three):
 
 
 def test_recipe_run_report_and_validate(three, tmp_path):
-    (tmp_path / "ev.py").write_text("def score(c):\n    return -float(c.state_dict('cpu')['model.norm.weight'].abs().mean())\n")
+    (tmp_path / "ev.py").write_text("def score(c):\n"
+                                    "    return -float(c.state_dict('cpu')['model.norm.weight'].abs().mean())\n")
     recipe = textwrap.dedent("""
         ingredients: [ing0, ing1, ing2]
         strategy: {name: search, n_trials: 5, sampler: random, groups: {norm: "model.norm.*"}}
@@ -253,7 +261,11 @@ def test_bad_options_are_refused_before_any_work(three):
     for opts, match in [(dict(n_trials=1.5), "strategy.n_trials"), (dict(timeout=float("nan")), "strategy.timeout"),
                         (dict(groups={"x": ""}), "strategy.groups.x"), (dict(groups="model.*"), "strategy.groups"),
                         (dict(groups={"global": "a*"}), "strategy.groups"),
-                        (dict(groups={"a": "x*", "b": "x*"}), "same pattern")]:
+                        (dict(groups={"a": "x*", "b": "x*"}), "same pattern"),
+                        (dict(groups={"x": "nomatch.*"}), "strategy.groups.x: 'nomatch.*' matches no tensor"),
+                        (dict(groups={"a": "model.*", "b": "model.norm.*"}), "strategy.groups.b"),  # all taken by a
+                        (dict(groups={"v": "model.vision_tower.*"}, rules=["model.vision_tower.*=take:0"]),
+                         "strategy.groups.v")]:
         with pytest.raises(RecipeError, match=match):
             soup.search_soup(paths, closeness, cache=None, **opts)
     if importlib.util.find_spec("cmaes") is not None:

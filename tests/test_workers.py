@@ -76,19 +76,20 @@ def _kitchen(tmp_path: Path, n: int = 4, **args) -> Path:
 def _env(tmp_path: Path) -> dict[str, str]:
     tmp = tmp_path / "tmp"  # workers' scratch folders (a killed one's is left there)
     tmp.mkdir(exist_ok=True)
-    return {**os.environ, "SOUP_HEARTBEAT_INTERVAL": "1", "SOUP_HEARTBEAT_GRACE": "2", "TMPDIR": str(tmp)}
+    return {**os.environ, "SOUP_HEARTBEAT_INTERVAL": "1", "SOUP_HEARTBEAT_GRACE": "3", "TMPDIR": str(tmp)}
 
 
-def _start(tmp_path: Path, name: str, args: list[str]) -> subprocess.Popen:
+def _start(tmp_path: Path, name: str, args: list[str], **env: str) -> subprocess.Popen:
     """A process with its stdout/stderr in files (``name.out``, ``name.err``)."""
     out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, env=_env(tmp_path), cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, env={**_env(tmp_path), **env},
+                            cwd=tmp_path)
     proc.name, proc.files = name, (tmp_path / f"{name}.out", tmp_path / f"{name}.err")
     return proc
 
 
-def _cli(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
-    return _start(tmp_path, name, ["-c", "from soup.cli import main; main()", *args])
+def _cli(tmp_path: Path, name: str, *args: str, **env: str) -> subprocess.Popen:
+    return _start(tmp_path, name, ["-c", "from soup.cli import main; main()", *args], **env)
 
 
 def _api_worker(tmp_path: Path, name: str, recipe: Path, storage: str) -> subprocess.Popen:
@@ -133,7 +134,7 @@ def _same_soup(a: Path, b: Path) -> None:
 
 
 def test_two_workers_finish_a_greedy_soup_evaluating_each_candidate_once(tmp_path):
-    recipe = _kitchen(tmp_path, delay=0.6)
+    recipe = _kitchen(tmp_path, delay=0.4)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     w1 = _cli(tmp_path, "w1", "worker", str(recipe), "--storage", storage, "--idle-timeout", "60", "-q")
     w2 = _api_worker(tmp_path, "w2", recipe, storage)  # the Python API's worker
@@ -149,7 +150,7 @@ def test_two_workers_finish_a_greedy_soup_evaluating_each_candidate_once(tmp_pat
     study = _queue(storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["key"] for t in done) == sorted(keys)
-    assert study.user_attrs["soup"]["settings"] == {"heartbeat": 1, "grace": 2, "max_retry": 3}
+    assert study.user_attrs["soup"]["settings"] == {"heartbeat": 1, "grace": 3, "max_retry": 3}
     assert [r["done"] for k, r in study.user_attrs.items() if k.startswith("run:")] == [True]
 
     # the same soup as one process alone, bit for bit (the shared cache is the storage's database)
@@ -258,3 +259,28 @@ def test_a_storage_password_is_never_printed(tmp_path):
         res = runner.invoke(app, args)
         assert res.exit_code == 1 and "Sup3rSecret" not in res.output + res.stderr
         assert "postgresql+psycopg://soup:***@127.0.0.1:9/soup" in res.stderr
+
+
+def test_a_worker_told_to_stop_hands_its_candidate_back_at_once(tmp_path):
+    marker = tmp_path / "marker"
+    recipe = _kitchen(tmp_path, n=3, slow="ing2", marker=str(marker))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    w1 = _cli(tmp_path, "w1", "worker", str(recipe), "--storage", storage, "--idle-timeout", "60")
+    # no heartbeat expiry in this test: the hand-back alone must put the candidate back in the queue
+    coord = _cli(tmp_path, "coord", "run", str(recipe), "--storage", storage, "--no-local-worker", "-q",
+                 SOUP_HEARTBEAT_GRACE="600")
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert int(marker.read_text()) == w1.pid
+    w1.send_signal(signal.SIGTERM)
+    assert w1.wait(timeout=30) == 143
+    assert "handed ing2 back to the queue" in w1.files[1].read_text()
+    w2 = _cli(tmp_path, "w2", "worker", str(recipe), "--storage", storage, "--idle-timeout", "60", "-q")
+    res = _finish([coord, w2])
+    assert res["coord"][0] == 0 and res["w2"][0] == 0
+    assert [pid for pid, _, name in _log(tmp_path) if name == "ing2"] == [w2.pid]
+    ing2 = sorted((t.state.name, t.user_attrs["worker"].endswith(str(w2.pid)))
+                  for t in _queue(storage).trials if t.user_attrs["name"] == "ing2")
+    assert ing2 == [("COMPLETE", True), ("FAIL", False)]
+    assert not list((tmp_path / "tmp").glob("soup-worker-*"))  # both workers removed their scratch folders

@@ -97,6 +97,9 @@ def client(uri: str) -> Any:
     """An ``MlflowClient`` for ``uri`` (a one-line error when mlflow is not installed)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is soup's progress
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is soup's results
+    import logging
+
+    logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to..."
     try:
         from mlflow import MlflowClient
     except ImportError:
