@@ -123,6 +123,10 @@ def cook(
         raise RecipeError(f"storage: {storage!r} must be an optuna storage URL (sqlite:///..., postgresql://...)")
     if not isinstance(local_worker, bool):
         raise RecipeError(f"local_worker: must be true or false, got {local_worker!r}")
+    if storage is not None:
+        from .workers import QueueSettings
+
+        QueueSettings.from_env()  # a bad SOUP_HEARTBEAT_* is refused before any work
     # the output is checked and locked before anything is opened (the cache too); candidates live beside it
     output = OutputDir(out, overwrite=bool(merge_options.get("overwrite", False)),
                        protect=input_paths(ingredients) + [Path(p) for p in protect] + _db_files(storage, cache)) \
@@ -348,7 +352,7 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
     if has_queries(recipe):  # pinned now: what is evaluated is what soup.json records
         import dataclasses
 
-        pinned = resolve_ingredients(recipe)
+        pinned = resolve_ingredients(recipe, output=output)
         recipe = dataclasses.replace(recipe, ingredients=[p.spec() for p in pinned], labels=[p.label for p in pinned])
 
     out = output if output is not None else recipe.output
@@ -401,9 +405,9 @@ def describe_recipe(recipe: Any) -> str:
     lines.append(f"ingredients ({len(recipe.ingredients)}):")
     for src, lab in zip(recipe.ingredients, recipe.labels):
         if not isinstance(src, str):  # a registry query: what it resolves to now (nothing is downloaded)
-            from .registry import context_of, describe_pinned
+            from .registry import describe_pinned, resolve_query
 
-            found = src.resolve(context_of(recipe))
+            found = resolve_query(recipe, src)
             lines.append(f"  {src.where}: {src.describe()} -> {len(found)} match(es)" + ("" if found else
                          " (an empty query is an error at run time)"))
             lines.extend("  " + line for line in describe_pinned(found))

@@ -73,9 +73,11 @@ def format_report(manifest: Manifest | Mapping[str, Any] | Any, *, where: str | 
                             [[k, _kind(m, t), t.candidate, t.score, t.cached, _weights(t)]
                              for k, t in enumerate(rec.history, start=1)])
     if ev is not None and ev.trajectory:
-        lines += ["", "greedy trajectory:"]
-        lines += _table(["step", "tried", "score", "kept", "pool size"],
-                        [[t.step, t.tried, t.score, t.kept, len(t.pool)] for t in ev.trajectory])
+        pools = any(t.pool for t in ev.trajectory)  # greedy's pools; other strategies have none
+        lines += ["", f"{m.method.name} trajectory:"]
+        lines += _table(["step", "tried", "score", "kept"] + (["pool size"] if pools else []),
+                        [[t.step, t.tried, t.score, t.kept] + ([len(t.pool)] if pools else [])
+                         for t in ev.trajectory])
     lines.append("")
     if ev is not None and ev.soup_score is not None:
         lines.append(f"soup score: {_fmt(ev.soup_score)}")
@@ -311,7 +313,7 @@ def make_figure(manifest: Manifest) -> Any:
             pts = [(("+" if t.kept else "x ") + t.tried, t.score, "step kept" if t.kept else "step rejected")
                    for t in rec.trajectory]
             kept = [(x, t.score) for x, t in enumerate(rec.trajectory) if t.kept]
-            _panel(ax, "greedy trajectory (candidate scores)", pts, [s for _, s in kept], None, "step")
+            _panel(ax, f"{m.method.name} trajectory (candidate scores)", pts, [s for _, s in kept], None, "step")
             ax.plot([x for x, _ in kept], [s for _, s in kept], color="tab:green", linewidth=1, alpha=0.5)
         else:
             scores = rec.ingredient_scores()

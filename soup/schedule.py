@@ -91,7 +91,7 @@ def run_if_changed(recipe: Any, *, cache: Any = None, progress: Any = False,
     if push and push.get("create_pr"):
         raise RecipeError("push_to.create_pr: --if-changed reads the soup from the branch head, which a pull "
                           "request never updates; push to a branch instead")
-    pinned = resolve_ingredients(recipe, pin_fixed=True)  # before anything is evaluated
+    pinned = resolve_ingredients(recipe, pin_fixed=True, output=out)  # before anything is evaluated
     infos = _evaluator_infos(recipe)
     prev = read_previous(recipe, output=out)
     reasons = _changes(recipe, pinned, infos, prev.manifest)

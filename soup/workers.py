@@ -50,7 +50,6 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,6 +98,9 @@ class QueueSettings:
         settings = cls(**values)
         if "grace" not in values and settings.grace < 2 * settings.heartbeat:
             settings = cls(settings.heartbeat, 4 * settings.heartbeat, settings.max_retry)
+        if settings.grace <= settings.heartbeat:
+            raise SoupError(f"SOUP_HEARTBEAT_GRACE: {settings.grace} must be more than the heartbeat interval "
+                            f"({settings.heartbeat}s), or every running candidate looks dead")
         return settings
 
     @classmethod
@@ -362,8 +364,9 @@ class _Runner:
     """Claims queued candidates and evaluates them on a local Scorer: one slot per evaluator.
 
     With one evaluator a claimed candidate is evaluated in the calling (main) thread, so a stop
-    signal interrupts the evaluation itself; with several, each runs in a thread of a pool. A
-    heartbeat thread beats for every claimed trial and keeps this worker's registration fresh.
+    signal interrupts the evaluation itself; with several, each runs in a daemon thread (a stopped
+    worker hands its candidates back and exits without waiting for them). A heartbeat thread beats
+    for every claimed trial and keeps this worker's registration fresh.
     """
 
     def __init__(self, queue: _Queue, scorer: Scorer, reporter: Reporter, *, coordinator: bool = False) -> None:
@@ -374,9 +377,9 @@ class _Runner:
         self._lock = threading.Lock()
         self._free = list(range(len(scorer.evaluators)))[::-1]
         self._claimed: dict[int, Any] = {}  # trial id -> FrozenTrial, while evaluated here
-        self._futures: list[Future] = []
-        self._pool = ThreadPoolExecutor(len(self._free), thread_name_prefix="soup-worker") \
-            if len(self._free) > 1 else None
+        self._threaded = len(self._free) > 1
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []  # raised in evaluation threads, re-raised by step()
         self._started = time.time()
         self._register()
         self._stop = threading.Event()
@@ -403,19 +406,27 @@ class _Runner:
             with self._lock:
                 slot = self._free.pop()
                 self._claimed[_trial_id(trial)] = trial
-            if self._pool is None:
+            if not self._threaded:
                 self._run(trial, slot)
                 break  # back to the caller's loop (results, stale trials) after each evaluation here
-            else:
-                self._futures.append(self._pool.submit(self._run, trial, slot))
+            thread = threading.Thread(target=self._run_in_thread, args=(trial, slot), daemon=True,
+                                      name=f"soup-evaluate-{slot}")
+            self._threads.append(thread)
+            thread.start()
         return did
 
     def _harvest(self) -> bool:
-        done = [f for f in self._futures if f.done()]
-        self._futures = [f for f in self._futures if not f.done()]
-        for f in done:
-            f.result()  # a storage failure in a thread surfaces here
+        done = [t for t in self._threads if not t.is_alive()]
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._errors:
+            raise self._errors[0]  # a storage failure in a thread surfaces here
         return bool(done)
+
+    def _run_in_thread(self, trial: Any, slot: int) -> None:
+        try:
+            self._run(trial, slot)
+        except BaseException as e:
+            self._errors.append(e)
 
     def _run(self, trial: Any, slot: int) -> None:
         attrs = trial.user_attrs
@@ -468,8 +479,6 @@ class _Runner:
         """Stop: candidates still evaluated here are handed back to the queue (another worker takes
         them at once); normally there are none."""
         self._stop.set()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             claimed = list(self._claimed.values())
         for trial in claimed:
@@ -506,9 +515,8 @@ class EvaluationQueue:
         self.url, self.scorer = url, scorer
         self.settings = QueueSettings.from_env()
         self.name = queue_name(scorer)
-        storage = _retrying("opening the storage", url, lambda: _open_storage(url))  # optuna's tables first
         claims = _retrying("creating table soup_claims", url, lambda: _Claims(url))
-        storage = _open_storage(url, self.settings, claims)
+        storage = _retrying("opening the storage", url, lambda: _open_storage(url, self.settings, claims))
         with _quiet_optuna():
             study = _retrying(f"creating study {self.name}", url, lambda: optuna.create_study(
                 storage=storage, study_name=self.name, direction=scorer.direction, load_if_exists=True))

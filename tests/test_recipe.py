@@ -39,7 +39,7 @@ def test_every_example_recipe_validates():
     assert len(RECIPES) >= 3
     for path in RECIPES:
         r = load_recipe(path)
-        assert r.ingredients and r.strategy in ("maximum", "average", "greedy"), path
+        assert r.ingredients and r.strategy in ("maximum", "average", "greedy", "search"), path
 
 
 def test_errors_name_every_field_path(tmp_path):

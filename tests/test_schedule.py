@@ -2,7 +2,8 @@
 
 Ingredients are hub repos found by a registry query (``{registry: hub, author: acme, name: "sft-*"}``);
 the evaluator appends one line per evaluation to a log file, so every test counts exactly what was
-evaluated; the soup is published to ``acme/soup`` and the tests count its commits.
+evaluated; the soup is published to ``acme/sft-soup`` (which the query matches too: a soup is never its
+own ingredient) and the tests count its commits.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Shop:
             "strategy": "greedy",
             "evaluator": {"name": "python", "args": {"fn": "./evals.py:score",
                                                     "kwargs": {"log": str(self.log), "fail_flag": str(self.flag)}}},
-            "endpoint": hub.url, "output": "out", "push_to": "acme/soup", "cache": "scores.sqlite"}))
+            "endpoint": hub.url, "output": "out", "push_to": "acme/sft-soup", "cache": "scores.sqlite"}))
 
     def add(self, name: str, seed: int) -> str:
         folder = write_checkpoint(self.tmp / "src" / name, make_state(seed, big=3000))
@@ -71,9 +72,9 @@ class Shop:
         return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
 
     def commits(self) -> list[str]:
-        """Commit titles of acme/soup's main branch, oldest first."""
+        """Commit titles of acme/sft-soup's main branch, oldest first."""
         with self.hub.lock:
-            repo = self.hub.repos.get("acme/soup")
+            repo = self.hub.repos.get("acme/sft-soup")
             if repo is None:
                 return []
             titles, sha = [], repo.branches["main"]
@@ -96,9 +97,9 @@ def test_if_changed_publishes_once_and_evaluates_only_what_is_new(shop, tmp_path
     assert first.changed and first.reasons == ["no previous soup"]
     assert shop.commits() == ["initial commit", "soup: greedy soup of 2 ingredients"]
     assert len(shop.evaluations()) == first.evaluated == 3  # a, b, then the candidate a+b
-    head = shop.hub.head("acme/soup")
-    assert first.published == f"acme/soup@{head}"
-    manifest = json.loads(shop.hub.files("acme/soup")["soup.json"])
+    head = shop.hub.head("acme/sft-soup")
+    assert first.published == f"acme/sft-soup@{head}"
+    manifest = json.loads(shop.hub.files("acme/sft-soup")["soup.json"])
     assert [i["source"] for i in manifest["ingredients"]] == [
         f"hf://acme/sft-a@{shop.hub.head('acme/sft-a')}", f"hf://acme/sft-b@{shop.hub.head('acme/sft-b')}"]
 
@@ -106,7 +107,7 @@ def test_if_changed_publishes_once_and_evaluates_only_what_is_new(shop, tmp_path
     before = sorted(p.name for p in tmp_path.iterdir())
     res = runner.invoke(app, ["run", str(shop.recipe), "--if-changed", "-q"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.strip() == f"up to date: acme/soup@{head}"
+    assert res.stdout.strip() == f"up to date: acme/sft-soup@{head}"
     assert len(shop.evaluations()) == 3 and len(shop.commits()) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -121,7 +122,7 @@ def test_if_changed_publishes_once_and_evaluates_only_what_is_new(shop, tmp_path
     assert len(titles) == 3
     assert titles[-1].startswith(f"+ acme/sft-c@{sha_c[:7]} (") and "; greedy kept " in titles[-1]
     assert "/3; score " in titles[-1] and titles[-1].endswith(")")  # the score's change since the last soup
-    assert update.line == f"published acme/soup@{shop.hub.head('acme/soup')}: {titles[-1]}"
+    assert update.line == f"published acme/sft-soup@{shop.hub.head('acme/sft-soup')}: {titles[-1]}"
 
 
 def test_recipe_or_evaluator_change_is_a_change(shop):
@@ -193,7 +194,7 @@ def test_watch_survives_a_failing_tick_and_never_republishes(shop):
     assert [t["trigger"] for t in ticks] == ["schedule", "schedule", "schedule", "retry", "schedule"]
     assert "evaluator crashed (test)" in ticks[2]["message"] and ticks[2]["retry_in"] == 0.05
     assert ticks[3]["changes"] == [f"+ acme/sft-d@{shop.hub.head('acme/sft-d')[:7]}"]
-    assert ticks[4]["evaluated"] == 0 and ticks[4]["message"].startswith("up to date: acme/soup@")
+    assert ticks[4]["evaluated"] == 0 and ticks[4]["message"].startswith("up to date: acme/sft-soup@")
     assert len(shop.commits()) == 4  # initial + three soups; the failed tick committed nothing
     assert sum(1 for w in shop.evaluations() if w == {"sft-d": 1.0}) == 1
     leftovers = [p.name for p in shop.tmp.iterdir() if p.name.startswith(".out.soup-")]
@@ -237,7 +238,7 @@ def test_webhook_secret_and_matching_event_trigger_a_tick(shop):
     assert _post(url, _hub_event("acme/sft-c"), {}) [0] == 401
     assert _post(url, _hub_event("acme/other"), {"X-Webhook-Secret": SECRET}) == (200, {"status": "ignored"})
     assert _post(url, _hub_event("acme/sft-c", "discussion"), {"X-Webhook-Secret": SECRET})[1]["status"] == "ignored"
-    assert _post(url, _hub_event("acme/soup"), {"X-Webhook-Secret": SECRET})[1]["status"] == "ignored"  # our own
+    assert _post(url, _hub_event("acme/sft-soup"), {"X-Webhook-Secret": SECRET})[1]["status"] == "ignored"  # our own
     assert not ticked.wait(0.5)  # no tick for any of those
     assert _post(url, _hub_event("acme/sft-c"), {"X-Webhook-Secret": SECRET}) == (202, {"status": "queued"})
     thread.join(60)

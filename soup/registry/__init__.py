@@ -32,7 +32,7 @@ from ..errors import SoupError
 from ..manifest import pin_key
 
 __all__ = ["Query", "Pinned", "Context", "Event", "REGISTRIES", "parse_query", "resolve_ingredients",
-           "has_queries", "context_of", "describe_pinned", "tracking_uri"]
+           "has_queries", "context_of", "describe_pinned", "tracking_uri", "resolve_query"]
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,13 @@ def context_of(recipe: Any) -> Context:
     return Context(endpoint=recipe.endpoint, tracking_uri=getattr(recipe, "tracking_uri", None))
 
 
-def resolve_ingredients(recipe: Any, *, pin_fixed: bool = False) -> list[Pinned]:
+def resolve_ingredients(recipe: Any, *, pin_fixed: bool = False, output: str | Path | None = None) -> list[Pinned]:
     """Every ingredient of a recipe, queries resolved (and, with ``pin_fixed``, fixed ones pinned too:
     a hub branch to its commit sha, a local checkpoint to its fingerprint).
 
-    The same source named twice (by two queries, or a query and a fixed entry) is kept once.
+    The same source named twice (by two queries, or a query and a fixed entry) is kept once. A query
+    never returns the soup itself: its ``push_to`` repo, its ``publish`` model, its output folder
+    (``output``, default the recipe's) are left out (``acme/sft-*`` would otherwise find ``acme/sft-soup``).
 
     Raises:
         SoupError: a query matched nothing, a registry cannot be reached, a fixed ingredient is missing.
@@ -150,7 +152,7 @@ def resolve_ingredients(recipe: Any, *, pin_fixed: bool = False) -> list[Pinned]
     for i, (item, label) in enumerate(zip(recipe.ingredients, recipe.labels)):
         where = f"ingredients[{i}]"
         if isinstance(item, Query):
-            found = item.resolve(ctx)
+            found = resolve_query(recipe, item, output=output, ctx=ctx)
             if not found:
                 raise SoupError(f"{where}: {item.describe()}: no match (an empty query is an error: "
                                 "nothing to soup)")
@@ -166,6 +168,27 @@ def resolve_ingredients(recipe: Any, *, pin_fixed: bool = False) -> list[Pinned]
             seen.add(p.key)
             unique.append(p)
     return unique
+
+
+def resolve_query(recipe: Any, query: Query, *, output: str | Path | None = None,
+                  ctx: Context | None = None) -> list[Pinned]:
+    """What one of a recipe's queries resolves to now, the soup itself left out (see ``resolve_ingredients``)."""
+    return [p for p in query.resolve(ctx or context_of(recipe)) if not _is_own(p, recipe, output)]
+
+
+def _is_own(p: Pinned, recipe: Any, output: str | Path | None) -> bool:
+    """Whether a query's match is the soup this recipe makes (where it is pushed, registered or written)."""
+    push = (recipe.push_to or {}).get("repo")
+    if push and p.source.startswith(f"hf://{push}@"):
+        return True
+    publish = (getattr(recipe, "publish", None) or {}).get("mlflow")
+    if publish and p.source.startswith(f"models:/{publish}/"):
+        return True
+    out = output if output is not None else recipe.output
+    if out is not None and not p.source.startswith(("hf://", "models:/")):
+        here, dest = Path(os.path.realpath(p.source)), Path(os.path.realpath(out))
+        return here == dest or here.is_relative_to(dest)
+    return False
 
 
 def _pin_fixed(source: str, label: str | None, where: str, ctx: Context) -> Pinned:
