@@ -35,7 +35,7 @@ import torch
 from .errors import CheckpointError
 
 __all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "DTYPES", "dtype_name", "parse_dtype",
-           "load_torch_file", "common_prefix", "WRAPPER_KEYS", "WRAPPER_PREFIXES"]
+           "load_torch_file", "common_prefix", "strip_names", "WRAPPER_KEYS", "WRAPPER_PREFIXES"]
 
 # safetensors dtype names <-> torch dtypes
 DTYPES: dict[str, torch.dtype] = {
@@ -185,7 +185,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     if strip_prefix:
-        tensors = _strip(tensors, strip_prefix, path)
+        tensors = strip_names(tensors, strip_prefix, path)
     for what, value in (("key", key), ("strip", strip_prefix)):  # the same file read two ways differs
         if value:
             digest.update(f"\0{what}\0{value}".encode())
@@ -193,8 +193,8 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
                       tensors=tensors, fingerprint=digest.hexdigest(), state_dict_key=key)
 
 
-def _strip(tensors: dict[str, TensorInfo], prefix: str, path: Path) -> dict[str, TensorInfo]:
-    """The table with ``prefix`` removed from every name that starts with it."""
+def strip_names(tensors: dict[str, TensorInfo], prefix: str, path: Path | str) -> dict[str, TensorInfo]:
+    """The table with ``prefix`` removed from every name that starts with it (CheckpointError on a clash)."""
     out: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         new = name[len(prefix):] if name.startswith(prefix) else name

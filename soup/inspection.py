@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, common_prefix
+from .checkpoint import Checkpoint, common_prefix, strip_names
 from .combine import BLOCK_ELEMENTS, same_bits
 from .components import group, suggest_rules
 from .errors import RecipeError
@@ -65,7 +65,7 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
     if diff:  # the data is read: hub repos are downloaded
         cks = resolve_all(specs)
     else:  # hub repos are described from their safetensors headers (range requests): nothing is downloaded
-        cks = resolve_all([(header_checkpoint(s) or s) if str(s).startswith("hf://") else s for s in specs])
+        cks = resolve_all([_from_headers(s, header_checkpoint) for s in specs])
     components = group(cks[0].tensors)
     listed = [_component(c) for c in components]
     if not more:
@@ -86,6 +86,17 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
                                             if base else None) for i, ck in enumerate(cks[1:])}
         report["suggested_rules"] = suggest_rules(components, identical, cks[0].tensors)
     return report
+
+
+def _from_headers(spec: IngredientSpec, header_checkpoint) -> IngredientSpec:
+    """A hub spec as a Checkpoint read from its safetensors headers (None-able: then downloaded)."""
+    if not str(spec).startswith("hf://"):
+        return spec
+    ck = header_checkpoint(str(spec))
+    prefix = getattr(spec, "strip_prefix", None)
+    if ck is not None and prefix:
+        ck.tensors = strip_names(ck.tensors, prefix, ck.source)
+    return ck or spec
 
 
 def _component(comp) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from .errors import SoupError
 
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "Manifest", "Method", "IngredientEntry", "FileEntry", "EvaluatorInfo",
            "Trial", "Step", "Scoring", "Evaluation", "TestEvaluation", "Selection", "read", "write", "jsonable",
-           "pin_key"]
+           "pin_key", "identity_key"]
 
 MANIFEST = "soup.json"
 SCHEMA_VERSION = 1  # 1: soup 0.2 (typed; evaluation.history); 0: soup 0.1 (no schema_version)
@@ -91,17 +91,46 @@ class EvaluatorInfo:
     version: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
     primary: str | None = None  # the metric used for selection, for evaluators returning several
-    key: str | None = None  # the score cache's key of the whole identity (direction, source hashes...)
+    key: str | None = None  # the whole identity hashed, files named by arguments by content (``identity_key``)
 
     @classmethod
     def from_identity(cls, identity: Mapping[str, Any]) -> EvaluatorInfo:
         """From ``Evaluator.identity()``; arguments are made JSON-safe (a function becomes its repr)."""
-        from .cache import evaluator_key
-
         version = identity.get("version")
         return cls(name=str(identity.get("name") or "?"), version=None if version is None else str(version),
                    args=jsonable(dict(identity.get("args") or {})), primary=identity.get("primary"),
-                   key=evaluator_key(identity))
+                   key=identity_key(identity))
+
+
+def identity_key(identity: Mapping[str, Any]) -> str:
+    """sha256 of an evaluator's whole identity (direction, source hashes...), where an argument naming an
+    existing file counts by its content, not its path: the same evaluator and data at another path (another
+    machine, a container's mount) has the same key, and an edited data file a new one. ``soup run
+    --if-changed`` compares these keys."""
+    import hashlib
+
+    def portable(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): portable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [portable(v) for v in value]
+        if not isinstance(value, str) or not value or len(value) > 4096:
+            return value
+        path, sep, attr = value.rpartition(":")  # "path/to/file.py:function" names a file too
+        path, attr = (path, attr) if sep and path.endswith(".py") and attr.isidentifier() else (value, None)
+        if not os.path.isfile(path):
+            return value
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            return value
+        return {"file_sha256": digest.hexdigest(), **({"attr": attr} if attr else {})}
+
+    text = json.dumps(portable(dict(identity)), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

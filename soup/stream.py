@@ -2,9 +2,9 @@
 
 Safetensors files are memory-mapped (read-only) and each tensor is a zero-copy ``torch.frombuffer``
 view into the mapping, so input pages live in the page cache, never in the process's anonymous
-memory. Torch files (``.bin``, ``.pt``, ``.pth``) are opened with ``torch.load(mmap=True)``. While one tensor is combined, the
-kernel is asked to read the next one ahead (``posix_fadvise(WILLNEED)``), so disk reads overlap the
-math.
+memory. Torch files (``.bin``, ``.pt``, ``.pth``) are opened with ``torch.load(mmap=True)``. While
+one tensor is combined, the kernel is asked to read the next one ahead (``posix_fadvise(WILLNEED)``),
+so disk reads overlap the math.
 
 Open files: a Python ``mmap`` keeps a duplicate of its file descriptor until it is closed, so a
 reader keeps at most ``MAX_OPEN`` mappings (least recently used closed first; tensors are read in

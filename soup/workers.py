@@ -796,6 +796,13 @@ def _local_scorer(r: Recipe, devices: Sequence[str] | None, cache: Any, reporter
     devs = list(devices) if devices else list(r.devices or [])
     for i, d in enumerate(devs):
         check_device(d, where=f"devices[{i}]")
+    from .registry import has_queries, resolve_ingredients
+
+    if has_queries(r):  # as the coordinator does; a different answer here names another queue (and says so)
+        import dataclasses
+
+        pinned = resolve_ingredients(r)
+        r = dataclasses.replace(r, ingredients=[p.spec() for p in pinned], labels=[p.label for p in pinned])
     hub = HubOptions(endpoint=endpoint or r.endpoint)
     specs = precheck(r.ingredients, labels=r.labels, hub=hub, allow_float_mix=r.dtype is not None)
     cks = resolve_all(specs, labels=r.labels, hub=hub)

@@ -93,9 +93,18 @@ def _cli(tmp_path: Path, name: str, *args: str, **env: str) -> subprocess.Popen:
 
 
 def _api_worker(tmp_path: Path, name: str, recipe: Path, storage: str) -> subprocess.Popen:
-    code = ("import sys, soup; r = soup.worker(sys.argv[1], storage=sys.argv[2], idle_timeout=60); "
+    code = ("import sys, soup; r = soup.worker(sys.argv[1], storage=sys.argv[2], idle_timeout=60, progress=True); "
             "print(r.study, r.evaluated, r.reason)")
     return _start(tmp_path, name, ["-c", code, str(recipe), storage])
+
+
+def _wait_for(procs: list[subprocess.Popen], text: str, timeout: float = 60) -> None:
+    """Until every process has printed ``text`` on stderr."""
+    deadline = time.monotonic() + timeout
+    while not all(text in p.files[1].read_text() for p in procs):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            pytest.fail(f"no {text!r}:\n" + "\n".join(p.files[1].read_text() for p in procs))
+        time.sleep(0.1)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 90) -> dict[str, tuple[int, str, str]]:
@@ -136,8 +145,9 @@ def _same_soup(a: Path, b: Path) -> None:
 def test_two_workers_finish_a_greedy_soup_evaluating_each_candidate_once(tmp_path):
     recipe = _kitchen(tmp_path, delay=0.4)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    w1 = _cli(tmp_path, "w1", "worker", str(recipe), "--storage", storage, "--idle-timeout", "60", "-q")
+    w1 = _cli(tmp_path, "w1", "worker", str(recipe), "--storage", storage, "--idle-timeout", "60")
     w2 = _api_worker(tmp_path, "w2", recipe, storage)  # the Python API's worker
+    _wait_for([w1, w2], "waiting for a coordinator")  # both up before there is work: both get some
     coord = _cli(tmp_path, "coord", "run", str(recipe), "--storage", storage, "--no-local-worker", "-q")
     res = _finish([coord, w1, w2])
     assert [res[k][0] for k in ("coord", "w1", "w2")] == [0, 0, 0], res
@@ -155,7 +165,9 @@ def test_two_workers_finish_a_greedy_soup_evaluating_each_candidate_once(tmp_pat
 
     # the same soup as one process alone, bit for bit (the shared cache is the storage's database)
     assert ScoreCache(storage).count() == 7
-    ref = run_recipe(load_recipe(recipe), output=tmp_path / "ref", cache=ScoreCache(None))
+    plain = load_recipe(recipe)
+    plain.evaluator.args["delay"] = 0  # the same scores, at once
+    ref = run_recipe(plain, output=tmp_path / "ref", cache=ScoreCache(None))
     assert ref.weights == EXPECTED
     assert soup.read_manifest(tmp_path / "soup-out").ingredients[0].weight == 0.5
     _same_soup(tmp_path / "soup-out", tmp_path / "ref")
