@@ -91,7 +91,7 @@ class EvaluatorInfo:
     version: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
     primary: str | None = None  # the metric used for selection, for evaluators returning several
-    key: str | None = None  # the whole identity hashed, files named by arguments by content (``identity_key``)
+    key: str | None = None  # the identity beyond ``args`` hashed (code version, source hashes: ``identity_key``)
 
     @classmethod
     def from_identity(cls, identity: Mapping[str, Any]) -> EvaluatorInfo:
@@ -103,33 +103,14 @@ class EvaluatorInfo:
 
 
 def identity_key(identity: Mapping[str, Any]) -> str:
-    """sha256 of an evaluator's whole identity (direction, source hashes...), where an argument naming an
-    existing file counts by its content, not its path: the same evaluator and data at another path (another
-    machine, a container's mount) has the same key, and an edited data file a new one. ``soup run
-    --if-changed`` compares these keys."""
+    """sha256 of an evaluator's identity beyond its arguments: name, version, direction, primary metric and
+    whatever else the plug-in adds (the python evaluator: its source file's sha256). The arguments are in
+    ``args``, as resolved on the machine that ran it (absolute paths); ``soup run --if-changed`` compares
+    them as the recipe wrote them, so another machine with the same recipe is not a change."""
     import hashlib
 
-    def portable(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {str(k): portable(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [portable(v) for v in value]
-        if not isinstance(value, str) or not value or len(value) > 4096:
-            return value
-        path, sep, attr = value.rpartition(":")  # "path/to/file.py:function" names a file too
-        path, attr = (path, attr) if sep and path.endswith(".py") and attr.isidentifier() else (value, None)
-        if not os.path.isfile(path):
-            return value
-        digest = hashlib.sha256()
-        try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError:
-            return value
-        return {"file_sha256": digest.hexdigest(), **({"attr": attr} if attr else {})}
-
-    text = json.dumps(portable(dict(identity)), sort_keys=True, default=str, separators=(",", ":"))
+    rest = {k: v for k, v in identity.items() if k != "args"}
+    text = json.dumps(rest, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -138,7 +138,7 @@ def _short_ingredient(i: Any) -> str:
 
 def _evaluator_key(m: Manifest) -> Any:
     e = m.evaluation.evaluator if m.evaluation is not None else None
-    return None if e is None else (e.key or (e.name, e.version, repr(e.args), e.primary))
+    return None if e is None else (e.key or (e.name, e.version, e.primary))
 
 
 def _score(x: float) -> str:

@@ -207,11 +207,13 @@ def _evaluator_infos(recipe: Any) -> tuple[Any, Any]:
 
 
 def _same_evaluator(a: Any, b: Any) -> bool:
+    """Same evaluator code (name, version, direction, source hashes: ``identity_key``); its arguments
+    are compared as the recipe writes them (``recipe changed``), not as resolved on one machine."""
     if a is None or b is None:
         return a is b
     if a.key and b.key:
         return a.key == b.key
-    return (a.name, a.version, a.args, a.primary) == (b.name, b.version, b.args, b.primary)
+    return (a.name, a.version, a.primary) == (b.name, b.version, b.primary)
 
 
 def _changes(recipe: Any, pinned: Sequence[Pinned], infos: tuple[Any, Any], prev: Manifest | None) -> list[str]:
