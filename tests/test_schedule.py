@@ -193,7 +193,8 @@ def test_a_run_that_saw_an_older_soup_fails_before_evaluating(shop, tmp_path, mo
 
 
 def test_watch_survives_a_failing_tick_and_never_republishes(shop):
-    """Ticks: first soup; +sft-c; evaluator crash (+sft-d pending); retry succeeds; up to date."""
+    """Ticks: first soup; +sft-c; evaluator crash (+sft-d pending); retry succeeds; up to date; the hub
+    answers an error; the retry is up to date."""
     seen: list[dict] = []
 
     def on_log(entry: dict) -> None:
@@ -205,12 +206,17 @@ def test_watch_survives_a_failing_tick_and_never_republishes(shop):
             shop.add("sft-d", 4)
         elif entry.get("tick") == 3:
             shop.flag.unlink()
+        elif entry.get("tick") == 5:
+            shop.hub.fail_next("list_models", status=400)
 
-    entries = soup.watch(shop.recipe, every=0.2, max_ticks=5, log=on_log, retry_after=0.05)
+    entries = soup.watch(shop.recipe, every=0.2, max_ticks=7, log=on_log, retry_after=0.05)
     assert entries == seen and entries[0]["event"] == "start"
     ticks = [e for e in entries if e["event"] == "tick"]
-    assert [t["status"] for t in ticks] == ["published", "published", "failed", "published", "up-to-date"]
-    assert [t["trigger"] for t in ticks] == ["schedule", "schedule", "schedule", "retry", "schedule"]
+    assert [t["status"] for t in ticks] == ["published", "published", "failed", "published", "up-to-date",
+                                            "failed", "up-to-date"]
+    assert [t["trigger"] for t in ticks] == ["schedule", "schedule", "schedule", "retry", "schedule", "schedule",
+                                             "retry"]
+    assert ticks[5]["message"].startswith("failed: hub: ") and "\n" not in ticks[5]["message"]
     assert "evaluator crashed (test)" in ticks[2]["message"] and ticks[2]["retry_in"] == 0.05
     assert ticks[3]["changes"] == [f"+ acme/sft-d@{shop.hub.head('acme/sft-d')[:7]}"]
     assert ticks[4]["evaluated"] == 0 and ticks[4]["message"].startswith("up to date: acme/sft-soup@")

@@ -149,6 +149,7 @@ def resolve_ingredients(recipe: Any, *, pin_fixed: bool = False, output: str | P
     """
     ctx = context_of(recipe)
     pinned: list[Pinned] = []
+    seen: set[str] = set()
     for i, (item, label) in enumerate(zip(recipe.ingredients, recipe.labels)):
         where = f"ingredients[{i}]"
         if isinstance(item, Query):
@@ -156,18 +157,14 @@ def resolve_ingredients(recipe: Any, *, pin_fixed: bool = False, output: str | P
             if not found:
                 raise SoupError(f"{where}: {item.describe()}: no match (an empty query is an error: "
                                 "nothing to soup)")
-            pinned.extend(found)
+            found = [p for p in found if p.key not in seen]  # named already (fixed, or by another query)
         elif pin_fixed:
-            pinned.append(_pin_fixed(str(item), label, where, ctx))
+            found = [_pin_fixed(str(item), label, where, ctx)]
         else:
-            pinned.append(Pinned(str(item), label, "", where))
-    seen: set[str] = set()
-    unique = []
-    for p in pinned:
-        if p.key not in seen:
-            seen.add(p.key)
-            unique.append(p)
-    return unique
+            found = [Pinned(str(item), label, "", where)]
+        seen.update(p.key for p in found)
+        pinned.extend(found)
+    return pinned
 
 
 def resolve_query(recipe: Any, query: Query, *, output: str | Path | None = None,
