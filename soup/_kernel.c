@@ -5,8 +5,9 @@
  * AVX2 and AVX-512; the caller passes a level and soup_level_supported() says which levels this CPU
  * (and OS) can run, so a library built on one machine and loaded on another never dies with SIGILL.
  * Every variant does the same IEEE operations as torch's separate ops: the product and the sum are
- * each rounded to float32 (the build passes -ffp-contract=off and no target enables FMA
- * contraction, so no fused multiply-add), and the bfloat16 cast rounds to nearest even like torch.
+ * each rounded to the accumulator's type, float32 or float64 (the build passes -ffp-contract=off and
+ * no target enables FMA contraction, so no fused multiply-add), and the bfloat16 cast rounds to
+ * nearest even like torch (from a float64 accumulator through float32, as torch does: two roundings).
  */
 
 /* an empty Python module, so `import soup._kernel` works too where Python's headers were found (they
@@ -84,12 +85,63 @@ SOUP_INLINE int64_t count_nonfinite_body(const float *SOUP_RESTRICT acc, int64_t
     return bad;
 }
 
+/* the float64 accumulator (float32 inputs, or any input beside them): the same loops in double */
+
+SOUP_INLINE uint64_t f64_bits(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+
+/* acc = (double)x * w (first) or acc = acc + (double)x * w; x is bf16 (kind 0) or f32 (kind 1) */
+SOUP_INLINE void accumulate64_body(double *SOUP_RESTRICT acc, const void *SOUP_RESTRICT x, int kind, double w,
+                                   int64_t n, int first) {
+    if (kind == 0) {
+        const uint16_t *SOUP_RESTRICT b = (const uint16_t *)x;
+        if (first) for (int64_t i = 0; i < n; i++) acc[i] = (double)bf16_to_f32(b[i]) * w;
+        else       for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + (double)bf16_to_f32(b[i]) * w;
+    } else {
+        const float *SOUP_RESTRICT f = (const float *)x;
+        if (first) for (int64_t i = 0; i < n; i++) acc[i] = (double)f[i] * w;
+        else       for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + (double)f[i] * w;
+    }
+}
+
+/* out = cast(acc): float32 (kind 1, round to nearest) or bfloat16 (kind 0: to float32, then as
+ * finish_bf16 — torch's double -> bfloat16 goes through float too); returns the number of
+ * non-finite values of acc (a finite acc that overflows the output is the caller's check) */
+SOUP_INLINE int64_t finish64_body(const double *SOUP_RESTRICT acc, void *SOUP_RESTRICT out, int kind, int64_t n) {
+    int64_t bad = 0;
+    if (kind == 1) {
+        float *SOUP_RESTRICT f = (float *)out;
+        for (int64_t i = 0; i < n; i++) {
+            bad += (f64_bits(acc[i]) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+            f[i] = (float)acc[i];
+        }
+    } else {
+        uint16_t *SOUP_RESTRICT b = (uint16_t *)out;
+        for (int64_t i = 0; i < n; i++) {
+            bad += (f64_bits(acc[i]) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+            uint32_t u = f32_bits((float)acc[i]);
+            uint32_t r = u + 0x7fffu + ((u >> 16) & 1u);
+            b[i] = ((u & 0x7fffffffu) > 0x7f800000u) ? (uint16_t)0x7fc0u : (uint16_t)(r >> 16);
+        }
+    }
+    return bad;
+}
+
+/* the number of non-finite values in a float64 acc (float64 output needs no cast) */
+SOUP_INLINE int64_t count_nonfinite64_body(const double *SOUP_RESTRICT acc, int64_t n) {
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad += (f64_bits(acc[i]) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+    return bad;
+}
+
 /* ------------------------------------------------------------------------------------------------
  * the variants: level 0 is the baseline, compiled with the build's flags (no -march) */
 
 typedef void (*accumulate_fn)(float *, const void *, int, float, int64_t, int);
 typedef int64_t (*finish_bf16_fn)(const float *, uint16_t *, int64_t);
 typedef int64_t (*count_nonfinite_fn)(const float *, int64_t);
+typedef void (*accumulate64_fn)(double *, const void *, int, double, int64_t, int);
+typedef int64_t (*finish64_fn)(const double *, void *, int, int64_t);
+typedef int64_t (*count_nonfinite64_fn)(const double *, int64_t);
 
 #define SOUP_VARIANT(NAME, TARGET)                                                                         \
     TARGET static void accumulate_##NAME(float *acc, const void *x, int kind, float w, int64_t n, int first) \
@@ -97,7 +149,14 @@ typedef int64_t (*count_nonfinite_fn)(const float *, int64_t);
     TARGET static int64_t finish_bf16_##NAME(const float *acc, uint16_t *out, int64_t n)                   \
     { return finish_bf16_body(acc, out, n); }                                                              \
     TARGET static int64_t count_nonfinite_##NAME(const float *acc, int64_t n)                              \
-    { return count_nonfinite_body(acc, n); }
+    { return count_nonfinite_body(acc, n); }                                                               \
+    TARGET static void accumulate64_##NAME(double *acc, const void *x, int kind, double w, int64_t n,      \
+                                           int first)                                                      \
+    { accumulate64_body(acc, x, kind, w, n, first); }                                                      \
+    TARGET static int64_t finish64_##NAME(const double *acc, void *out, int kind, int64_t n)               \
+    { return finish64_body(acc, out, kind, n); }                                                           \
+    TARGET static int64_t count_nonfinite64_##NAME(const double *acc, int64_t n)                           \
+    { return count_nonfinite64_body(acc, n); }
 
 SOUP_VARIANT(baseline, )
 #if defined(SOUP_X86)
@@ -111,12 +170,18 @@ static const struct {
     accumulate_fn accumulate;
     finish_bf16_fn finish_bf16;
     count_nonfinite_fn count_nonfinite;
+    accumulate64_fn accumulate64;
+    finish64_fn finish64;
+    count_nonfinite64_fn count_nonfinite64;
 } VARIANTS[] = {
-    {"baseline", accumulate_baseline, finish_bf16_baseline, count_nonfinite_baseline},
+#define SOUP_ROW(NAME) {#NAME, accumulate_##NAME, finish_bf16_##NAME, count_nonfinite_##NAME, \
+                        accumulate64_##NAME, finish64_##NAME, count_nonfinite64_##NAME}
+    SOUP_ROW(baseline),
 #if defined(SOUP_X86)
-    {"avx2", accumulate_avx2, finish_bf16_avx2, count_nonfinite_avx2},
-    {"avx512", accumulate_avx512, finish_bf16_avx512, count_nonfinite_avx512},
+    SOUP_ROW(avx2),
+    SOUP_ROW(avx512),
 #endif
+#undef SOUP_ROW
 };
 #define SOUP_LEVELS ((int)(sizeof VARIANTS / sizeof VARIANTS[0]))
 
@@ -153,6 +218,18 @@ SOUP_EXPORT int64_t soup_finish_bf16(int level, const float *acc, uint16_t *out,
 
 SOUP_EXPORT int64_t soup_count_nonfinite(int level, const float *acc, int64_t n) {
     return VARIANTS[checked(level)].count_nonfinite(acc, n);
+}
+
+SOUP_EXPORT void soup_accumulate64(int level, double *acc, const void *x, int kind, double w, int64_t n, int first) {
+    VARIANTS[checked(level)].accumulate64(acc, x, kind, w, n, first);
+}
+
+SOUP_EXPORT int64_t soup_finish64(int level, const double *acc, void *out, int kind, int64_t n) {
+    return VARIANTS[checked(level)].finish64(acc, out, kind, n);
+}
+
+SOUP_EXPORT int64_t soup_count_nonfinite64(int level, const double *acc, int64_t n) {
+    return VARIANTS[checked(level)].count_nonfinite64(acc, n);
 }
 
 #if defined(SOUP_PYTHON_MODULE)

@@ -105,7 +105,8 @@ def merge(
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Use the weights as given.")] = False,
     dtype: Annotated[Optional[str], typer.Option(help="Output dtype of float tensors: bfloat16, float16, "
                                                  "float32 (default: the ingredients').")] = None,
-    accumulate: Annotated[str, typer.Option(help="Accumulation dtype: float32 or float64.")] = "float32",
+    accumulate: Annotated[str, typer.Option(help="Accumulation dtype: auto (float32 for 16-bit inputs, "
+                                            "float64 for 32-bit), float32 or float64.")] = "auto",
     shard_size: Annotated[str, typer.Option(help="Maximum bytes per output shard, e.g. 5GB, 500MB.")] = "5GB",
     device: Annotated[str, typer.Option(help="Where the math runs: cpu or cuda.")] = "cpu",
     rule: Annotated[Optional[list[str]], typer.Option("--rule", help="Per-tensor rule, first match wins: "

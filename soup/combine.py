@@ -1,14 +1,18 @@
 """The math: each job's output, computed block by block into reused buffers.
 
-A weighted mean is accumulated in float32 (float64 on request) in cache-sized blocks, which runs
-several times faster than whole-tensor ops and keeps memory flat whatever the tensor's size:
+A weighted mean is accumulated in cache-sized blocks, which runs several times faster than
+whole-tensor ops and keeps memory flat whatever the tensor's size:
 
     acc  = float(x_0) * w_0            # (block,) in the accumulation dtype
     acc += float(x_i) * w_i            # for i = 1..n-1, each product rounded, then the sum
     out  = acc.to(out_dtype)
 
-This exact sequence of IEEE operations is the definition of the soup ("the fp32 weighted mean"), so
-a reference computed the same way over whole tensors is bit-identical whatever the block size.
+This exact sequence of IEEE operations is the definition of the soup, so a reference computed the
+same way over whole tensors is bit-identical whatever the block size. The accumulation dtype has at
+least twice the inputs' mantissa (``accumulation_dtype``): float32 for 16- and 8-bit inputs, float64
+when any input of the tensor is float32 or float64, so the mean of copies of one tensor is that
+tensor (``x*w + x*w + x*w`` rounds back to ``x``), and near-identical inputs lose nothing either.
+``accumulate`` float32 or float64 forces one dtype for every tensor.
 
 One exception, by definition: a tensor whose inputs are bit-identical in every ingredient read (a
 frozen vision tower) is written as those bytes (cast to the output dtype), when the weights sum to 1
@@ -34,7 +38,7 @@ holds them, or reported as an overflow of the mean. Every path is covered:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -42,9 +46,20 @@ from . import kernel
 from .errors import CheckpointError, IncompatibleIngredients
 from .plan import Job
 
-__all__ = ["Combiner", "BLOCK_ELEMENTS", "same_bits"]
+__all__ = ["Combiner", "BLOCK_ELEMENTS", "accumulation_dtype", "same_bits"]
 
 BLOCK_ELEMENTS = 1 << 18  # CPU block: 1 MB of float32, L2-sized (measured fastest of 64K..4M)
+
+
+def accumulation_dtype(in_dtypes: Iterable[torch.dtype], accumulate: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a weighted mean of inputs of these dtypes is accumulated in.
+
+    ``accumulate`` given (float32 or float64): that one. None ("auto"): at least twice the inputs'
+    mantissa — float64 when any input is float32 or float64, else float32 (bfloat16, float16, fp8).
+    """
+    if accumulate is not None:
+        return accumulate
+    return torch.float64 if any(d.itemsize >= 4 for d in in_dtypes) else torch.float32
 
 
 class Combiner:
@@ -55,27 +70,30 @@ class Combiner:
     Args:
         labels: ingredient labels, for error messages.
         where: ``fn(ingredient, tensor) -> str`` naming the file a tensor is read from.
-        accumulate: torch.float32 or torch.float64.
+        accumulate: torch.float32 or torch.float64 for every tensor; None (auto): per tensor, by
+            ``accumulation_dtype`` (float32 for 16-bit inputs, float64 for 32-bit ones).
         device: where the math runs ("cpu", "cuda", "cuda:1").
         strict: differing non-float buffers are an error instead of a warning.
         warn: called with a message for each warning.
         threads: compute threads (the fused kernel splits blocks over them).
+        identical: write a tensor that is bit-identical in every ingredient as its bytes (the soup
+            of identical tensors); False computes the mean anyway (tests of the arithmetic).
     """
 
     def __init__(self, labels: Sequence[str], *, where: Callable[[int, str], str],
-                 accumulate: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 accumulate: torch.dtype | None = None, device: str | torch.device = "cpu",
                  strict: bool = False, warn: Callable[[str], None] = print,
-                 block: int | None = None, threads: int | None = None) -> None:
+                 block: int | None = None, threads: int | None = None, identical: bool = True) -> None:
         self.labels = list(labels)
         self.where = where
-        self.acc_dtype = accumulate
+        self.accumulate = accumulate
         self.device = torch.device(device)
         self.strict = strict
         self.warn = warn
+        self.identical = identical
         on_gpu = self.device.type != "cpu"
         self.block = block or (BLOCK_ELEMENTS * 16 if on_gpu else BLOCK_ELEMENTS)
-        self._acc = torch.empty(self.block, dtype=accumulate, device=self.device)
-        self._tmp = torch.empty(self.block, dtype=accumulate, device=self.device)
+        self._acc: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> (acc, tmp), made when used
         self._out: dict[torch.dtype, torch.Tensor] = {}
         lib = kernel.load() if self.device.type == "cpu" else None
         self._fused = kernel.FusedMean(lib, threads or torch.get_num_threads()) if lib is not None else None
@@ -89,16 +107,32 @@ class Combiner:
         else:
             yield from self._take(job, views[job.source], job.source)
 
+    def acc_dtype(self, in_dtypes: Iterable[torch.dtype]) -> torch.dtype:
+        """The accumulation dtype of a weighted mean of inputs of these dtypes."""
+        return accumulation_dtype(in_dtypes, self.accumulate)
+
     def fused_covers(self, in_dtypes, out_dtypes) -> bool:
         """True when every weighted mean with these dtypes runs through the fused kernel."""
-        return self._fused is not None and self._fused.supports(in_dtypes, torch.float32, self.acc_dtype,
-                                                                self.device) and \
-            all(self._fused.supports([torch.float32], d, self.acc_dtype, self.device) for d in out_dtypes)
+        if self._fused is None:
+            return False
+        accs = {self.acc_dtype([d]) for d in in_dtypes}  # a mixed tensor's is one of these
+        return all(self._fused.supports(in_dtypes, out, acc, self.device) for acc in accs for out in out_dtypes)
 
     def close(self) -> None:
         """Stop the kernel's worker threads, if any."""
         if self._fused is not None:
             self._fused.close()
+
+    def _step(self, acc_dtype: torch.dtype) -> int:
+        """Elements per block of a mean: ``block`` float32 values' worth of bytes (L2-sized on a CPU)."""
+        return max(1, self.block * 4 // acc_dtype.itemsize)
+
+    def _acc_bufs(self, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bufs = self._acc.get(dtype)
+        if bufs is None:
+            bufs = self._acc[dtype] = tuple(torch.empty(self._step(dtype), dtype=dtype, device=self.device)
+                                            for _ in range(2))
+        return bufs[0][:n], bufs[1][:n]
 
     def _out_buf(self, dtype: torch.dtype, n: int) -> torch.Tensor:
         buf = self._out.get(dtype)
@@ -108,20 +142,22 @@ class Combiner:
 
     def _mean(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
         srcs = job.sources()
-        if len(srcs) > 1 and abs(math.fsum(job.weights) - 1.0) <= 1e-6 and \
+        if self.identical and len(srcs) > 1 and abs(math.fsum(job.weights) - 1.0) <= 1e-6 and \
                 self._identical([views[i] for i in srcs], job.numel):
             yield from self._take(job, views[srcs[0]], srcs[0], mean=True)  # the soup of identical tensors
             return
         pairs = [(views[i], job.weights[i]) for i in srcs]
-        check_cast = self._cast_may_overflow(job, [x.dtype for x, _ in pairs])
-        if self._fused is not None and self._fused.supports([x.dtype for x, _ in pairs], job.out_dtype,
-                                                            self.acc_dtype, self.device):
-            yield from self._fused_mean(job, views, srcs, pairs, check_cast)
+        in_dtypes = [x.dtype for x, _ in pairs]
+        acc_dtype = self.acc_dtype(in_dtypes)
+        check_cast = self._cast_may_overflow(job, in_dtypes, acc_dtype)
+        if self._fused is not None and self._fused.supports(in_dtypes, job.out_dtype, acc_dtype, self.device):
+            yield from self._fused_mean(job, views, srcs, pairs, acc_dtype, check_cast)
             return
-        for start in range(0, job.numel, self.block):
-            stop = min(start + self.block, job.numel)
+        step = self._step(acc_dtype)
+        for start in range(0, job.numel, step):
+            stop = min(start + step, job.numel)
             n = stop - start
-            acc, tmp = self._acc[:n], self._tmp[:n]
+            acc, tmp = self._acc_bufs(acc_dtype, n)
             (x0, w0), rest = pairs[0], pairs[1:]
             acc.copy_(x0[start:stop])  # (n,) converted to the accumulation dtype
             acc.mul_(w0)
@@ -131,7 +167,7 @@ class Combiner:
                 acc.add_(tmp)
             if not _all_finite(acc):
                 self._trace_nonfinite(job, views, srcs, start, stop, acc)
-            if job.out_dtype == self.acc_dtype:
+            if job.out_dtype == acc_dtype:
                 yield acc
             else:
                 out = self._out_buf(job.out_dtype, n)
@@ -140,32 +176,34 @@ class Combiner:
                     self._cast_overflow(job, start, acc, out)
                 yield out
 
-    def _fused_mean(self, job: Job, views, srcs, pairs, check_cast: bool) -> Iterator[torch.Tensor]:
+    def _fused_mean(self, job: Job, views, srcs, pairs, acc_dtype: torch.dtype,
+                    check_cast: bool) -> Iterator[torch.Tensor]:
         """The same arithmetic as ``_mean`` through the compiled kernel (see soup.kernel)."""
         pairs = [(x if x.is_contiguous() else x.contiguous(), w) for x, w in pairs]
-        for start in range(0, job.numel, self.block):
-            stop = min(start + self.block, job.numel)
+        step = self._step(acc_dtype)
+        for start in range(0, job.numel, step):
+            stop = min(start + step, job.numel)
             n = stop - start
-            acc = self._acc[:n]
-            out = None if job.out_dtype == self.acc_dtype else self._out_buf(job.out_dtype, n)
+            acc = self._acc_bufs(acc_dtype, n)[0]
+            out = None if job.out_dtype == acc_dtype else self._out_buf(job.out_dtype, n)
             if self._fused.block(pairs, start, stop, acc, out):  # counts non-finite values of acc
                 self._trace_nonfinite(job, views, srcs, start, stop, acc)
             if out is not None and check_cast and not _all_finite(out):
                 self._cast_overflow(job, start, acc, out)
             yield acc if out is None else out
 
-    def _cast_may_overflow(self, job: Job, in_dtypes: Sequence[torch.dtype]) -> bool:
+    def _cast_may_overflow(self, job: Job, in_dtypes: Sequence[torch.dtype], acc_dtype: torch.dtype) -> bool:
         """False when no finite mean of these inputs can round to inf in the output dtype.
 
         |acc| <= max|x| * sum|w| * (1 + u)^(n+1), u the accumulator's unit roundoff (the weights are
         rounded too); a value below max + half an ulp of the output dtype rounds to a finite value.
         """
         out = job.out_dtype
-        if out == self.acc_dtype:
+        if out == acc_dtype:
             return False  # the accumulator is the output: tested as such
         largest = max(torch.finfo(d).max for d in in_dtypes)
         total = sum(abs(job.weights[i]) for i in job.sources())
-        bound = largest * total * (1 + 4 * (len(in_dtypes) + 1) * torch.finfo(self.acc_dtype).eps)
+        bound = largest * total * (1 + 4 * (len(in_dtypes) + 1) * torch.finfo(acc_dtype).eps)
         return bound >= torch.finfo(out).max * (1 + torch.finfo(out).eps / 4)
 
     def _trace_nonfinite(self, job: Job, views, srcs, start: int, stop: int, acc: torch.Tensor) -> None:
@@ -177,8 +215,8 @@ class Combiner:
                                       f"{float(views[i][bad])} at flat index {bad} (ingredient {self.labels[i]})")
         bad = _first_nonfinite(acc)
         if bad is not None:  # finite inputs, overflowing mean (unnormalised weights)
-            raise CheckpointError(f"tensor {job.name}: the weighted mean overflows {_name(self.acc_dtype)} "
-                                  f"(max {torch.finfo(self.acc_dtype).max:.6g}) at flat index {start + bad} "
+            raise CheckpointError(f"tensor {job.name}: the weighted mean overflows {_name(acc.dtype)} "
+                                  f"(max {torch.finfo(acc.dtype).max:.6g}) at flat index {start + bad} "
                                   f"(weights sum to {sum(job.weights):.6g})")
 
     def _cast_overflow(self, job: Job, start: int, acc: torch.Tensor, out: torch.Tensor) -> None:

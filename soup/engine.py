@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .combine import Combiner
+from .combine import Combiner, accumulation_dtype
 from .errors import RecipeError, SoupError, os_error_line
 from .ingredients import HubOptions, IngredientSpec, describe, resolve_all
 from .plan import Job, Plan, build_plan
@@ -86,7 +86,8 @@ def merge(
         selection: how the weights were chosen (method, evaluation, kept flags, recipe), recorded in
             ``soup.json``, the model card and the plot; default: a plain average/weighted merge.
         options / option_values: the engine's options, a ``MergeOptions`` or its fields as keywords:
-            ``dtype`` (output float dtype), ``accumulate`` ("float32" or "float64"), ``shard_size``
+            ``dtype`` (output float dtype), ``accumulate`` ("auto": float32 for 16-bit inputs, float64
+            for 32-bit; or "float32", "float64" for every tensor), ``shard_size``
             ("5GB"), ``device`` ("cpu", "cuda"), ``strict`` (differing integer buffers are an
             error), ``config_from`` (ingredient whose config/tokenizer files are copied),
             ``normalize``, ``mixed_float``. Checked before anything is read.
@@ -147,6 +148,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
     plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=opts.normalize,
                       mixed_float=opts.mixed_float)
     source = _config_source(cks, config_from)
+    accumulate = _accumulation_used(cks, plan, accumulate)  # recorded in soup.json
     sink = (into if isinstance(into, InPlaceSink) else InPlaceSink(into)) if into is not None \
         else MemorySink(device) if output is None else None
     jobs = sink.select(plan.jobs) if sink is not None else plan.jobs  # checked before anything is read
@@ -237,6 +239,17 @@ def _config_source(cks: Sequence[Checkpoint], config_from: int | str) -> Checkpo
         if ck.label == config_from:
             return ck
     raise RecipeError(f"config_from: no ingredient named {config_from!r}")
+
+
+def _accumulation_used(cks: Sequence[Checkpoint], plan: Plan, accumulate: str) -> str:
+    """What soup.json records: the dtype given, or for auto what the plan's means accumulate in."""
+    if accumulate != "auto":
+        return accumulate
+    used = {accumulation_dtype([cks[i].tensors[j.name].dtype for i in j.sources()]) for j in plan.jobs
+            if j.kind == "mean"}
+    if len(used) == 1:
+        return f"auto ({str(used.pop()).removeprefix('torch.')})"
+    return "auto (float32 for 16-bit inputs, float64 for 32-bit)"
 
 
 def _where(ck: Checkpoint, name: str) -> str:

@@ -5,7 +5,9 @@ The torch path does, per ingredient and block, ``tmp.copy_(x)`` (convert), ``tmp
 operations in one loop — ``acc[i] = acc[i] + (float)x[i] * w`` with each product and sum rounded
 separately (built with ``-ffp-contract=off``: no fused multiply-add) — and the last ingredient's pass
 also casts to the output dtype (bfloat16 round-to-nearest-even, as torch does) and counts non-finite
-values. Results are bit-identical to the torch path; tests compare them.
+values. The same loops exist with a float64 accumulator (``acc[i] = acc[i] + (double)x[i] * w``, the
+weight a double; the cast to bfloat16 goes through float32 as torch's does). Results are
+bit-identical to the torch path; tests compare them.
 
 Design:
 
@@ -17,8 +19,8 @@ Design:
   for AVX2 and AVX-512; the library reports what this CPU runs and the best level is used, so a
   build moved to another machine still runs. ``SOUP_KERNEL_VARIANT=baseline|avx2|avx512`` caps the
   level (read by each ``load()``); the library itself never runs a level the CPU lacks.
-- Inputs bfloat16 or float32; accumulation float32; output bfloat16 or float32. Blocks are split
-  over threads here (ctypes releases the GIL during each call).
+- Inputs bfloat16 or float32; accumulation float32 or float64; output bfloat16, float32 or the
+  accumulator's dtype. Blocks are split over threads here (ctypes releases the GIL during each call).
 """
 
 from __future__ import annotations
@@ -60,6 +62,15 @@ class Kernel:
     def count_nonfinite(self, acc: int, n: int) -> int:
         return self.cdll.soup_count_nonfinite(self.level, acc, n)
 
+    def accumulate64(self, acc: int, x: int, kind: int, w: float, n: int, first: bool) -> None:
+        self.cdll.soup_accumulate64(self.level, acc, x, kind, w, n, int(first))
+
+    def finish64(self, acc: int, out: int, kind: int, n: int) -> int:
+        return self.cdll.soup_finish64(self.level, acc, out, kind, n)
+
+    def count_nonfinite64(self, acc: int, n: int) -> int:
+        return self.cdll.soup_count_nonfinite64(self.level, acc, n)
+
 
 def _open() -> tuple[ctypes.CDLL, Path] | None:
     spec = importlib.util.find_spec("soup._kernel")  # the built extension's file, for this Python
@@ -74,6 +85,10 @@ def _open() -> tuple[ctypes.CDLL, Path] | None:
     dll.soup_accumulate.restype = None
     dll.soup_finish_bf16.argtypes, dll.soup_finish_bf16.restype = [ctypes.c_int, ptr, ptr, i64], i64
     dll.soup_count_nonfinite.argtypes, dll.soup_count_nonfinite.restype = [ctypes.c_int, ptr, i64], i64
+    dll.soup_accumulate64.argtypes = [ctypes.c_int, ptr, ptr, ctypes.c_int, ctypes.c_double, i64, ctypes.c_int]
+    dll.soup_accumulate64.restype = None
+    dll.soup_finish64.argtypes, dll.soup_finish64.restype = [ctypes.c_int, ptr, ptr, ctypes.c_int, i64], i64
+    dll.soup_count_nonfinite64.argtypes, dll.soup_count_nonfinite64.restype = [ctypes.c_int, ptr, i64], i64
     return dll, Path(spec.origin)
 
 
@@ -93,7 +108,7 @@ def load() -> Kernel | None:
         if _opened is False:
             try:
                 _opened = _open()
-            except OSError as e:  # e.g. a library built for another platform
+            except (OSError, AttributeError) as e:  # built for another platform; a stale build (rerun pip install)
                 log.debug("soup's C kernel could not be loaded (%s): using torch ops", e)
                 _opened = None
     if _opened is None:
@@ -116,6 +131,7 @@ def variant() -> str | None:
 
 
 _KINDS = {torch.bfloat16: 0, torch.float32: 1}
+_ACCUMULATORS = (torch.float32, torch.float64)
 
 
 class FusedMean:
@@ -136,8 +152,8 @@ class FusedMean:
 
     @staticmethod
     def supports(in_dtypes, out_dtype: torch.dtype, acc_dtype: torch.dtype, device: torch.device) -> bool:
-        return (device.type == "cpu" and acc_dtype == torch.float32 and out_dtype in _KINDS
-                and all(d in _KINDS for d in in_dtypes))
+        return (device.type == "cpu" and acc_dtype in _ACCUMULATORS
+                and (out_dtype in _KINDS or out_dtype == acc_dtype) and all(d in _KINDS for d in in_dtypes))
 
     def block(self, pairs, start: int, stop: int, acc: torch.Tensor, out: torch.Tensor | None) -> int:
         """acc[:n] = sum_i x_i[start:stop] * w_i; out[:n] = cast(acc) when given; returns #non-finite."""
@@ -158,9 +174,15 @@ class FusedMean:
             self._pool = None
 
     def _part(self, pairs, start: int, stop: int, acc: torch.Tensor, out: torch.Tensor | None) -> int:
-        n = stop - start
+        n, lib = stop - start, self.lib
+        if acc.dtype == torch.float64:
+            for k, (x, w) in enumerate(pairs):
+                lib.accumulate64(acc.data_ptr(), x[start:stop].data_ptr(), _KINDS[x.dtype], w, n, k == 0)
+            if out is None:
+                return lib.count_nonfinite64(acc.data_ptr(), n)
+            return lib.finish64(acc.data_ptr(), out.data_ptr(), _KINDS[out.dtype], n)
         for k, (x, w) in enumerate(pairs):
-            self.lib.accumulate(acc.data_ptr(), x[start:stop].data_ptr(), _KINDS[x.dtype], w, n, k == 0)
+            lib.accumulate(acc.data_ptr(), x[start:stop].data_ptr(), _KINDS[x.dtype], w, n, k == 0)
         if out is None:
-            return self.lib.count_nonfinite(acc.data_ptr(), n)
-        return self.lib.finish_bf16(acc.data_ptr(), out.data_ptr(), n)
+            return lib.count_nonfinite(acc.data_ptr(), n)
+        return lib.finish_bf16(acc.data_ptr(), out.data_ptr(), n)

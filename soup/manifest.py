@@ -189,7 +189,7 @@ class Manifest:
     rules: list[dict[str, Any]]  # as ``Rule.to_dict()``: {pattern, action[, ingredient | weights]}
     dropped: list[str]  # tensors dropped by rules
     dtype: str  # output dtype(s) of float tensors, e.g. "bfloat16"
-    accumulate: str  # "float32" or "float64"
+    accumulate: str  # "float32" / "float64" as asked; auto: "auto (float32)", "auto (float64)" or both by input width
     config_from: str | None  # the ingredient whose config/tokenizer files were copied
     tensors: int
     files: dict[str, FileEntry]  # shard name -> sha256, size (empty for an in-memory soup)

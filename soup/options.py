@@ -24,7 +24,7 @@ __all__ = ["MergeOptions", "check_weights", "check_option_names", "check_device"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
-ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+ACCUMULATE = {"auto": None, "float32": torch.float32, "float64": torch.float64}  # auto: per tensor, see below
 MAX_WEIGHT = 1e30  # larger weights overflow float32 products and sums
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -42,7 +42,7 @@ class MergeOptions:
     """The merge engine's options, validated on construction (RecipeError lists every bad field)."""
 
     dtype: str | torch.dtype | None = None  # output dtype of float tensors; None: the ingredients'
-    accumulate: str = "float32"  # dtype of the running sum: float32 or float64
+    accumulate: str = "auto"  # running sum: auto (float32 for 16-bit inputs, float64 for 32-bit), float32, float64
     shard_size: str | int = "5GB"  # bytes per output shard: "5GB", "500MB" or a byte count
     device: str | torch.device = "cpu"  # where the math runs (availability is checked by the engine)
     strict: bool = False  # differing integer/bool buffers are an error, not a warning
@@ -73,7 +73,8 @@ class MergeOptions:
         return DTYPES[DTYPE_ALIASES.get(name, name)]
 
     @property
-    def accumulate_dtype(self) -> torch.dtype:
+    def accumulate_dtype(self) -> torch.dtype | None:
+        """The accumulation dtype forced for every tensor; None for auto (``soup.combine.accumulation_dtype``)."""
         return ACCUMULATE[self.accumulate]
 
     @property
@@ -99,7 +100,7 @@ class MergeOptions:
 
     def _accumulate(self) -> None:
         if not (isinstance(self.accumulate, str) and self.accumulate in ACCUMULATE):
-            raise RecipeError(f"accumulate: {self.accumulate!r} is not float32 or float64")
+            raise RecipeError(f"accumulate: {self.accumulate!r} is not auto, float32 or float64")
 
     def _shard_size(self) -> None:
         parse_size(self.shard_size)

@@ -61,7 +61,7 @@ class Recipe:
     test: EvaluatorEntry | None = None
     rules: list[Rule] = field(default_factory=list)
     dtype: str | None = None
-    accumulate: str = "float32"
+    accumulate: str = "auto"  # float32 for 16-bit inputs, float64 for 32-bit; or float32 / float64
     shard_size: str | int = "5GB"
     device: str = "cpu"
     devices: list[str] | None = None
@@ -142,7 +142,8 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
     if cache is False or cache is None:
         cache = None
     elif not isinstance(cache, str) or not cache:
-        errors.append(f"cache: {cache!r} must be false, default, a sqlite path or a sqlite:/// URL")
+        errors.append(f"cache: {cache!r} must be false, default, a sqlite file path or a database URL "
+                      "(sqlite:///..., postgresql+psycopg://...)")
     elif cache != "default" and "://" not in cache:
         cache = str(_rel(base, cache))
     if errors:
@@ -150,7 +151,7 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
     output = data.get("output")
     return Recipe(ingredients=sources, labels=labels, strategy=strategy, strategy_options=options,
                   evaluator=evaluator, test=test, rules=rules, dtype=data.get("dtype"),
-                  accumulate=data.get("accumulate", "float32"), shard_size=data.get("shard_size", "5GB"),
+                  accumulate=data.get("accumulate", "auto"), shard_size=data.get("shard_size", "5GB"),
                   device=data.get("device", "cpu"), devices=devices, config_from=data.get("config_from", 0),
                   output=_rel(base, output) if output else None, push_to=push, cache=cache,
                   endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=data,

@@ -1,0 +1,155 @@
+"""Evaluating queued trials: ``_Runner`` claims candidates from a ``_Queue`` and evaluates them on a
+local Scorer (one slot per evaluator), beating for them and registering its process as a worker.
+Used by ``soup worker`` and by the coordinator's own local worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..cache import display_url
+from ..errors import SoupError, redact
+from ..progress import Reporter
+from .queue import _Queue
+from .settings import _me, _trial_id
+
+if TYPE_CHECKING:
+    from ..scorer import Scorer
+
+
+class _Runner:
+    """Claims queued candidates and evaluates them on a local Scorer: one slot per evaluator.
+
+    With one evaluator a claimed candidate is evaluated in the calling (main) thread, so a stop
+    signal interrupts the evaluation itself; with several, each runs in a daemon thread (a stopped
+    worker hands its candidates back and exits without waiting for them). A heartbeat thread beats
+    for every claimed trial and keeps this worker's registration fresh.
+    """
+
+    def __init__(self, queue: _Queue, scorer: Scorer, reporter: Reporter, *, coordinator: bool = False) -> None:
+        self.queue, self.scorer, self.reporter = queue, scorer, reporter
+        self.coordinator = coordinator  # the coordinator's own worker: it raises the failures it reports
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"  # pids are reused: a suffix
+        self.evaluated = 0
+        self._lock = threading.Lock()
+        self._free = list(range(len(scorer.evaluators)))[::-1]
+        self._claimed: dict[int, Any] = {}  # trial id -> FrozenTrial, while evaluated here
+        self._threaded = len(self._free) > 1
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []  # raised in evaluation threads, re-raised by step()
+        self._started = time.time()
+        self._register()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._beat_loop, name="soup-heartbeat", daemon=True)
+        self._beat.start()
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._claimed)
+
+    def step(self) -> bool:
+        """Collect finished evaluations, claim queued candidates for free slots and start them;
+        True if anything was claimed or finished."""
+        did = self._harvest()
+        while True:
+            with self._lock:
+                if not self._free:
+                    break
+            trial = self.queue.claim(_me())
+            if trial is None:
+                break
+            did = True
+            with self._lock:
+                slot = self._free.pop()
+                self._claimed[_trial_id(trial)] = trial
+            if not self._threaded:
+                self._run(trial, slot)
+                break  # back to the caller's loop (results, stale trials) after each evaluation here
+            thread = threading.Thread(target=self._run_in_thread, args=(trial, slot), daemon=True,
+                                      name=f"soup-evaluate-{slot}")
+            self._threads.append(thread)
+            thread.start()
+        return did
+
+    def _harvest(self) -> bool:
+        done = [t for t in self._threads if not t.is_alive()]
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._errors:
+            raise self._errors[0]  # a storage failure in a thread surfaces here
+        return bool(done)
+
+    def _run_in_thread(self, trial: Any, slot: int) -> None:
+        try:
+            self._run(trial, slot)
+        except BaseException as e:
+            self._errors.append(e)
+
+    def _run(self, trial: Any, slot: int) -> None:
+        attrs = trial.user_attrs
+        sc = self.scorer
+        name = str(attrs.get("name", f"trial {trial.number}"))
+        device = sc.devices[slot] if slot < len(sc.devices) else sc.devices[0]
+        self.reporter.step(f"{name} on {device} (trial {trial.number} of {self.queue.name})")
+        start = time.monotonic()
+        try:
+            weights = [float(w) for w in attrs["weights"]]
+            groups = attrs.get("groups") or None
+            if len(weights) != len(sc.checkpoints) or sc.key(weights, groups) != attrs["key"]:
+                raise SoupError(f"{name}: this worker builds another candidate than the coordinator "
+                                f"(its ingredients, rules or dtype differ)")
+            score, cached = sc._evaluate(weights, name, groups=groups, evaluator=slot)
+        except Exception as e:  # the evaluator's failure: the coordinator reports it
+            self.queue.fail(trial, redact(str(e)) or type(e).__name__)
+            if not self.coordinator:
+                self.reporter.warn(f"{name}: {redact(str(e))}")
+        else:
+            if self.queue.complete(trial, score, cached=cached, seconds=time.monotonic() - start):
+                self.evaluated += 1
+            else:
+                self.reporter.warn(f"{name}: finished after it was handed to another worker "
+                                   "(its score is in the cache; the queue keeps the other result)")
+        with self._lock:
+            self._claimed.pop(_trial_id(trial), None)
+            self._free.append(slot)
+
+    def _register(self, **extra: Any) -> None:
+        self.queue.study.set_user_attr(f"worker:{self.id}", {
+            "host": socket.gethostname(), "pid": os.getpid(), "devices": len(self.scorer.evaluators),
+            "started": self._started, "seen": time.time(), "evaluated": self.evaluated, "stopped": None, **extra})
+
+    def _beat_loop(self) -> None:
+        warned = False
+        while not self._stop.wait(self.queue.settings.heartbeat):
+            try:
+                with self._lock:
+                    claimed = list(self._claimed)
+                for tid in claimed:
+                    self.queue.storage.record_heartbeat(tid)
+                self._register()
+            except Exception as e:  # the database hiccuped: beat again next time (a long outage: stale)
+                if not warned:
+                    self.reporter.warn(f"heartbeat to {display_url(self.queue.url)} failed: {e}")
+                    warned = True
+
+    def close(self) -> None:
+        """Stop: candidates still evaluated here are handed back to the queue (another worker takes
+        them at once); normally there are none."""
+        self._stop.set()
+        with self._lock:
+            claimed = list(self._claimed.values())
+        for trial in claimed:
+            try:
+                self.queue.hand_back(trial)
+                self.reporter.warn(f"handed {trial.user_attrs.get('name', trial.number)} back to the queue")
+            except Exception as e:  # the database is gone too: the trial goes stale and is retried
+                self.reporter.warn(f"could not hand back trial {trial.number}: {e}")
+        try:
+            self._register(stopped=time.time())
+        except Exception:
+            pass
