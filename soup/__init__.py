@@ -12,6 +12,7 @@ from .ingredients import Ingredient
 from .manifest import Manifest
 from .manifest import read as read_manifest
 from .engine import MergeResult, merge, soup_version
+from .adapters import AdapterResult, adapter_soup
 from .strategies import Choice, SoupStrategy, make_strategy
 from .workers import WorkerResult, worker
 from .pipeline import run_recipe
@@ -20,7 +21,7 @@ from .schedule import Update, watch
 __version__ = soup_version()
 
 __all__ = [
-    "merge", "MergeResult", "inspect", "Ingredient", "Manifest", "read_manifest",
+    "merge", "MergeResult", "adapter_soup", "AdapterResult", "inspect", "Ingredient", "Manifest", "read_manifest",
     "maximum_soup", "average_soup", "greedy_soup", "search_soup", "cook", "SoupResult",
     "Evaluator", "Candidate", "Score", "load_evaluator",
     "SoupStrategy", "Choice", "make_strategy",

@@ -115,6 +115,19 @@ def merge(
     config_from: Annotated[str, typer.Option(help="Ingredient (index or name) whose config, tokenizer and "
                                              "processor files are copied.")] = "0",
     strict: Annotated[bool, typer.Option(help="Differing integer/bool buffers are an error, not a warning.")] = False,
+    lora_pair: Annotated[Optional[list[str]], typer.Option(
+        "--lora-pair", help="'A_PATTERN=B_PATTERN': LoRA pairs inside full checkpoints (e.g. "
+        "'*.Plora_A.weight=*.Plora_B.weight'), souped as their delta B@A. Repeatable.")] = None,
+    pair_mode: Annotated[str, typer.Option(help="For --lora-pair: exact (rank = sum of ranks), svd (the "
+                                           "original rank, error reported) or independent (A and B "
+                                           "averaged separately: not the soup of the deltas).")] = "exact",
+    rank_key: Annotated[Optional[str], typer.Option(help="For --lora-pair exact: the config key holding the "
+                                                    "pairs' rank (e.g. lora_rank), updated to the new rank.")] = None,
+    merge_into: Annotated[Optional[str], typer.Option(help="PEFT adapter ingredients: write full weights "
+                                                      "W0 + sum w_i s_i B_i A_i into this base checkpoint.")] = None,
+    rank: Annotated[Optional[int], typer.Option(min=1, help="PEFT adapter ingredients: write the best rank-R "
+                                                "adapter (truncated SVD per module; errors reported) instead "
+                                                "of the exact rank-concatenated one.")] = None,
     state_dict_key: StateDictKey = None,
     strip_prefix: StripPrefix = None,
     overwrite: Overwrite = False,
@@ -135,13 +148,26 @@ def merge(
     w = _weights(weights)
     target = {"repo": push_to, "revision": revision, "private": private, "create_pr": create_pr,
               "commit_message": commit_message} if push_to else None
+    from .peft_io import is_adapter
+
+    adapters = [is_adapter(i) for i in ingredients]
+    if any(adapters) or merge_into is not None or rank is not None:
+        with _errors():
+            _merge_adapters(ingredients, adapters, output, w, merge_into=merge_into, rank=rank,
+                            normalize=not no_normalize, dtype=dtype, accumulate=accumulate, shard_size=shard_size,
+                            device=device, overwrite=overwrite, quiet=quiet, unsupported={
+                                "--rule": rule, "--lora-pair": lora_pair, "--push-to": push_to,
+                                "--state-dict-key": state_dict_key, "--strip-prefix": strip_prefix})
+        return
+    pair_rules = _lora_pairs(lora_pair or [], pair_mode, rank_key)
     with _errors():
         publisher = Publisher(target, endpoint=endpoint)
         try:
             publisher.start()
             result = run_merge(with_reading(ingredients, key=state_dict_key, strip_prefix=strip_prefix),
                                output, weights=w, normalize=not no_normalize, dtype=dtype,
-                               accumulate=accumulate, shard_size=shard_size, device=device, rules=rule or (),
+                               accumulate=accumulate, shard_size=shard_size, device=device,
+                               rules=[*pair_rules, *(rule or ())],
                                strict=strict, config_from=config_from, overwrite=overwrite, progress=not quiet,
                                hub=HubOptions(endpoint=endpoint), on_shard=publisher.on_shard)
             m = result.manifest
@@ -151,6 +177,48 @@ def merge(
                 _print_push(publisher.finish(result.path))
         finally:
             publisher.close()
+
+
+def _lora_pairs(specs: list[str], mode: str, rank_key: str | None) -> list:
+    """``--lora-pair`` / ``--pair-mode`` / ``--rank-key`` as pair rules (a bad value is a usage error)."""
+    from .rules import parse_lora_pair
+
+    if rank_key is not None and not specs:
+        raise typer.BadParameter("only with --lora-pair", param_hint="--rank-key")
+    try:
+        return [parse_lora_pair(p, mode, rank_key) for p in specs]
+    except SoupError as e:
+        text = str(e)
+        hint = "--pair-mode" if text.startswith("--lora-pair.mode") else "--lora-pair"
+        raise typer.BadParameter(text.split(": ", 1)[-1], param_hint=hint) from None
+
+
+def _merge_adapters(ingredients: list[str], adapters: list[bool], output: Path, weights, *, merge_into, rank,
+                    quiet: bool, unsupported: dict, **options) -> None:
+    """``soup merge`` with PEFT adapter ingredients (``soup.adapters.adapter_soup``)."""
+    from .adapters import adapter_soup
+    from .inspection import human_bytes
+
+    if not all(adapters):
+        plain = ingredients[adapters.index(False)]
+        what = "is not a PEFT adapter folder (no adapter_config.json)"
+        if any(adapters):
+            raise SoupError(f"{plain} {what} but {ingredients[adapters.index(True)]} is: adapters are souped "
+                            "with adapters only")
+        flag = "--merge-into" if merge_into is not None else "--rank"
+        raise SoupError(f"{flag}: {plain} {what}; {flag} applies to adapter soups")
+    given = [k for k, v in unsupported.items() if v]
+    if given:
+        raise SoupError(f"{given[0]}: not available for adapter soups")
+    result = adapter_soup(ingredients, output, weights=weights, merge_into=merge_into, rank=rank,
+                          progress=not quiet, **options)
+    m = result.manifest
+    out.print(f"{result.path}\t{m.tensors} tensors\t{human_bytes(m.total_size)}\t{m.method.name}\t"
+              f"{result.seconds:.1f}s")
+    for module, error in result.errors.items():
+        out.print(f"  {module}\trelative error {error:.4g}")
+    if result.worst is not None:
+        out.print(f"worst relative error {result.worst[1]:.4g} ({result.worst[0]})")
 
 
 @app.command()
@@ -244,6 +312,9 @@ def _print_components(report: dict, human_bytes) -> None:
     out.print("components (by tensor name):")
     for r in rows:
         out.print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    for p in report.get("lora_pairs") or ():
+        out.print(f"likely LoRA pairs: {p['pairs']} such as {p['example'][0]} / {p['example'][1]}; averaging A and "
+                  f"B separately is not the soup of their deltas: --lora-pair {shlex.quote(p['a'] + '=' + p['b'])}")
     if "suggested_rules" in report:
         if report["suggested_rules"]:
             out.print("suggested rules (identical in every ingredient: read once, from the first):")

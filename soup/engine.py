@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint
 from .combine import Combiner, accumulation_dtype
 from .errors import RecipeError, SoupError, os_error_line
 from .ingredients import HubOptions, IngredientSpec, describe, resolve_all
+from .lora_pairs import PAIR_KINDS, plan_pairs
 from .plan import Job, Plan, build_plan
 from .progress import Reporter, RichReporter
 from .rules import Rule, parse_rules
@@ -159,6 +160,9 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
         warnings.append(msg)
         reporter.warn(msg)
 
+    pairs = plan_pairs(plan, cks, rule_list, config=source, warn=warn)  # LoRA pairs souped as their deltas
+    if pairs is not None:
+        jobs = sink.select(plan.jobs) if sink is not None else plan.jobs  # with the pairs' new shapes
     for r in plan.unused_rules:
         warn(f"rule {r} matched no tensor")
     following = {a.name: b for a, b in zip(jobs, jobs[1:])}
@@ -180,12 +184,18 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                     for i in (range(len(cks)) if nxt.kind == "copy" else nxt.sources()):
                         readers[i].readahead(nxt.name)
                 per_element = sum(cks[i].tensors[job.name].dtype.itemsize for i in srcs)
-                for block in combiner.blocks(job, views):
+                if pairs is not None and job.kind in PAIR_KINDS:
+                    blocks = pairs.blocks(job, lambda i, name: readers[i].view(name))
+                else:
+                    blocks = combiner.blocks(job, views)
+                for block in blocks:
                     yield block
                     advance(block.numel() * per_element)
 
             if sink is not None:
                 state = sink.write(jobs, produce)  # a new state dict, or None when written in place
+                if pairs is not None:
+                    pairs.report()
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, selection)
                 return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
             with output as tmp:
@@ -193,6 +203,9 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                 writer.write(produce)
                 if source is not None and source.root is not None:
                     copy_aux_files(source.root, tmp, dtype=out_dtype, warn=warn)
+                if pairs is not None:
+                    pairs.report()
+                    pairs.update_config(tmp)  # an exact pair rule's rank_key
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, writer.files,
                                      selection, folder=True)
                 from .card import render_model_card

@@ -43,7 +43,8 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
 
     Returns:
         One path: ``{"name", "source", "tensors", "parameters", "bytes", "dtypes", "files", "fingerprint",
-        "prefix", "components"}``; ``prefix`` is a first name component shared by every tensor
+        "prefix", "components", "lora_pairs"}``; ``lora_pairs`` lists likely LoRA pairs as
+        ``{"a", "b", "pairs", "example"}`` (the ``--lora-pair`` globs that soup them as deltas); ``prefix`` is a first name component shared by every tensor
         (``"module."``) or None; each component is ``{"kind", "name", "patterns", "tensors", "parameters",
         "bytes"}``.
         Several: ``{"ingredients": [summary, ...], "compatible": bool, "differences": [...],
@@ -68,11 +69,13 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
         cks = resolve_all([_from_headers(s, header_checkpoint) for s in specs])
     components = group(cks[0].tensors)
     listed = [_component(c) for c in components]
+    pairs = _lora_pairs(cks[0].tensors)
     if not more:
-        return {**_summary(cks[0]), "components": listed}
+        return {**_summary(cks[0]), "components": listed, "lora_pairs": pairs}
     diffs = _differences(cks)
     report = {"ingredients": [_summary(c) for c in cks], "compatible": not diffs,
-              "differences": diffs[:max_differences], "difference_count": len(diffs), "components": listed}
+              "differences": diffs[:max_differences], "difference_count": len(diffs), "components": listed,
+              "lora_pairs": pairs}
     if diff:
         reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
         identical, dist2, norm2 = _compare(cks, reporter)
@@ -86,6 +89,19 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
                                             if base else None) for i, ck in enumerate(cks[1:])}
         report["suggested_rules"] = suggest_rules(components, identical, cks[0].tensors)
     return report
+
+
+def _lora_pairs(names) -> list[dict[str, Any]]:
+    """Likely LoRA pairs (``lora_A``/``lora_B``, ``Plora_A``/``Plora_B``) grouped by the ``--lora-pair``
+    that would soup them as deltas: ``{"a", "b", "pairs", "example"}``."""
+    from .lora_pairs import likely_pairs, suggest_pattern
+
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for a, b in likely_pairs(list(names)):
+        pa, pb = suggest_pattern(a, b)
+        entry = found.setdefault((pa, pb), {"a": pa, "b": pb, "pairs": 0, "example": [a, b]})
+        entry["pairs"] += 1
+    return list(found.values())
 
 
 def _from_headers(spec: IngredientSpec, header_checkpoint) -> IngredientSpec:

@@ -139,8 +139,6 @@ def cook(
     rule_list = parse_rules(rules)
     evs, tests = _evaluators(evaluator, evaluator_args or {}, devices), _evaluators(test_evaluator, test_args or {}, None)
     if strategy.needs_evaluator and not evs:
-        from .errors import RecipeError
-
         raise RecipeError(f"strategy {strategy.name} needs an evaluator")
     from .hub.publisher import Publisher
 
@@ -309,7 +307,7 @@ def average_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec
 
 
 def greedy_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, tie: str = ">=",
-                tolerance: float = 0.0, sums: str = "memory", **options: Any) -> SoupResult:
+                tolerance: float = 0.0, sums: str = "auto", **options: Any) -> SoupResult:
     """Greedy soup (POINTS Algorithm 1): add ingredients best-first while the held-out score improves."""
     return cook(GreedySoup(tie=tie, tolerance=tolerance, sums=sums), ingredients, evaluator=evaluator, **options)
 
@@ -360,6 +358,10 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         from .errors import RecipeError
 
         raise RecipeError("output: required to run a recipe (or pass --output)")
+    from .peft_io import is_adapter
+
+    if recipe.merge_into is not None or recipe.rank is not None or any(map(is_adapter, recipe.ingredients)):
+        return _adapter_recipe(recipe, out, overwrite=overwrite, progress=progress)
     chosen_cache = cache if cache is not None else recipe.cache
     protect = [recipe.source] if recipe.source else []
     if isinstance(chosen_cache, (str, Path)) and chosen_cache != "default" and "://" not in str(chosen_cache):
@@ -427,3 +429,20 @@ def describe_recipe(recipe: Any) -> str:
     lines.append(f"output: {recipe.output}" + (f" -> push to {recipe.push_to['repo']}" if recipe.push_to else "")
                  + (f" -> register as mlflow model {recipe.publish['mlflow']}" if recipe.publish else ""))
     return "\n".join(lines)
+
+
+def _adapter_recipe(recipe: Any, out: str | Path, *, overwrite: bool, progress: bool | Reporter) -> SoupResult:
+    """A recipe over PEFT adapters (``soup.adapters``): an average (or weighted) soup, no evaluation yet."""
+    from .adapters import adapter_soup
+
+    if recipe.strategy != "average" or recipe.evaluator is not None or recipe.push_to or recipe.publish:
+        raise RecipeError("strategy: adapter recipes support strategy average (with weights) only, without "
+                          "evaluator, push_to or publish")
+    weights = recipe.strategy_options.get("weights")
+    result = adapter_soup(recipe.ingredients, out, weights=weights, merge_into=recipe.merge_into, rank=recipe.rank,
+                          labels=recipe.labels, overwrite=overwrite, progress=progress,
+                          hub=HubOptions(endpoint=recipe.endpoint), dtype=recipe.dtype,
+                          accumulate=recipe.accumulate, shard_size=recipe.shard_size, device=recipe.device)
+    m = result.manifest
+    return SoupResult({i.name: i.weight for i in m.ingredients}, {i.name: None for i in m.ingredients}, [], None,
+                      path=result.path, manifest=m)

@@ -116,7 +116,7 @@ def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | 
         elif rule is not None and rule.action == "take":
             job = Job(name, info.shape, "take", out, source=takes[rule])
         else:
-            w = rule_w[rule] if rule is not None else glob_w
+            w = rule_w.get(rule, glob_w)  # a pair rule's tensors are planned here, paired by soup.lora_pairs
             nonzero = [i for i, x in enumerate(w) if x != 0.0]
             if not nonzero:
                 raise RecipeError(f"tensor {name}: every weight is zero")

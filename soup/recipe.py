@@ -11,6 +11,9 @@
     test: {name: perplexity, args: {data: ./test.jsonl}}  # reported, never used for selection
     rules:
       - {pattern: "model.vision_tower.*", take: 0}
+    lora_pairs:                       # LoRA pairs inside full checkpoints, souped as their deltas B @ A
+      - {a: "*.Plora_A.weight", b: "*.Plora_B.weight", mode: exact, rank_key: lora_rank}
+    merge_into: ./base                # PEFT adapter ingredients: full weights (else one adapter; rank: R for SVD)
     dtype: bfloat16
     output: ./soup-out
     push_to: acme/soup                # or {repo, revision, private, create_pr, commit_message}
@@ -41,7 +44,7 @@ __all__ = ["Recipe", "EvaluatorEntry", "load_recipe", "parse_recipe"]
 
 TOP_KEYS = {"ingredients", "strategy", "evaluator", "test", "rules", "dtype", "accumulate", "shard_size",
             "device", "devices", "config_from", "output", "push_to", "cache", "endpoint", "strict",
-            "tracking_uri", "publish"}
+            "tracking_uri", "publish", "lora_pairs", "merge_into", "rank"}
 PUSH_KEYS = {"repo", "revision", "private", "create_pr", "commit_message"}
 
 
@@ -73,6 +76,8 @@ class Recipe:
     strict: bool = False
     tracking_uri: str | None = None  # MLflow, for registry queries and publish (default MLFLOW_TRACKING_URI)
     publish: dict[str, Any] | None = None  # {mlflow: NAME}: the soup is also registered as a model version
+    merge_into: str | None = None  # PEFT adapter ingredients: the base checkpoint to merge their soup into
+    rank: int | None = None  # PEFT adapter ingredients: a rank-R adapter by truncated SVD
     source: Path | None = None  # the recipe file
     raw: dict[str, Any] = field(default_factory=dict)  # as written, for the manifest
 
@@ -121,7 +126,16 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
     strategy, options, made = _strategy(data.get("strategy"), n, base, errors)
     evaluator = _evaluator(data.get("evaluator"), "evaluator", base, errors)
     test = _evaluator(data.get("test"), "test", base, errors)
-    rules = _rules(data.get("rules"), n, errors)
+    rules = _lora_pairs(data.get("lora_pairs"), errors) + _rules(data.get("rules"), n, errors)
+    merge_into, rank = data.get("merge_into"), data.get("rank")
+    if merge_into is not None and not (isinstance(merge_into, str) and merge_into):
+        errors.append(f"merge_into: must be a path or hf://owner/name@revision, got {merge_into!r}")
+    elif merge_into is not None and not merge_into.startswith("hf://"):
+        merge_into = str(_rel(base, merge_into))
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        errors.append(f"rank: {rank!r} must be a positive integer")
+    if rank is not None and merge_into is not None:
+        errors.append("rank: a rank applies to an adapter output, not with merge_into")
     if made is not None and made.needs_evaluator and evaluator is None:
         errors.append(f"evaluator: required by strategy {strategy}")
     _merge_options(data, n, errors)
@@ -155,7 +169,7 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
                   device=data.get("device", "cpu"), devices=devices, config_from=data.get("config_from", 0),
                   output=_rel(base, output) if output else None, push_to=push, cache=cache,
                   endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=data,
-                  tracking_uri=data.get("tracking_uri"), publish=publish)
+                  tracking_uri=data.get("tracking_uri"), publish=publish, merge_into=merge_into, rank=rank)
 
 
 def _error(errors: list[str]) -> RecipeError:
@@ -286,6 +300,19 @@ def _rules(value: Any, n: int, errors: list[str]) -> list[Rule]:
         if rule.action == "drop" and set(rule.pattern) == {"*"} and all(r.action == "drop" for r in rules):
             errors.append(f"rules[{i}]: every tensor is dropped ({rule}); the soup would be empty")
     return rules
+
+
+def _lora_pairs(value: Any, errors: list[str]) -> list[Rule]:
+    """``lora_pairs:``: ``"A=B"`` strings or ``{a, b, mode, rank_key}`` mappings, as pair rules (first)."""
+    from .rules import parse_lora_pair
+
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        errors.append("lora_pairs: must be a list")
+        return []
+    rules = [_check(errors, parse_lora_pair, spec, where=f"lora_pairs[{i}]") for i, spec in enumerate(value)]
+    return [r for r in rules if r is not None]
 
 
 def _merge_options(data: dict, n: int, errors: list[str]) -> None:

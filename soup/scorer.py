@@ -203,24 +203,79 @@ def _write(cks: Sequence[Checkpoint], folder: Path, common: dict[str, Any]) -> N
     merge(cks, folder, overwrite=True, **common)
 
 
+SUM_PLACES = ("auto", "device", "memory", "disk")  # where greedy's running sum may live (``sums:``)
+
+
+def place_running_sum(nbytes: int, device: str | torch.device) -> str:
+    """Where ``sums: auto`` keeps a running sum of ``nbytes``: ``"device"`` (the evaluator's GPU) when
+    it has room, else ``"memory"`` (host RAM) when that has room, else ``"disk"``. Room is free memory
+    (``torch.cuda.mem_get_info`` plus this process's unused cached blocks; /proc/meminfo's
+    MemAvailable) less a safety margin of max(1 GiB, 10% of the total), left for evaluation."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, total = device_memory(dev)
+        if free - _margin(total) >= nbytes:
+            return "device"
+    free, total = host_memory()
+    return "memory" if free - _margin(total) >= nbytes else "disk"
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, counting blocks this process's allocator holds unused."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
+def host_memory() -> tuple[int, int]:
+    """(available, total) bytes of host memory: /proc/meminfo's MemAvailable and MemTotal on Linux;
+    elsewhere the free and total physical pages (sysconf), or (total, total) when those are unknown."""
+    try:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024
+                for line in Path("/proc/meminfo").read_text().splitlines() if line.endswith(" kB")}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * page, total
+        except (ValueError, OSError):
+            return total, total
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62, 1 << 62  # unknown: as if it fits (the sum in memory, as before placement existed)
+
+
+def _margin(total: int) -> int:
+    return max(1 << 30, total // 10)
+
+
 class RunningSum:
     """Greedy's pool as a running float32 sum: a candidate costs one pass over the new ingredient.
 
-    The pool's sum ``S`` lives in memory (``storage="memory"``, on ``device``) or in a temporary
-    folder on disk (``storage="disk"``). A candidate "pool + x" is ``S/(k+1) + x/(k+1)`` built by
-    the merge engine from two inputs (S and x), instead of re-reading all k pool members. Its
-    tensors can differ from the direct uniform mean by float32 rounding (an ulp before the cast to
-    the output dtype); the final soup is always re-merged from the ingredients themselves.
+    The pool's sum ``S`` lives on the evaluator's ``device`` (``storage="device"``: a GPU), in host
+    memory (``"memory"``) or in a temporary folder on disk (``"disk"``); ``"auto"`` picks the first
+    of these with room for it (``place_running_sum``), when the sum is first built. A candidate
+    "pool + x" is ``S/(k+1) + x/(k+1)`` built by the merge engine from two inputs (S and x), instead
+    of re-reading all k pool members, and written straight into a resident model by
+    ``candidate.load_into`` (no state-dict copy). Its tensors can differ from the direct uniform
+    mean by float32 rounding (an ulp before the cast to the output dtype); the final soup is always
+    re-merged from the ingredients themselves.
 
     The sum is brought up to date when a candidate is built (the same passes, in the same order), so
     a scorer whose candidates are built elsewhere (by ``soup worker`` processes) never pays for it.
+    In memory it is updated in place (``S += x``, block by block): memory holds one sum, never two.
     """
 
-    def __init__(self, scorer: Scorer, first: int, *, storage: str = "memory", device: str = "cpu") -> None:
+    def __init__(self, scorer: Scorer, first: int, *, storage: str = "auto", device: str = "cpu") -> None:
+        if storage not in SUM_PLACES:
+            raise ValueError(f"storage: {storage!r} is not one of {', '.join(SUM_PLACES)}")
         self.scorer, self.storage, self.device = scorer, storage, device
         self.members = [first]
-        self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-", dir=scorer.scratch)) \
-            if storage == "disk" else None
+        self.placement: str | None = None  # "device", "memory" or "disk", once the sum is built
+        self._tmp: Path | None = None
         self._sum: Any = None  # the sum of members[:self._summed]
         self._summed = 0
 
@@ -257,10 +312,19 @@ class RunningSum:
         """Keep ingredient ``new``: S <- S + x_new (one pass, when the next candidate is built)."""
         self.members.append(new)
 
+    def nbytes(self) -> int:
+        """The sum's size: float tensors in float32, other buffers as they are."""
+        ck = self.scorer.checkpoints[self.members[0]]
+        return sum(t.numel * (4 if t.dtype.is_floating_point else t.dtype.itemsize) for t in ck.tensors.values())
+
     def _current(self) -> Checkpoint:
         """The pool's sum, with every member added since the last candidate folded in."""
         cks = self.scorer.checkpoints
         if self._sum is None:
+            self.placement = place_running_sum(self.nbytes(), self.device) if self.storage == "auto" \
+                else self.storage
+            if self.placement == "disk":
+                self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-", dir=self.scorer.scratch))
             self._sum, self._summed = self._combine([cks[self.members[0]]], [1.0], step=0), 1
         while self._summed < len(self.members):
             self._sum = self._combine([self._sum, cks[self.members[self._summed]]], [1.0, 1.0], step=self._summed)
@@ -268,10 +332,16 @@ class RunningSum:
         return self._sum
 
     def _combine(self, inputs: list[Any], weights: list[float], *, step: int) -> Checkpoint:
-        common = dict(weights=weights, normalize=False, dtype=torch.float32, device=self.device)
+        where = self.device if self.placement == "device" else "cpu"
+        common = dict(weights=weights, normalize=False, dtype=torch.float32, device=where)
         label = f"pool-sum-of-{step + 1}"  # a sum of step + 1 pool members
         if self._tmp is None:
-            return memory_checkpoint(merge(inputs, None, **common).state_dict, label=label, fingerprint=label)
+            if step == 0:
+                state = merge(inputs, None, **common).state_dict
+            else:  # S <- S + x in place: each block is read before it is written
+                state = inputs[0].memory
+                merge(inputs, state, **common)
+            return memory_checkpoint(state, label=label, fingerprint=label)
         folder = self._tmp / f"sum{step}"
         merge(inputs, folder, shard_size="2GB", **common)
         if step:

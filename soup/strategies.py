@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .scorer import Scorer, RunningSum
+from .scorer import SUM_PLACES, RunningSum, Scorer
 from .errors import RecipeError
 from .evaluate import Score
 from .options import check_weights
@@ -153,7 +153,7 @@ class AverageSoup(SoupStrategy):
 class GreedySoup(SoupStrategy):
     tie: str = ">="  # ">=" (POINTS) keeps ties; ">" (model-soups code) needs a strict improvement
     tolerance: float = 0.0  # keep a candidate at most this much worse than the pool
-    sums: str = "memory"  # greedy's running sums: "memory" or "disk"
+    sums: str = "auto"  # greedy's running sum: "auto" (where it fits), "device", "memory" or "disk"
 
     name: ClassVar[str] = "greedy"
     reference: ClassVar[str] = "https://arxiv.org/abs/2409.04828"
@@ -161,8 +161,8 @@ class GreedySoup(SoupStrategy):
     def __post_init__(self) -> None:
         if not isinstance(self.tie, str) or self.tie not in (">=", ">"):
             raise RecipeError(f"strategy.tie: {self.tie!r} must be '>=' or '>'")
-        if not isinstance(self.sums, str) or self.sums not in ("memory", "disk"):
-            raise RecipeError(f"strategy.sums: {self.sums!r} must be 'memory' or 'disk'")
+        if not isinstance(self.sums, str) or self.sums not in SUM_PLACES:
+            raise RecipeError(f"strategy.sums: {self.sums!r} must be one of {', '.join(SUM_PLACES)}")
         t = self.tolerance
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise RecipeError(f"strategy.tolerance: {t!r} must be a finite number >= 0")

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny real checkpoints written to tmp_path (safetensors, sharded, .bin), the
-float32 reference mean, and a hub-compatible HTTP server on 127.0.0.1 with isolated HF settings."""
+reference mean (the soup's definition), and a hub-compatible HTTP server on 127.0.0.1 with isolated HF settings."""
 
 from __future__ import annotations
 
@@ -83,16 +83,21 @@ def make_ingredients(tmp_path):
     return make
 
 
-def reference_mean(states, weights, out_dtype=None, acc=torch.float32):
-    """The definition: acc = x0*w0; acc = acc + xi*wi (each in ``acc`` dtype); cast back."""
+def reference_mean(states, weights, out_dtype=None, acc=None):
+    """The definition: acc = x0*w0; acc = acc + xi*wi (each in ``acc`` dtype); cast back.
+
+    ``acc`` None (the default, "auto"): per tensor, float64 when any input read (weight not 0) is
+    float32 or float64, else float32 — at least twice the inputs' mantissa."""
     ref = {}
     for name, t0 in states[0].items():
         if not t0.is_floating_point():
             ref[name] = t0
             continue
-        total = states[0][name].to(acc) * weights[0]
+        wide = any(st[name].dtype in (torch.float32, torch.float64) for st, w in zip(states, weights) if w)
+        dtype = acc or (torch.float64 if wide else torch.float32)
+        total = states[0][name].to(dtype) * weights[0]
         for st, w in zip(states[1:], weights[1:]):
-            total = total + st[name].to(acc) * w
+            total = total + st[name].to(dtype) * w
         ref[name] = total.to(out_dtype or t0.dtype)
     return ref
 

@@ -28,16 +28,69 @@ def test_weighted_mean_is_bit_exact(make_ingredients, tmp_path, dtype):
     assert res.manifest.ingredients[2].weight == pytest.approx(5 / 8)
 
 
-def test_float32_mean_matches_numpy(make_ingredients, tmp_path):
-    """An independent reference: numpy float32 arithmetic, product then sum, in ingredient order."""
+@pytest.mark.parametrize("accumulate,np_acc", [("auto", np.float64), ("float64", np.float64),
+                                                ("float32", np.float32)])
+def test_float32_mean_matches_numpy(make_ingredients, tmp_path, accumulate, np_acc):
+    """An independent reference: numpy arithmetic, product then sum, in ingredient order (float32
+    inputs accumulate in float64 by default, in float32 when asked)."""
     paths, states = make_ingredients(4, dtype=torch.float32)
     w = [0.1, 0.2, 0.3, 0.4]
-    got = load_soup(soup.merge(paths, tmp_path / "out", weights=w, normalize=False).path)
+    res = soup.merge(paths, tmp_path / "out", weights=w, normalize=False, accumulate=accumulate)
+    got = load_soup(res.path)
     name = "model.layers.0.mlp.up_proj.weight"
-    acc = np.float32(w[0]) * states[0][name].numpy()
+    acc = np_acc(w[0]) * states[0][name].numpy().astype(np_acc)
     for st, wi in zip(states[1:], w[1:]):
-        acc = acc + np.float32(wi) * st[name].numpy()
-    assert np.array_equal(got[name].numpy(), acc)
+        acc = acc + np_acc(wi) * st[name].numpy().astype(np_acc)
+    assert np.array_equal(got[name].numpy(), acc.astype(np.float32))
+    assert res.manifest.accumulate == {"auto": "auto (float64)"}.get(accumulate, accumulate)
+
+
+def _copies(x: torch.Tensor, n: int = 3) -> list[torch.Tensor]:
+    return [x.clone() for _ in range(n)]
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_soup_of_copies_is_the_checkpoint_without_the_shortcut(monkeypatch, dtype, kernel):
+    """x*(1/3) + x*(1/3) + x*(1/3), accumulated with twice the input's mantissa, rounds back to x: the
+    default accumulation proves it, not the identical-tensor shortcut (disabled here)."""
+    from soup.combine import Combiner
+    from soup.plan import Job
+
+    if not kernel:
+        monkeypatch.setenv("SOUP_NO_KERNEL", "1")
+    n = 1_000_003
+    x = torch.randn(n, generator=torch.Generator().manual_seed(7)).to(dtype)
+    third = torch.tensor(1 / 3, dtype=torch.float32)
+    narrow = (x.float() * third + x.float() * third + x.float() * third).to(dtype)  # float32 throughout
+    if dtype == torch.float32:
+        assert not torch.equal(narrow, x)  # float32 accumulation would not give x back: the test has teeth
+    job = Job("t", (n,), "mean", dtype, weights=(1 / 3,) * 3)
+    comb = Combiner(["a", "b", "c"], where=lambda i, name: name, identical=False)
+    assert (comb._fused is not None) == (kernel and soup.kernel.load() is not None)
+    got = torch.cat([b.clone() for b in comb.blocks(job, _copies(x))])
+    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), x.view(torch.uint8))
+    forced = Combiner(["a", "b", "c"], where=lambda i, name: name, identical=False, accumulate=torch.float32)
+    if dtype == torch.float32:  # float32 asked: honoured, and then not exact
+        assert not torch.equal(torch.cat([b.clone() for b in forced.blocks(job, _copies(x))]), x)
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_of_copies_is_bit_identical(tmp_path, monkeypatch, dtype, shortcut):
+    """Souping copies of one checkpoint returns it bit for bit (the whole engine, default options),
+    with the identical-tensor shortcut and without it (every mean computed)."""
+    from soup.combine import Combiner
+
+    if not shortcut:
+        monkeypatch.setattr(Combiner, "_identical", lambda self, xs, numel: False)
+    state = make_state(5, dtype)
+    paths = [write_checkpoint(tmp_path / f"copy{i}", state) for i in range(3)]
+    res = soup.merge(paths, tmp_path / "out")
+    got = load_soup(res.path)
+    assert all(torch.equal(got[k].reshape(-1).view(torch.uint8), state[k].reshape(-1).view(torch.uint8))
+               for k in state)
+    assert res.manifest.accumulate == ("auto (float64)" if dtype == torch.float32 else "auto (float32)")
 
 
 def test_uniform_is_default_and_blocks_do_not_matter(make_ingredients, tmp_path):

@@ -55,12 +55,14 @@ def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_fused_equals_torch_ops(level, in_dtype, out_dtype):
+@pytest.mark.parametrize("acc,out_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+                                           (torch.float64, torch.bfloat16), (torch.float64, torch.float32),
+                                           (torch.float64, torch.float64)])
+def test_fused_equals_torch_ops(level, in_dtype, out_dtype, acc):
     n = 300_001
     xs = [_adversarial(n, in_dtype, s) / 4 for s in range(3)]
     job = Job("t", (n,), "mean", out_dtype, weights=(0.2, 0.3, 0.5))
-    fused, plain = _fused_and_plain(3, block=65536)
+    fused, plain = _fused_and_plain(3, block=65536, accumulate=acc)
     assert fused._fused.lib.variant == level
     got = torch.cat([b.clone() for b in fused.blocks(job, xs)])
     want = torch.cat([b.clone() for b in plain.blocks(job, xs)])
@@ -68,9 +70,10 @@ def test_fused_equals_torch_ops(level, in_dtype, out_dtype):
     assert _same_bits(got, want)  # bit for bit, signed zeros and NaN payloads included
 
 
-def test_vector_tails_and_nan(level):
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+def test_vector_tails_and_nan(level, acc):
     """Lengths around every vector width (the loops' scalar epilogues), NaN and inf mixed in."""
-    fused, plain = _fused_and_plain(2, block=4096, threads=1)
+    fused, plain = _fused_and_plain(2, block=4096, threads=1, accumulate=acc)
     for n in (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 1000):
         xs = [_adversarial(n, torch.bfloat16, n), _adversarial(n, torch.float32, n + 1)]
         xs[1][n // 2] = float("nan")
@@ -81,6 +84,21 @@ def test_vector_tails_and_nan(level):
         got = torch.cat([b.clone() for b in fused.blocks(job, xs)])
         want = torch.cat([b.clone() for b in plain.blocks(job, xs)])
         assert _same_bits(got, want), n
+
+
+def test_float64_to_bfloat16_rounds_through_float32(level):
+    """torch casts float64 to bfloat16 through float32 (two roundings); the kernel does the same.
+    1 + 2^-8 + 2^-30 rounds to 1 + 2^-7 directly, but to 1 + 2^-8 in float32, a tie, then to 1."""
+    n = 1000  # vector bodies and tails
+    x0 = torch.full((n,), 1 + 2**-8, dtype=torch.float32) * torch.randint(-1, 2, (n,)).float()
+    x1 = torch.full((n,), 2**-30, dtype=torch.float32)
+    job = Job("t", (n,), "mean", torch.bfloat16, weights=(1.0, 1.0))
+    fused, plain = _fused_and_plain(2, block=4096, threads=1, accumulate=torch.float64)
+    got = torch.cat([b.clone() for b in fused.blocks(job, [x0, x1])])
+    want = torch.cat([b.clone() for b in plain.blocks(job, [x0, x1])])
+    assert _same_bits(got, want)
+    assert _same_bits(want, (x0.double() + x1.double()).to(torch.bfloat16))
+    assert (want[x0 > 0] == 1.0).all()  # not 1 + 2^-7
 
 
 def test_fused_reports_non_finite_with_ingredient(level):
@@ -129,6 +147,9 @@ def test_library_refuses_levels_this_cpu_lacks():
         acc = torch.empty(100)
         cdll.soup_accumulate(level, acc.data_ptr(), x.data_ptr(), 1, 0.5, 100, 1)
         assert torch.equal(acc, x * 0.5)
+        acc64 = torch.empty(100, dtype=torch.float64)
+        cdll.soup_accumulate64(level, acc64.data_ptr(), x.data_ptr(), 1, 0.5, 100, 1)
+        assert torch.equal(acc64, x.double() * 0.5)
 
 
 def test_disabled_kernel_falls_back(monkeypatch):

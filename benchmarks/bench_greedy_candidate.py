@@ -1,0 +1,215 @@
+"""Per-candidate cost of greedy soup: build one candidate from the running sum into a resident model.
+
+A greedy candidate is "pool + x": ``S/(k+1) + x/(k+1)`` from the pool's running float32 sum S and the
+new ingredient x, computed by ``candidate.load_into(model)`` straight into the evaluator's resident
+model. Its floor is reading x once; the rest is memory traffic (S, the model). This script, top to
+bottom:
+
+  1. builds --ingredients synthetic Llama-layout checkpoints (benchmarks/bench_merge.py's generator,
+     cached under --workdir and reused);
+  2. in a fresh child process: a resident model (one tensor per checkpoint tensor, the ingredients'
+     dtype, on --device), a ``RunningSum`` of ingredients 0 and 1 (placed by --sums, default auto);
+  3. per repeat and page-cache state (warm: x read just before; cold: the page cache dropped, or
+     where that is refused x's pages evicted with posix_fadvise(DONTNEED)): the time to read x
+     (the last ingredient) once, plain sequential reads, and the time to build and load the
+     candidate pool + x; the child samples its anonymous memory (RssAnon) every millisecond;
+  4. prints the ratios with the targets beside them: warm <= 4x the read, cold <= 1.5x, and peak
+     anonymous memory against model + running sum (the rest is the engine's blocks).
+
+    python benchmarks/bench_greedy_candidate.py --size 1GB --ingredients 3 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_merge import (ITEMSIZE, dims_for, drop_caches, fmt_bytes, make_ingredient, parse_size,  # noqa: E402
+                         safetensors_files)
+
+RESULT_TAG = "BENCH_RESULT "
+TARGET_WARM, TARGET_COLD = 4.0, 1.5
+
+
+def rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class PeakSampler:
+    """The highest RssAnon seen while the block runs (sampled every millisecond)."""
+
+    def __enter__(self) -> PeakSampler:
+        self.peak, self._stop = rss_anon(), False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+
+def read_once(files: list[Path]) -> float:
+    """Seconds to read the files once, sequentially, into a reused 64 MiB buffer."""
+    buf = memoryview(bytearray(64 << 20))
+    t = time.perf_counter()
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t
+
+
+def evict(files: list[Path]) -> str:
+    """Make the files cold: drop the page cache, or evict their pages; returns how."""
+    why = drop_caches()
+    if why is None:
+        return "drop_caches"
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return f"posix_fadvise(DONTNEED) ({why})"
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+
+    import soup  # noqa: F401  (imports before the baseline)
+    from soup.evaluators.python import PythonEvaluator
+    from soup.ingredients import resolve_all
+    from soup.scorer import RunningSum, Scorer
+
+    folders = [Path(p) for p in args.folders]
+    base = rss_anon()
+    cks = resolve_all(folders)
+    new = len(cks) - 1
+    model = {n: torch.zeros(t.shape, dtype=t.dtype, device=args.device) for n, t in cks[0].tensors.items()}
+    model_bytes = sum(t.numel() * t.element_size() for t in model.values())
+    scorer = Scorer(cks, [PythonEvaluator(fn=lambda c: 0.0)], devices=[args.device])
+    pool = RunningSum(scorer, 0, storage=args.sums, device=args.device)
+    for i in range(1, new):
+        pool.add(i)
+    t = time.perf_counter()
+    pool._current()  # the pool's sum, built before any candidate is timed
+    sum_seconds = time.perf_counter() - t
+    sum_bytes = pool.nbytes() if pool.placement != "disk" else 0
+    files = safetensors_files(folders[new])
+    rows = []
+    for r in range(args.repeats):
+        for state in (["warm", "cold"] if args.cold else ["warm"]):
+            how = "page cache warm"
+            if state == "cold":
+                how = evict(files)
+            else:
+                read_once(files)
+            read_s = read_once(files)
+            if state == "cold":
+                evict(files)
+            cand = pool.candidate(new, f"pool+{new}")
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            with PeakSampler() as peak:
+                t = time.perf_counter()
+                cand.load_into(model)
+                if args.device != "cpu":
+                    torch.cuda.synchronize()
+                build_s = time.perf_counter() - t
+            rows.append({"state": state, "how": how, "read_s": read_s, "build_s": build_s,
+                         "peak_anon_above_base": peak.peak - base})
+    pool.close()
+    return {"model_bytes": model_bytes, "sum_bytes": sum_bytes, "placement": pool.placement,
+            "sum_seconds": sum_seconds, "x_bytes": sum(p.stat().st_size for p in files), "rows": rows,
+            "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ingredients", type=int, default=3, help="pool of ingredients - 1, plus the new one (>= 2)")
+    ap.add_argument("--size", default="1GB", help="size of one ingredient (decimal MB/GB, or MiB/GiB)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(ITEMSIZE), help="ingredient dtype")
+    ap.add_argument("--shard-size", default="2GB", help="shard size of the ingredients")
+    ap.add_argument("--sums", default="auto", choices=["auto", "device", "memory", "disk"],
+                    help="where the running sum lives (greedy's sums: option)")
+    ap.add_argument("--device", default="cpu", help="where the resident model lives (cpu, cuda)")
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per cache state; the minimum is reported")
+    ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache measurement")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "soup-bench",
+                    help="where ingredients are generated (reused between runs)")
+    ap.add_argument("--json", type=Path, help="also write the raw measurements to this JSON file")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--folders", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(RESULT_TAG + json.dumps(child(args)), flush=True)
+        return 0
+    if args.ingredients < 2:
+        ap.error("--ingredients must be at least 2 (a pool and a new ingredient)")
+    dims = dims_for(parse_size(args.size), args.dtype)
+    shard = parse_size(args.shard_size)
+    folders = []
+    t = time.perf_counter()
+    for i in range(args.ingredients):
+        folder = args.workdir / f"llama-h{dims.hidden}-l{dims.layers}-{args.dtype}-shard{shard}" / f"ing{i}"
+        make_ingredient(folder, dims, args.dtype, shard, seed=i)
+        folders.append(folder)
+    print(f"ingredients ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    cmd = [sys.executable, __file__, "--child", "--sums", args.sums, "--device", args.device,
+           "--repeats", str(args.repeats), "--folders", *map(str, folders)] + ([] if args.cold else ["--no-cold"])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(res.stdout + res.stderr, file=sys.stderr)
+        return 1
+    out = json.loads(next(line for line in res.stdout.splitlines() if line.startswith(RESULT_TAG))[len(RESULT_TAG):])
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    report(args, out)
+    return 0
+
+
+def report(args: argparse.Namespace, out: dict) -> None:
+    print(f"greedy candidate benchmark: {args.ingredients} x {fmt_bytes(out['x_bytes'])} {args.dtype} ingredients "
+          f"(pool of {args.ingredients - 1} + 1 new); resident model on {args.device}; running sum "
+          f"{fmt_bytes(out['sum_bytes'])} in {out['placement']} (--sums {args.sums}); {os.cpu_count()} CPUs, "
+          f"{out['threads']} torch threads; best of {args.repeats}")
+    print(f"running sum of {args.ingredients - 1} built in {out['sum_seconds']:.2f} s (before the timed candidates)")
+    print()
+    print(f"{'cache':<6} {'read x once s':>14} {'candidate s':>12} {'ratio':>7} {'target':>7}  how")
+    for state, target in (("warm", TARGET_WARM), ("cold", TARGET_COLD)):
+        rows = [r for r in out["rows"] if r["state"] == state]
+        if not rows:
+            continue
+        read, build = min(r["read_s"] for r in rows), min(r["build_s"] for r in rows)
+        ratio = build / read
+        verdict = "ok" if ratio <= target else "MISSED"
+        print(f"{state:<6} {read:>14.3f} {build:>12.3f} {ratio:>6.2f}x {target:>6.1f}x  {verdict}; {rows[0]['how']}")
+    peak = max(r["peak_anon_above_base"] for r in out["rows"])
+    floor = out["model_bytes"] + out["sum_bytes"]
+    print()
+    print(f"peak anonymous memory above imports: {fmt_bytes(peak)} = model {fmt_bytes(out['model_bytes'])} "
+          f"+ running sum {fmt_bytes(out['sum_bytes'])} + {fmt_bytes(peak - floor)} "
+          f"(target: model + sum + O(block))")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
