@@ -67,15 +67,15 @@ class PeakSampler:
         self.peak = max(self.peak, rss_anon())
 
 
-def read_once(files: list[Path]) -> float:
-    """Seconds to read the files once, sequentially, into a reused 64 MiB buffer."""
+def read_once(files: list[Path]) -> tuple[float, float]:
+    """(wall, CPU) seconds to read the files once, sequentially, into a reused 64 MiB buffer."""
     buf = memoryview(bytearray(64 << 20))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for p in files:
         with open(p, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def evict(files: list[Path]) -> str:
@@ -123,20 +123,20 @@ def child(args: argparse.Namespace) -> dict:
                 how = evict(files)
             else:
                 read_once(files)
-            read_s = read_once(files)
+            read_s, read_cpu = read_once(files)
             if state == "cold":
                 evict(files)
             cand = pool.candidate(new, f"pool+{new}")
             if args.device != "cpu":
                 torch.cuda.synchronize()
-            with PeakSampler() as peak:
-                t = time.perf_counter()
+            with PeakSampler() as peak:  # (its thread's CPU time is in build_cpu: a few %)
+                t, c = time.perf_counter(), time.process_time()
                 cand.load_into(model)
                 if args.device != "cpu":
                     torch.cuda.synchronize()
-                build_s = time.perf_counter() - t
-            rows.append({"state": state, "how": how, "read_s": read_s, "build_s": build_s,
-                         "peak_anon_above_base": peak.peak - base})
+                build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
+            rows.append({"state": state, "how": how, "read_s": read_s, "build_s": build_s, "read_cpu": read_cpu,
+                         "build_cpu": build_cpu, "peak_anon_above_base": peak.peak - base})
     pool.close()
     return {"model_bytes": model_bytes, "sum_bytes": sum_bytes, "placement": pool.placement,
             "sum_seconds": sum_seconds, "x_bytes": sum(p.stat().st_size for p in files), "rows": rows,
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="where the resident model lives (cpu, cuda)")
     ap.add_argument("--repeats", type=int, default=3, help="measurements per cache state; the minimum is reported")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache measurement")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "soup-bench",
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "soup-bench-greedy",
                     help="where ingredients are generated (reused between runs)")
     ap.add_argument("--json", type=Path, help="also write the raw measurements to this JSON file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -191,18 +191,21 @@ def report(args: argparse.Namespace, out: dict) -> None:
     print(f"greedy candidate benchmark: {args.ingredients} x {fmt_bytes(out['x_bytes'])} {args.dtype} ingredients "
           f"(pool of {args.ingredients - 1} + 1 new); resident model on {args.device}; running sum "
           f"{fmt_bytes(out['sum_bytes'])} in {out['placement']} (--sums {args.sums}); {os.cpu_count()} CPUs, "
-          f"{out['threads']} torch threads; best of {args.repeats}")
+          f"{out['threads']} torch threads; best of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
     print(f"running sum of {args.ingredients - 1} built in {out['sum_seconds']:.2f} s (before the timed candidates)")
     print()
-    print(f"{'cache':<6} {'read x once s':>14} {'candidate s':>12} {'ratio':>7} {'target':>7}  how")
+    print(f"{'cache':<6} {'read x once s':>14} {'candidate s':>12} {'ratio':>7} {'target':>7}  "
+          f"{'read cpu s':>10} {'cand. cpu s':>11}  how")
     for state, target in (("warm", TARGET_WARM), ("cold", TARGET_COLD)):
         rows = [r for r in out["rows"] if r["state"] == state]
         if not rows:
             continue
         read, build = min(r["read_s"] for r in rows), min(r["build_s"] for r in rows)
+        read_cpu, build_cpu = min(r["read_cpu"] for r in rows), min(r["build_cpu"] for r in rows)
         ratio = build / read
         verdict = "ok" if ratio <= target else "MISSED"
-        print(f"{state:<6} {read:>14.3f} {build:>12.3f} {ratio:>6.2f}x {target:>6.1f}x  {verdict}; {rows[0]['how']}")
+        print(f"{state:<6} {read:>14.3f} {build:>12.3f} {ratio:>6.2f}x {target:>6.1f}x  {read_cpu:>10.3f} "
+              f"{build_cpu:>11.3f}  {verdict}; {rows[0]['how']}")
     peak = max(r["peak_anon_above_base"] for r in out["rows"])
     floor = out["model_bytes"] + out["sum_bytes"]
     print()

@@ -158,14 +158,16 @@ class FusedMean:
     def block(self, pairs, start: int, stop: int, acc: torch.Tensor, out: torch.Tensor | None) -> int:
         """acc[:n] = sum_i x_i[start:stop] * w_i; out[:n] = cast(acc) when given; returns #non-finite."""
         n = stop - start
+        # raw addresses: slicing tensors per part costs more than the math on small blocks
+        ins = [(x.data_ptr() + start * x.element_size(), x.element_size(), _KINDS[x.dtype], w) for x, w in pairs]
+        dst = None if out is None else (out.data_ptr(), out.element_size(), _KINDS.get(out.dtype, -1))
+        args = (ins, acc.dtype == torch.float64, acc.data_ptr(), acc.element_size(), dst)
         if self._pool is None or n < 65536:
-            return self._part(pairs, start, stop, acc, out)
+            return self._part(0, n, *args)
         step = -(-n // self.threads)
         cuts = [(a, min(a + step, n)) for a in range(0, n, step)]
-        futures = [self._pool.submit(self._part, pairs, start + a, start + b, acc[a:b],
-                                     None if out is None else out[a:b]) for a, b in cuts[1:]]
-        bad = self._part(pairs, start + cuts[0][0], start + cuts[0][1], acc[: cuts[0][1]],
-                         None if out is None else out[: cuts[0][1]])
+        futures = [self._pool.submit(self._part, a, b, *args) for a, b in cuts[1:]]
+        bad = self._part(*cuts[0], *args)
         return bad + sum(f.result() for f in futures)
 
     def close(self) -> None:
@@ -173,16 +175,15 @@ class FusedMean:
             self._pool.shutdown()
             self._pool = None
 
-    def _part(self, pairs, start: int, stop: int, acc: torch.Tensor, out: torch.Tensor | None) -> int:
-        n, lib = stop - start, self.lib
-        if acc.dtype == torch.float64:
-            for k, (x, w) in enumerate(pairs):
-                lib.accumulate64(acc.data_ptr(), x[start:stop].data_ptr(), _KINDS[x.dtype], w, n, k == 0)
-            if out is None:
-                return lib.count_nonfinite64(acc.data_ptr(), n)
-            return lib.finish64(acc.data_ptr(), out.data_ptr(), _KINDS[out.dtype], n)
-        for k, (x, w) in enumerate(pairs):
-            lib.accumulate(acc.data_ptr(), x[start:stop].data_ptr(), _KINDS[x.dtype], w, n, k == 0)
-        if out is None:
-            return lib.count_nonfinite(acc.data_ptr(), n)
-        return lib.finish_bf16(acc.data_ptr(), out.data_ptr(), n)
+    def _part(self, a: int, b: int, ins, wide: bool, acc: int, acc_size: int, dst) -> int:
+        """Elements [a, b) of the block: ``ins`` (address of element 0, item size, kind, weight) per
+        input, ``acc`` the accumulator's address, ``dst`` (address, item size, kind) of the output."""
+        n, lib, level = b - a, self.lib.cdll, self.lib.level
+        acc += a * acc_size
+        accumulate = lib.soup_accumulate64 if wide else lib.soup_accumulate
+        for k, (x, size, kind, w) in enumerate(ins):
+            accumulate(level, acc, x + a * size, kind, w, n, k == 0)
+        if dst is None:
+            return (lib.soup_count_nonfinite64 if wide else lib.soup_count_nonfinite)(level, acc, n)
+        out = dst[0] + a * dst[1]
+        return lib.soup_finish64(level, acc, out, dst[2], n) if wide else lib.soup_finish_bf16(level, acc, out, n)

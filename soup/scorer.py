@@ -296,7 +296,7 @@ class RunningSum:
         rules = [Rule(r.pattern, "take", ingredient=2 + takes.index(self._take_index(r))) if r.action == "take"
                  else r for r in self.scorer.rules]
         common = dict(weights=weights, normalize=False, rules=rules, dtype=self.scorer.dtype,
-                      mixed_float=True, config_from=0)
+                      mixed_float=True, config_from=0, accumulate=self._accumulate())
         return Candidate(name, self.scorer.key([x / (k + 1) for x in w]),
                          state_dict_fn=lambda device: merge(inputs, None, device=device, **common).state_dict,
                          load_fn=lambda target: merge(inputs, target, device=_math_device(target), **common),
@@ -311,6 +311,13 @@ class RunningSum:
     def add(self, new: int) -> None:
         """Keep ingredient ``new``: S <- S + x_new (one pass, when the next candidate is built)."""
         self.members.append(new)
+
+    def _accumulate(self) -> str:
+        """A candidate's accumulation: as the ingredients' soup would be (float32 for 16-bit ones,
+        float64 for 32-bit), not as the float32 sum alone would ask (float64: 25% slower here)."""
+        wide = any(t.dtype.itemsize >= 4 for ck in self.scorer.checkpoints for t in ck.tensors.values()
+                   if t.dtype.is_floating_point)
+        return "auto" if wide else "float32"
 
     def nbytes(self) -> int:
         """The sum's size: float tensors in float32, other buffers as they are."""
@@ -333,7 +340,8 @@ class RunningSum:
 
     def _combine(self, inputs: list[Any], weights: list[float], *, step: int) -> Checkpoint:
         where = self.device if self.placement == "device" else "cpu"
-        common = dict(weights=weights, normalize=False, dtype=torch.float32, device=where)
+        # S + x with weights 1: a float32 sum, each addition rounded once
+        common = dict(weights=weights, normalize=False, dtype=torch.float32, accumulate="float32", device=where)
         label = f"pool-sum-of-{step + 1}"  # a sum of step + 1 pool members
         if self._tmp is None:
             if step == 0:
