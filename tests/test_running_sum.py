@@ -148,3 +148,23 @@ def test_sum_on_the_gpu_and_candidates_into_a_gpu_model(four):
     assert all(torch.equal(model[k].cpu(), ref[k]) for k in ref)
     pool.close()
     on_cpu.close()
+
+
+def test_benchmark_memory_is_model_plus_sum_plus_blocks(tmp_path):
+    """benchmarks/bench_greedy_candidate.py, small and warm only: a candidate built from the running
+    sum into a resident model allocates no more than a few blocks besides the model and the sum."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parent.parent / "benchmarks" / "bench_greedy_candidate.py"
+    res = subprocess.run([sys.executable, str(bench), "--size", "32MB", "--repeats", "1", "--no-cold",
+                          "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["placement"] == "memory" and r["sum_bytes"] == 2 * r["model_bytes"]
+    peak = max(row["peak_anon_above_base"] for row in r["rows"])
+    assert peak < r["model_bytes"] + r["sum_bytes"] + (48 << 20), r
+    assert "peak anonymous memory" in res.stdout
