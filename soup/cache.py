@@ -68,9 +68,16 @@ def evaluator_key(identity: Mapping[str, Any]) -> str:
 
 def candidate_key(fingerprints: Sequence[str], weights: Sequence[float], *, rules: Sequence[Any] = (),
                   dtype: str | None = None) -> str:
-    """Content identity of a soup: ingredients with a non-zero weight, their weights, rules, dtype."""
+    """Content identity of a soup: ingredients with a non-zero weight, their weights, rules, dtype, and
+    the soup's definition (``DEFINITION``: scores cached under an older definition are not reused)."""
     parts = sorted((fp, round(float(w), 12)) for fp, w in zip(fingerprints, weights) if w != 0)
-    return hashlib.sha256(_stable({"parts": parts, "rules": list(rules), "dtype": dtype}).encode()).hexdigest()
+    return hashlib.sha256(_stable({"parts": parts, "rules": list(rules), "dtype": dtype,
+                                   "definition": DEFINITION}).encode()).hexdigest()
+
+
+# what a candidate's tensors are: bump when the arithmetic changes (2: accumulation "auto", float64 for
+# 32-bit inputs, instead of float32 for every input)
+DEFINITION = 2
 
 
 def display_url(url: str) -> str:
