@@ -2,23 +2,30 @@
 
 Streaming weight merging (``merge``), evaluator-driven soups and hub publishing. Every soup is a
 weighted mean of ingredient checkpoints; strategies decide the weights, one engine applies them.
+
+The public names below are imported on first use (PEP 562), so ``soup merge`` does not pay for the
+search, worker and registry machinery (optuna, SQLAlchemy) it never touches.
 """
 
-from .pipeline import SoupResult, average_soup, cook, greedy_soup, maximum_soup, search_soup
-from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
-from .evaluate import Candidate, Evaluator, Score, load_evaluator
-from .inspection import inspect
-from .ingredients import Ingredient
-from .manifest import Manifest
-from .manifest import read as read_manifest
-from .engine import MergeResult, merge, soup_version
-from .adapters import AdapterResult, adapter_soup
-from .strategies import Choice, SoupStrategy, make_strategy
-from .workers import WorkerResult, worker
-from .pipeline import run_recipe
-from .schedule import Update, watch
+from __future__ import annotations
 
-__version__ = soup_version()
+import importlib
+from typing import Any
+
+from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
+
+# public name -> the module that defines it
+_LAZY = {
+    "merge": "engine", "MergeResult": "engine", "soup_version": "engine",
+    "adapter_soup": "adapters", "AdapterResult": "adapters",
+    "inspect": "inspection", "Ingredient": "ingredients", "Manifest": "manifest",
+    "maximum_soup": "pipeline", "average_soup": "pipeline", "greedy_soup": "pipeline", "search_soup": "pipeline",
+    "cook": "pipeline", "SoupResult": "pipeline", "run_recipe": "pipeline",
+    "Evaluator": "evaluate", "Candidate": "evaluate", "Score": "evaluate", "load_evaluator": "evaluate",
+    "SoupStrategy": "strategies", "Choice": "strategies", "make_strategy": "strategies",
+    "worker": "workers", "WorkerResult": "workers",
+    "watch": "schedule", "Update": "schedule",
+}
 
 __all__ = [
     "merge", "MergeResult", "adapter_soup", "AdapterResult", "inspect", "Ingredient", "Manifest", "read_manifest",
@@ -30,3 +37,24 @@ __all__ = [
     "SoupError", "RecipeError", "CheckpointError", "IncompatibleIngredients", "EvaluatorError", "HubError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "read_manifest":
+        from .manifest import read
+
+        return read
+    if name == "__version__":
+        from .engine import soup_version
+
+        return soup_version()
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'soup' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
