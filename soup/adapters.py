@@ -75,6 +75,7 @@ def adapter_soup(
     progress: bool | Reporter = False,
     labels: Sequence[str | None] | None = None,
     hub: HubOptions | None = None,
+    selection: Selection | None = None,
     **option_values: Any,
 ) -> AdapterResult:
     """Soup PEFT LoRA adapters exactly: as one adapter (rank concatenation), a rank-R adapter, or full weights.
@@ -118,19 +119,22 @@ def adapter_soup(
     _check_device(str(opts.device))
     reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
     protect = input_paths([*adapters, *([merge_into] if merge_into is not None else [])])
-    output = OutputDir(out, overwrite=overwrite, protect=protect) if out is not None else None
+    owned = not isinstance(out, OutputDir)  # an OutputDir from the caller is locked and released by it
+    output = out if not owned else OutputDir(out, overwrite=overwrite, protect=protect) if out is not None else None
+    if not owned:
+        output.protect(protect)
     with graceful():
         try:
-            if output is not None:
+            if output is not None and owned:
                 output.lock()
                 for note in output.cleaned:
                     reporter.warn(f"{output.given}: {note}")
             return _soup(adapters, output, opts, weights=weights, merge_into=merge_into, rank=rank,
-                         labels=labels, hub=hub, reporter=reporter, t0=t0)
+                         labels=labels, hub=hub, reporter=reporter, t0=t0, selection=selection)
         except OSError as e:
             raise SoupError(f"output {output.given if output else '-'}: {os_error_line(e)}") from e
         finally:
-            if output is not None:
+            if output is not None and owned:
                 output.release()
 
 
@@ -150,12 +154,14 @@ class _Soup:
     """The jobs of one adapter soup and their output blocks (a ``Produce`` for any sink)."""
 
     def __init__(self, ads: list[Adapter], weights: tuple[float, ...], opts: MergeOptions, *,
-                 base=None, rank: int | None = None, warn=print) -> None:
+                 base=None, rank: int | None = None, warn=print, full_rank: bool = False) -> None:
         self.ads, self.weights, self.base, self.rank = ads, weights, base, rank
         self.acc = opts.accumulate_dtype
         self.used = [i for i, w in enumerate(weights) if w != 0.0]
         if not self.used:
             raise RecipeError("weights: every weight is zero")
+        if full_rank:  # every adapter's block, zero-weight ones zeroed: the rank (and shapes) never change
+            self.used = list(range(len(ads)))
         first = ads[0]
         self.transpose = bool(first.config.get("fan_in_fan_out"))
         self.sources = [a.checkpoint for a in ads] + ([base] if base is not None else [])
@@ -311,13 +317,14 @@ class _Soup:
 
 
 def _soup(paths, output: OutputDir | None, opts: MergeOptions, *, weights, merge_into, rank, labels, hub,
-          reporter: Reporter, t0: float) -> AdapterResult:
+          reporter: Reporter, t0: float, full_rank: bool = False,
+          selection: Selection | None = None) -> AdapterResult:
     ads = open_adapters(paths, labels)
     w = weights if weights is not None else normalise_weights(None, len(ads))
     base = resolve(merge_into, label=None, hub=hub) if merge_into is not None else None
     if output is not None:
         output.protect(checkpoint_paths([a.checkpoint for a in ads] + ([base] if base is not None else [])))
-    soup = _Soup(ads, tuple(w), opts, base=base, rank=rank, warn=reporter.warn)
+    soup = _Soup(ads, tuple(w), opts, base=base, rank=rank, warn=reporter.warn, full_rank=full_rank)
     mode = "merge" if base is not None else "svd" if rank is not None else "concat"
     try:
         total = sum(ck.total_bytes for ck in soup.sources)
@@ -329,7 +336,7 @@ def _soup(paths, output: OutputDir | None, opts: MergeOptions, *, weights, merge
 
             if output is None:
                 state = MemorySink(opts.device).write(soup.jobs, produce)
-                manifest = _adapter_manifest(soup, mode, base, opts, {})
+                manifest = _adapter_manifest(soup, mode, base, opts, {}, selection)
                 return AdapterResult(None, manifest, state, time.perf_counter() - t0, errors=dict(soup.errors))
             with output as tmp:
                 shard = opts.shard_bytes if mode == "merge" else _ONE_FILE
@@ -344,7 +351,7 @@ def _soup(paths, output: OutputDir | None, opts: MergeOptions, *, weights, merge
                     files = {ADAPTER_WEIGHTS: files.pop("model.safetensors")}
                     config = _adapter_config(soup)
                     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-                manifest = _adapter_manifest(soup, mode, base, opts, files)
+                manifest = _adapter_manifest(soup, mode, base, opts, files, selection)
                 from .card import render_model_card
 
                 (tmp / "README.md").write_text(render_model_card(manifest))
@@ -369,7 +376,7 @@ def _adapter_config(soup: _Soup) -> dict[str, Any]:
     return cfg
 
 
-def _adapter_manifest(soup: _Soup, mode: str, base, opts: MergeOptions, files):
+def _adapter_manifest(soup: _Soup, mode: str, base, opts: MergeOptions, files, chosen: Selection | None = None):
     """``soup.json``: the adapters as ingredients, the method and its options (base, rank, errors)."""
     options: dict[str, Any] = {"output": {"concat": "adapter (rank concatenation, exact)",
                                           "svd": "adapter (truncated SVD)",
@@ -384,7 +391,11 @@ def _adapter_manifest(soup: _Soup, mode: str, base, opts: MergeOptions, files):
             options["worst"] = {"module": name, "relative_error": err}
     options["scalings"] = {a.label: sorted({m.scaling for m in a.modules.values()}) for a in soup.ads}
     plan = Plan(soup.jobs, [], soup.weights, sum(ck.total_bytes for ck in soup.sources), [])
-    selection = Selection(Method(f"adapter-{mode}", REFERENCE, options))
+    method = Method(f"adapter-{mode}", REFERENCE, options)
+    if chosen is not None:  # a strategy chose the weights: its method, with the adapter output described
+        method = Method(chosen.method.name, chosen.method.reference, {**chosen.method.options, "adapter": options})
+    selection = Selection(method, chosen.evaluation if chosen else None, chosen.kept if chosen else None,
+                          chosen.recipe if chosen else None)
     cks = [a.checkpoint for a in soup.ads]
     source = base if base is not None else cks[0]
     return _manifest(cks, plan, [], opts.torch_dtype, opts.accumulate, source, files, selection)

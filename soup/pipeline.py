@@ -118,6 +118,16 @@ def cook(
     Raises:
         SoupError: bad inputs, a failing evaluator (scores computed so far stay in the cache).
     """
+    from .peft_io import is_adapter
+
+    if any(map(is_adapter, ingredients)):  # PEFT adapters: candidates are adapters (soup.adapter_eval)
+        unsupported = dict(test_evaluator=test_evaluator, push_to=push_to, storage=storage, devices=devices,
+                           rules=rules or None, return_state_dict=return_state_dict or None)
+        given = sorted(k for k, v in unsupported.items() if v is not None)
+        if given:
+            raise RecipeError(f"adapter soups: {', '.join(given)} not supported")
+        return _adapter_cook(strategy, ingredients, evaluator=evaluator, evaluator_args=evaluator_args, out=out,
+                             labels=labels, dtype=dtype, cache=cache, progress=progress, hub=hub, **merge_options)
     _check_options(strategy, dtype, devices, merge_options)  # before anything is opened or read
     if storage is not None and (not isinstance(storage, str) or "://" not in storage):
         raise RecipeError(f"storage: {storage!r} must be an optuna storage URL (sqlite:///..., postgresql://...)")
@@ -361,7 +371,8 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
     from .peft_io import is_adapter
 
     if recipe.merge_into is not None or recipe.rank is not None or any(map(is_adapter, recipe.ingredients)):
-        return _adapter_recipe(recipe, out, overwrite=overwrite, progress=progress)
+        return _adapter_recipe(recipe, out, overwrite=overwrite, progress=progress,
+                               cache=cache if cache is not None else recipe.cache)
     chosen_cache = cache if cache is not None else recipe.cache
     protect = [recipe.source] if recipe.source else []
     if isinstance(chosen_cache, (str, Path)) and chosen_cache != "default" and "://" not in str(chosen_cache):
@@ -431,13 +442,69 @@ def describe_recipe(recipe: Any) -> str:
     return "\n".join(lines)
 
 
-def _adapter_recipe(recipe: Any, out: str | Path, *, overwrite: bool, progress: bool | Reporter) -> SoupResult:
-    """A recipe over PEFT adapters (``soup.adapters``): an average (or weighted) soup, no evaluation yet."""
+def _adapter_cook(strategy: SoupStrategy, adapters: Sequence[Any], *, evaluator, evaluator_args, out, labels,
+                  dtype, cache, progress, hub, **options: Any) -> SoupResult:
+    """``cook`` over PEFT adapters: the strategy chooses weights over adapter candidates
+    (``soup.adapter_eval``), then ``adapter_soup`` writes the soup with them."""
+    from .adapter_eval import choose_adapters
     from .adapters import adapter_soup
 
-    if recipe.strategy != "average" or recipe.evaluator is not None or recipe.push_to or recipe.publish:
-        raise RecipeError("strategy: adapter recipes support strategy average (with weights) only, without "
-                          "evaluator, push_to or publish")
+    check_option_names(options, ("overwrite", "accumulate", "device", "shard_size", "merge_into", "rank"),
+                       where=f"{strategy.name}_soup (adapters)")
+    opts = MergeOptions(dtype=dtype, **{k: v for k, v in options.items() if k in ("accumulate", "device")})
+    evs = _evaluators(evaluator, evaluator_args or {}, None)
+    if strategy.needs_evaluator and not evs:
+        raise RecipeError(f"strategy {strategy.name} needs an evaluator")
+    reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
+    # the output is checked and locked before anything is evaluated, as for checkpoints
+    protect = input_paths([*adapters, *([options["merge_into"]] if options.get("merge_into") else [])])
+    output = OutputDir(out, overwrite=bool(options.pop("overwrite", False)), protect=protect) \
+        if out is not None else None
+    store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
+    with graceful():
+        try:
+            if output is not None:
+                output.lock()
+                for note in output.cleaned:
+                    reporter.warn(f"{output.given}: {note}")
+            try:
+                choice, scorer = choose_adapters(strategy, adapters, evs, labels=labels, cache=store,
+                                                 reporter=reporter, opts=opts)
+            finally:
+                for ev in evs:
+                    ev.close()
+                if not isinstance(cache, ScoreCache):
+                    store.close()
+            selection = Selection(Method(strategy.name, getattr(strategy, "reference", None) or None,
+                                         jsonable(strategy.options())),
+                                  _evaluation(choice, scorer, None, None), choice.kept)
+            result = adapter_soup(adapters, output, weights=choice.weights, labels=labels, progress=reporter,
+                                  hub=hub, dtype=dtype, selection=selection, **options)
+        finally:
+            if output is not None:
+                output.release()
+    names = [i.name for i in result.manifest.ingredients]
+    return SoupResult(dict(zip(names, choice.weights)), dict(zip(names, choice.scores)), choice.trajectory,
+                      choice.soup_score, path=result.path, state_dict=result.state_dict, manifest=result.manifest)
+
+
+def _adapter_recipe(recipe: Any, out: str | Path, *, overwrite: bool, progress: bool | Reporter,
+                    cache: Any = "default") -> SoupResult:
+    """A recipe over PEFT adapters (``soup.adapters``): an average (or weighted) soup, or a strategy with an
+    evaluator over adapter candidates (``soup.adapter_eval``)."""
+    from .adapters import adapter_soup
+    from .strategies import make_strategy
+
+    if recipe.push_to or recipe.publish or recipe.test is not None:
+        raise RecipeError("adapter recipes: push_to, publish and test are not supported")
+    if recipe.strategy != "average" or recipe.evaluator is not None:
+        return _adapter_cook(make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
+                             evaluator=recipe.evaluator.name if recipe.evaluator else None,
+                             evaluator_args=recipe.evaluator.args if recipe.evaluator else None, out=out,
+                             labels=recipe.labels, dtype=recipe.dtype, cache=cache, progress=progress,
+                             hub=HubOptions(endpoint=recipe.endpoint), overwrite=overwrite,
+                             merge_into=recipe.merge_into, rank=recipe.rank, accumulate=recipe.accumulate,
+                             shard_size=recipe.shard_size, device=recipe.device)
     weights = recipe.strategy_options.get("weights")
     result = adapter_soup(recipe.ingredients, out, weights=weights, merge_into=recipe.merge_into, rank=recipe.rank,
                           labels=recipe.labels, overwrite=overwrite, progress=progress,

@@ -49,6 +49,8 @@ class Scorer:
             temp folder); ``cook`` passes the output's work folder, so a killed run's debris is found.
     """
 
+    running_sums = True  # greedy may build its candidates from a RunningSum of the checkpoints
+
     def __init__(self, checkpoints: Sequence[Checkpoint], evaluators: Sequence[Evaluator], *,
                  devices: Sequence[str] = ("cpu",), cache: ScoreCache | None = None, rules: Sequence[Rule] = (),
                  dtype: str | None = None, reporter: Reporter | None = None, scratch: Path | None = None,

@@ -193,7 +193,8 @@ class GreedySoup(SoupStrategy):
         """One candidate per step; with a ``Scorer`` (no per-pattern weights) built from a running sum."""
         n = len(order)
         running = RunningSum(scorer, order[0], storage=self.sums, device=scorer.devices[0]) \
-            if isinstance(scorer, Scorer) and RunningSum.supports(scorer.rules) and n > 1 else None
+            if isinstance(scorer, Scorer) and scorer.running_sums \
+            and RunningSum.supports(scorer.rules) and n > 1 else None
         try:
             for step, i in enumerate(order[1:], start=2):
                 name = _candidate_name(scorer, step, n, i)

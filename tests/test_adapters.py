@@ -251,3 +251,94 @@ def test_pair_of_plain_checkpoint_equals_mean_of_deltas(tmp_path):
     got = sd["layer.adapter.lora_B.weight"].double() @ sd["layer.adapter.lora_A.weight"].double()
     assert sd["layer.adapter.lora_A.weight"].shape == (9, 5)
     assert float((got - ref).abs().max()) < 1e-5
+
+
+# ---- evaluated adapter soups: one resident peft model, adapters swapped in place ---------------------------
+
+
+class ResidentAdapterEval(soup.Evaluator):
+    """Base loaded once; each candidate's adapter tensors are copied into the resident peft model."""
+
+    direction = "minimize"
+    base_loads = 0
+
+    def __init__(self, base=None, target=None, **args):
+        super().__init__(**args)
+        self.base, self.model = base, None
+        self.target = torch.load(target) if isinstance(target, str) else target  # a recipe gives a .pt file
+
+    def score(self, candidate):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if self.model is None:  # the first candidate fixes the shapes (rank sum r_i in every candidate)
+            type(self).base_loads += 1
+            self.model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(self.base),
+                                                   candidate.path()).eval()
+        else:
+            candidate.load_into(self.model)
+        with torch.no_grad():
+            return float((self.model(IDS).logits - self.target).abs().max())
+
+
+def _logits(base, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_greedy_over_adapters_keeps_one_resident_model(lm, tmp_path):
+    base, ads = lm
+    target = _logits(base, soup.adapter_soup([ads[0], ads[2]], tmp_path / "target").path)
+    ResidentAdapterEval.base_loads = 0
+    ev = ResidentAdapterEval(base=base, target=target)
+    res = soup.greedy_soup(ads, evaluator=ev, out=tmp_path / "greedy", cache=None)
+    assert ResidentAdapterEval.base_loads == 1
+    assert [w > 0 for w in res.weights.values()] == [True, False, True], res.trajectory
+    assert res.soup_score.value < 1e-4
+    assert torch.allclose(_logits(base, res.path), target, atol=1e-4)
+    m = soup.read_manifest(res.path)  # the evaluation is recorded as for any soup
+    assert m.method.name == "greedy" and [e.kept for e in m.ingredients] == [True, False, True]
+    assert len(m.evaluation.history) == len(res.trajectory) + 2 and "adapter" in m.method.options
+    best = soup.maximum_soup(ads, evaluator=ev, out=tmp_path / "max", cache=None)
+    assert sum(w > 0 for w in best.weights.values()) == 1 and ResidentAdapterEval.base_loads == 1
+    calls = []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(soup.SoupError, match="is not a soup"):  # refused before any evaluation
+        soup.greedy_soup(ads, evaluator=lambda c: calls.append(c) or 0.0, out=tmp_path / "mine", cache=None,
+                         overwrite=True)
+    assert calls == [] and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    torch.save(target, tmp_path / "target.pt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"ingredients: [{ads[0]}, {ads[1]}, {ads[2]}]\nstrategy: greedy\n"
+                      f"evaluator: {{name: '{Path(__file__).resolve()}:ResidentAdapterEval', "
+                      f"args: {{base: '{base}', target: '{tmp_path / 'target.pt'}'}}}}\noutput: ./from-recipe\ncache: false\n")
+    res = CliRunner().invoke(app, ["run", str(recipe), "-q"])
+    assert res.exit_code == 0, res.output
+    assert torch.allclose(_logits(base, tmp_path / "from-recipe"), target, atol=1e-4)
+
+
+def test_adapter_candidate_in_place_equals_loading_its_folder(lm, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from soup.adapter_eval import AdapterScorer
+    from soup.adapters import open_adapters
+    from soup.options import MergeOptions
+
+    base, ads = lm
+    scorer = AdapterScorer(open_adapters(ads), [ResidentAdapterEval()], opts=MergeOptions(), paths=ads)
+    with scorer.candidate([1 / 3] * 3, "all") as first, scorer.candidate([0.6, 0.0, 0.4], "two") as cand:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), first.path()).eval()
+        assert set(cand.state_dict()) == set(load_file(str(first.path() / "adapter_model.safetensors")))
+        cand.load_into(model)
+        with torch.no_grad():
+            got = model(IDS).logits
+        want = _logits(base, cand.path())
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        direct = _logits(base, soup.adapter_soup([ads[0], ads[2]], tmp_path / "two", weights=[0.6, 0.4]).path)
+        assert torch.allclose(got, direct, atol=1e-4), float((got - direct).abs().max())
