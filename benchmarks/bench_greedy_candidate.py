@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,36 +34,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_merge import (ITEMSIZE, dims_for, drop_caches, fmt_bytes, make_ingredient, parse_size,  # noqa: E402
                          safetensors_files)
+from memory import PeakSampler, rss_anon  # noqa: E402
 
 RESULT_TAG = "BENCH_RESULT "
 TARGET_WARM, TARGET_COLD = 4.0, 1.5
-
-
-def rss_anon() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class PeakSampler:
-    """The highest RssAnon seen while the block runs (sampled every millisecond)."""
-
-    def __enter__(self) -> PeakSampler:
-        self.peak, self._stop = rss_anon(), False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, rss_anon())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._thread.join()
-        self.peak = max(self.peak, rss_anon())
 
 
 def read_once(files: list[Path]) -> tuple[float, float]:

@@ -17,38 +17,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import PeakSampler, rss_anon  # noqa: E402
+
 WIDTH = 2048  # each layer is a WIDTH x WIDTH float32 matrix (16 MiB)
-
-
-def rss_anon() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class PeakSampler:
-    """The highest RssAnon seen while the block runs (sampled every millisecond)."""
-
-    def __enter__(self) -> PeakSampler:
-        self.peak, self._stop = rss_anon(), False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, rss_anon())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._thread.join()
-        self.peak = max(self.peak, rss_anon())
 
 
 def make_model(layers: int):

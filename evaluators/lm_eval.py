@@ -35,7 +35,7 @@ from typing import Any
 from soup.errors import EvaluatorError
 from soup.evaluate import Candidate, Evaluator
 
-from .perplexity import _DTYPES, _no_init_weights
+from .resident import DTYPES, build_model, release, resolve_device, resolve_dtype
 
 __all__ = ["LMEvalEvaluator"]
 
@@ -167,43 +167,26 @@ class LMEvalEvaluator(Evaluator):
     def close(self) -> None:
         """Free the resident model and, on cuda, the cached GPU memory."""
         device, self._model, self._lm = self._device, None, None
-        if device is not None and device.startswith("cuda"):
-            import gc
-
-            import torch
-            gc.collect()
-            torch.cuda.empty_cache()
+        release(device)
 
     # --- building and running -------------------------------------------------------------------
 
     def _build(self, candidate: Candidate) -> None:
         """Build the resident model from a config (weights left uninitialised) and wrap it in HFLM."""
-        import torch
         import transformers
         from lm_eval.models.huggingface import HFLM
 
         a = self.args
         folder = Path(a["model"]) if a["model"] else candidate.path()
         tok_folder = Path(a["tokenizer"]) if a["tokenizer"] else folder
-        device = a["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(a["device"])
         try:
             config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=a["trust_remote_code"])
         except Exception as e:
             raise EvaluatorError(f"lm-eval: cannot load the config from {folder}: {type(e).__name__}: {e}") from e
-        dtype = _resolve_dtype(a["dtype"], config, device)
-        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        try:
-            with _no_init_weights(), torch.device(device):
-                model = transformers.AutoModelForCausalLM.from_config(
-                    config, trust_remote_code=a["trust_remote_code"], **{dtype_kw: dtype})
-        except Exception as e:
-            raise EvaluatorError(f"lm-eval: cannot build a causal LM from {folder}/config.json: "
-                                 f"{type(e).__name__}: {e}") from e
-        model.tie_weights()  # skipped with the initialisation
-        model.eval()
-        model.requires_grad_(False)
+        model = build_model(transformers.AutoModelForCausalLM, config, dtype=resolve_dtype(a["dtype"], config, device),
+                            device=device, trust_remote_code=a["trust_remote_code"], who="lm-eval",
+                            where=f"{folder}/config.json")
         try:
             # the tokenizer is loaded by HFLM itself, exactly as for `lm_eval --model hf`
             lm = HFLM(pretrained=model, tokenizer=str(tok_folder), batch_size=a["batch_size"],
@@ -252,8 +235,8 @@ def _check_args(a: Mapping[str, Any], includes: list[Any]) -> None:
     ml = a["max_length"]
     if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 2):
         raise EvaluatorError(f"lm-eval: max_length must be an integer >= 2, got {ml!r}")
-    if a["dtype"] != "auto" and a["dtype"] not in _DTYPES:
-        raise EvaluatorError(f"lm-eval: unknown dtype {a['dtype']!r}; valid: auto, {', '.join(_DTYPES)}")
+    if a["dtype"] != "auto" and a["dtype"] not in DTYPES:
+        raise EvaluatorError(f"lm-eval: unknown dtype {a['dtype']!r}; valid: auto, {', '.join(DTYPES)}")
     if not isinstance(a["device"], str) or not a["device"]:
         raise EvaluatorError(f"lm-eval: device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {a['device']!r}")
     for key in ("apply_chat_template", "strict", "trust_remote_code"):
@@ -273,19 +256,6 @@ def _metric_key(metric: str) -> str:
     """lm-eval's ``"acc,none"`` -> ``"acc"``; other filters are kept (``"exact_match,strict-match"``)."""
     metric = metric.strip()
     return metric.removesuffix(",none")
-
-
-def _resolve_dtype(dtype: str, config: Any, device: str) -> Any:
-    """The torch dtype of the resident model (see ``dtype`` in the class docstring)."""
-    import torch
-
-    if dtype != "auto":
-        return getattr(torch, _DTYPES[dtype])
-    if device.startswith("cpu"):
-        return torch.float32
-    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    cfg = str(cfg).removeprefix("torch.") if cfg is not None else None
-    return getattr(torch, cfg if cfg in ("float32", "bfloat16", "float16") else "bfloat16")
 
 
 # --- tasks ---------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -38,11 +37,10 @@ from typing import Any
 from soup.errors import EvaluatorError
 from soup.evaluate import Candidate, Evaluator
 
+from .resident import DTYPES, build_model, release, resolve_device, resolve_dtype
+
 __all__ = ["PerplexityEvaluator", "load_records"]
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
-           "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-           "half": "float16"}
 
 # a parsed record: ("text", text) | ("pair", prompt, response) | ("chat", messages)
 Record = tuple
@@ -165,8 +163,8 @@ class PerplexityEvaluator(Evaluator):
             raise EvaluatorError(f"perplexity: max_samples must be a positive integer, got {max_samples!r}")
         if documents not in ("lines", "whole"):
             raise EvaluatorError(f"perplexity: documents must be 'lines' or 'whole', got {documents!r}")
-        if dtype != "auto" and dtype not in _DTYPES:
-            raise EvaluatorError(f"perplexity: unknown dtype {dtype!r}; valid: auto, {', '.join(_DTYPES)}")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise EvaluatorError(f"perplexity: unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
         self._records = load_records(data, documents=documents)
         if documents == "lines" and max_samples is not None:
             self._records = self._records[:max_samples]
@@ -228,26 +226,18 @@ class PerplexityEvaluator(Evaluator):
     def close(self) -> None:
         """Free the resident model, its batches and, on cuda, the cached GPU memory."""
         device, self._model, self._batches, self._tokenizer = self._device, None, None, None
-        if device is not None and device.startswith("cuda"):
-            import gc
-
-            import torch
-            gc.collect()
-            torch.cuda.empty_cache()
+        release(device)
 
     # --- building -------------------------------------------------------------------------------
 
     def _build(self, candidate: Candidate) -> None:
         """Build the tokenizer, the batches and the resident model (weights left uninitialised)."""
-        import torch
         import transformers
 
         a = self.args
         folder = Path(a["model"]) if a["model"] else candidate.path()
         tok_folder = Path(a["tokenizer"]) if a["tokenizer"] else folder
-        device = a["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(a["device"])
         try:
             config = transformers.AutoConfig.from_pretrained(
                 folder, trust_remote_code=a["trust_remote_code"])
@@ -259,37 +249,15 @@ class PerplexityEvaluator(Evaluator):
         if not getattr(tokenizer, "is_fast", False):
             raise EvaluatorError(f"perplexity: the tokenizer in {tok_folder} is not a fast "
                                  f"tokenizer; character offsets are needed to mask prompts")
-        dtype = self._resolve_dtype(config, device)
+        dtype = resolve_dtype(a["dtype"], config, device)
         self._tokenizer = tokenizer
         self._batches = self._make_batches(tokenizer, device)
         auto = getattr(transformers, a["auto_class"], None)
         if auto is None or not hasattr(auto, "from_config"):
             raise EvaluatorError(f"perplexity: transformers has no auto class {a['auto_class']!r}")
-        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        try:
-            with _no_init_weights(), torch.device(device):
-                model = auto.from_config(config, trust_remote_code=a["trust_remote_code"],
-                                         **{dtype_kw: dtype})
-        except Exception as e:
-            raise EvaluatorError(f"perplexity: cannot build {a['auto_class']} from {folder}/config.json: "
-                                 f"{type(e).__name__}: {e}") from e
-        if hasattr(model, "tie_weights"):  # skipped with the initialisation: tie lm_head again
-            model.tie_weights()
-        model.eval()
-        model.requires_grad_(False)
+        model = build_model(auto, config, dtype=dtype, device=device, trust_remote_code=a["trust_remote_code"],
+                            who=f"perplexity ({a['auto_class']})", where=f"{folder}/config.json")
         self._model, self._device = model, device
-
-    def _resolve_dtype(self, config: Any, device: str) -> Any:
-        """The torch dtype of the resident model (see ``dtype`` in the class docstring)."""
-        import torch
-
-        if self.args["dtype"] != "auto":
-            return getattr(torch, _DTYPES[self.args["dtype"]])
-        if device.startswith("cpu"):
-            return torch.float32
-        cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        cfg = str(cfg).removeprefix("torch.") if cfg is not None else None
-        return getattr(torch, cfg if cfg in ("float32", "bfloat16", "float16") else "bfloat16")
 
     def _make_batches(self, tokenizer: Any, device: str) -> list[tuple[Any, Any, Any]]:
         import torch
@@ -397,15 +365,3 @@ def _render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[
     except Exception as e:
         raise EvaluatorError(f"perplexity: the chat template failed: {type(e).__name__}: {e}") from e
     return full, spans
-
-
-def _no_init_weights() -> contextlib.AbstractContextManager:
-    """Skip random initialisation (every weight is overwritten anyway), where transformers can."""
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()

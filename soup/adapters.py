@@ -126,9 +126,7 @@ def adapter_soup(
     with graceful():
         try:
             if output is not None and owned:
-                output.lock()
-                for note in output.cleaned:
-                    reporter.warn(f"{output.given}: {note}")
+                output.lock(warn=reporter.warn)
             return _soup(adapters, output, opts, weights=weights, merge_into=merge_into, rank=rank,
                          labels=labels, hub=hub, reporter=reporter, t0=t0, selection=selection)
         except OSError as e:

@@ -114,9 +114,7 @@ def merge(
     with graceful():
         try:
             if owned:
-                output.lock()
-                for note in output.cleaned:
-                    reporter.warn(f"{output.given}: {note}")
+                output.lock(warn=reporter.warn)
             return _merge(ingredients, output, into, opts, weights=weights, rules=rule_list, reporter=reporter,
                           on_shard=on_shard, labels=labels, hub=hub, selection=selection, t0=t0)
         except OSError as e:  # an environment fault: disk full, read-only, permission, a file for a folder

@@ -25,7 +25,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import SoupError, os_reason
@@ -151,8 +151,9 @@ class OutputDir:
     def lock_path(self) -> Path:
         return self.dest.parent / f".{self.dest.name}.soup-lock"
 
-    def lock(self) -> OutputDir:
-        """Take the output's lock (or fail at once naming the output); remove debris of dead runs."""
+    def lock(self, warn: Callable[[str], None] | None = None) -> OutputDir:
+        """Take the output's lock (or fail at once naming the output); remove debris of dead runs,
+        telling ``warn`` (one line each) what was removed or restored."""
         if self._fd is not None:
             return self
         missing = [d for d in (self.dest.parent, *self.dest.parent.parents) if not d.exists()]
@@ -186,6 +187,8 @@ class OutputDir:
         self._fd = fd
         try:
             self._clean_debris()
+            for note in self.cleaned if warn is not None else ():
+                warn(f"{self.given}: {note}")
             self._check_replaceable(at="start")
         except BaseException:
             self.release()

@@ -157,9 +157,7 @@ def cook(
     with graceful():
         try:
             if output is not None:
-                output.lock()
-                for note in output.cleaned:
-                    reporter.warn(f"{output.given}: {note}")
+                output.lock(warn=reporter.warn)
             return _cook(strategy, ingredients, output, publisher, evs, tests, store, rule_list, reporter,
                          labels=labels, dtype=dtype, devices=devices, hub=hub, recipe=recipe,
                          return_state_dict=return_state_dict, merge_options=merge_options, storage=storage,
@@ -464,9 +462,7 @@ def _adapter_cook(strategy: SoupStrategy, adapters: Sequence[Any], *, evaluator,
     with graceful():
         try:
             if output is not None:
-                output.lock()
-                for note in output.cleaned:
-                    reporter.warn(f"{output.given}: {note}")
+                output.lock(warn=reporter.warn)
             try:
                 choice, scorer = choose_adapters(strategy, adapters, evs, labels=labels, cache=store,
                                                  reporter=reporter, opts=opts)
