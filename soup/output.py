@@ -187,9 +187,9 @@ class OutputDir:
         self._fd = fd
         try:
             self._clean_debris()
+            self._check_replaceable(at="start")
             for note in self.cleaned if warn is not None else ():
                 warn(f"{self.given}: {note}")
-            self._check_replaceable(at="start")
         except BaseException:
             self.release()
             raise
