@@ -33,6 +33,11 @@ holds them, or reported as an overflow of the mean. Every path is covered:
 - ``take`` (take rules, one-hot weights such as a maximum soup with p=1): the written block, raw
   bytes of the ingredient or their cast, is tested.
 - ``copy`` is for integer and bool buffers only, which have no non-finite values.
+
+On a CUDA device, a mean's inputs reach the GPU through pinned staging buffers and asynchronous
+copies overlapped with the math, and its output comes back the same way when the consumer wants
+host blocks (``host_output``, the disk writer): ``soup.staging``. The arithmetic is the same code
+(``_weighted_sum``, ``_finish``), so the result is bit-identical to the CPU's.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 from . import kernel
 from .errors import CheckpointError, IncompatibleIngredients
 from .plan import Job
+from .staging import CudaStaging
 
 __all__ = ["Combiner", "BLOCK_ELEMENTS", "accumulation_dtype", "same_bits"]
 
@@ -78,12 +84,16 @@ class Combiner:
         threads: compute threads (the fused kernel splits blocks over them).
         identical: write a tensor that is bit-identical in every ingredient as its bytes (the soup
             of identical tensors); False computes the mean anyway (tests of the arithmetic).
+        host_output: yield blocks in host memory (for the disk writer) whatever the device; with a
+            CUDA device, means are copied back asynchronously and taken tensors never go to the GPU.
+            False: blocks of means are on ``device``.
     """
 
     def __init__(self, labels: Sequence[str], *, where: Callable[[int, str], str],
                  accumulate: torch.dtype | None = None, device: str | torch.device = "cpu",
                  strict: bool = False, warn: Callable[[str], None] = print,
-                 block: int | None = None, threads: int | None = None, identical: bool = True) -> None:
+                 block: int | None = None, threads: int | None = None, identical: bool = True,
+                 host_output: bool = False) -> None:
         self.labels = list(labels)
         self.where = where
         self.accumulate = accumulate
@@ -91,10 +101,13 @@ class Combiner:
         self.strict = strict
         self.warn = warn
         self.identical = identical
+        self.host_output = host_output
         on_gpu = self.device.type != "cpu"
         self.block = block or (BLOCK_ELEMENTS * 16 if on_gpu else BLOCK_ELEMENTS)
         self._acc: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> (acc, tmp), made when used
-        self._out: dict[torch.dtype, torch.Tensor] = {}
+        self._out: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._staged = self.device.type == "cuda"  # means fed through soup.staging
+        self._staging: CudaStaging | None = None  # made at the first such mean
         lib = kernel.load() if self.device.type == "cpu" else None
         self._fused = kernel.FusedMean(lib, threads or torch.get_num_threads()) if lib is not None else None
 
@@ -122,6 +135,9 @@ class Combiner:
         """Stop the kernel's worker threads, if any."""
         if self._fused is not None:
             self._fused.close()
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
     def _step(self, acc_dtype: torch.dtype) -> int:
         """Elements per block of a mean: ``block`` float32 values' worth of bytes (L2-sized on a CPU)."""
@@ -134,10 +150,11 @@ class Combiner:
                                             for _ in range(2))
         return bufs[0][:n], bufs[1][:n]
 
-    def _out_buf(self, dtype: torch.dtype, n: int) -> torch.Tensor:
-        buf = self._out.get(dtype)
+    def _out_buf(self, dtype: torch.dtype, n: int, device: torch.device | None = None) -> torch.Tensor:
+        device = device or self.device
+        buf = self._out.get((dtype, device))
         if buf is None:
-            buf = self._out[dtype] = torch.empty(self.block, dtype=dtype, device=self.device)
+            buf = self._out[dtype, device] = torch.empty(self.block, dtype=dtype, device=device)
         return buf[:n]
 
     def _mean(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
@@ -150,6 +167,9 @@ class Combiner:
         in_dtypes = [x.dtype for x, _ in pairs]
         acc_dtype = self.acc_dtype(in_dtypes)
         check_cast = self._cast_may_overflow(job, in_dtypes, acc_dtype)
+        if self._staged:
+            yield from self._staged_mean(job, views, srcs, pairs, acc_dtype, check_cast)
+            return
         if self._fused is not None and self._fused.supports(in_dtypes, job.out_dtype, acc_dtype, self.device):
             yield from self._fused_mean(job, views, srcs, pairs, acc_dtype, check_cast)
             return
@@ -158,23 +178,40 @@ class Combiner:
             stop = min(start + step, job.numel)
             n = stop - start
             acc, tmp = self._acc_bufs(acc_dtype, n)
-            (x0, w0), rest = pairs[0], pairs[1:]
-            acc.copy_(x0[start:stop])  # (n,) converted to the accumulation dtype
-            acc.mul_(w0)
-            for x, w in rest:
-                tmp.copy_(x[start:stop])
-                tmp.mul_(w)
-                acc.add_(tmp)
-            if not _all_finite(acc):
-                self._trace_nonfinite(job, views, srcs, start, stop, acc)
-            if job.out_dtype == acc_dtype:
-                yield acc
-            else:
-                out = self._out_buf(job.out_dtype, n)
-                out.copy_(acc)
-                if check_cast and not _all_finite(out):
-                    self._cast_overflow(job, start, acc, out)
-                yield out
+            _weighted_sum(acc, tmp, [(x[start:stop], w) for x, w in pairs])
+            yield self._finish(job, views, srcs, start, stop, acc, check_cast)
+
+    def _staged_mean(self, job: Job, views, srcs, pairs, acc_dtype: torch.dtype,
+                     check_cast: bool) -> Iterator[torch.Tensor]:
+        """``_mean`` on a CUDA device: the same arithmetic on blocks staged by ``soup.staging``."""
+        if self._staging is None:
+            self._staging = CudaStaging(self.device)
+        staging, step = self._staging, self._step(acc_dtype)
+
+        def means() -> Iterator[torch.Tensor]:  # device blocks
+            for start, stop, chunks in staging.inputs([x for x, _ in pairs], step, job.numel):
+                acc, tmp = self._acc_bufs(acc_dtype, stop - start)
+                _weighted_sum(acc, tmp, [(c, w) for c, (_, w) in zip(chunks, pairs)])
+                yield self._finish(job, views, srcs, start, stop, acc, check_cast)
+
+        if self.host_output:
+            yield from staging.to_host(means(), reserve=step * job.out_dtype.itemsize)
+        else:
+            yield from means()
+
+    def _finish(self, job: Job, views, srcs, start: int, stop: int, acc: torch.Tensor,
+                check_cast: bool) -> torch.Tensor:
+        """A block's output: the accumulator tested for non-finite values, then cast (and tested when
+        the cast may overflow)."""
+        if not _all_finite(acc):
+            self._trace_nonfinite(job, views, srcs, start, stop, acc)
+        if job.out_dtype == acc.dtype:
+            return acc
+        out = self._out_buf(job.out_dtype, stop - start)
+        out.copy_(acc)
+        if check_cast and not _all_finite(out):
+            self._cast_overflow(job, start, acc, out)
+        return out
 
     def _fused_mean(self, job: Job, views, srcs, pairs, acc_dtype: torch.dtype,
                     check_cast: bool) -> Iterator[torch.Tensor]:
@@ -238,13 +275,14 @@ class Combiner:
         return True
 
     def _take(self, job: Job, x: torch.Tensor, source: int, mean: bool = False) -> Iterator[torch.Tensor]:
-        same = x.dtype == job.out_dtype and self.device.type == "cpu"
+        host = self.device.type == "cpu" or self.host_output  # no round trip through a GPU for the host
+        same, where = x.dtype == job.out_dtype and host, torch.device("cpu") if host else self.device
         for start in range(0, job.numel, self.block):
             stop = min(start + self.block, job.numel)
             if same:
                 out = x[start:stop]  # zero-copy: raw bytes of the ingredient
             else:
-                out = self._out_buf(job.out_dtype, stop - start)
+                out = self._out_buf(job.out_dtype, stop - start, where)
                 out.copy_(x[start:stop])
             if not _all_finite(out):
                 self._trace_take(job, x, start, out, source, mean)
@@ -284,6 +322,18 @@ class Combiner:
             if self.strict:
                 raise IncompatibleIngredients(msg)
             self.warn(msg)
+
+
+def _weighted_sum(acc: torch.Tensor, tmp: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]]) -> None:
+    """The definition, in place: ``acc = float(x_0)*w_0; acc += float(x_i)*w_i`` (each product
+    rounded to the accumulation dtype, then the sum); ``tmp`` is scratch of ``acc``'s size."""
+    (x0, w0), rest = terms[0], terms[1:]
+    acc.copy_(x0)  # (n,) converted to the accumulation dtype
+    acc.mul_(w0)
+    for x, w in rest:
+        tmp.copy_(x)
+        tmp.mul_(w)
+        acc.add_(tmp)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ from .errors import RecipeError, SoupError, os_error_line
 from .ingredients import HubOptions, IngredientSpec, describe, resolve_all
 from .lora_pairs import PAIR_KINDS, plan_pairs
 from .plan import Job, Plan, build_plan
+from .prefetch import Prefetcher, plan_ranges
 from .progress import Reporter, RichReporter
 from .rules import Rule, parse_rules
 from .stream import TensorReader
@@ -163,11 +164,11 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
         jobs = sink.select(plan.jobs) if sink is not None else plan.jobs  # with the pairs' new shapes
     for r in plan.unused_rules:
         warn(f"rule {r} matched no tensor")
-    following = {a.name: b for a, b in zip(jobs, jobs[1:])}
     threads = torch.get_num_threads()
     compute_threads = _compute_threads(plan, threads, to_disk=output is not None and device == "cpu")
     combiner = Combiner([c.label for c in cks], where=lambda i, name: _where(cks[i], name),
-                        accumulate=acc_dtype, device=device, strict=opts.strict, warn=warn, threads=compute_threads)
+                        accumulate=acc_dtype, device=device, strict=opts.strict, warn=warn, threads=compute_threads,
+                        host_output=output is not None)
     in_dtypes = {t.dtype for ck in cks for t in ck.tensors.values() if t.dtype.is_floating_point}
     out_dtypes = {j.out_dtype for j in plan.jobs if j.kind == "mean"}
     # the kernel runs its own threads; idle torch (OpenMP) workers would only spin beside it
@@ -177,10 +178,6 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
             def produce(job: Job):
                 srcs = range(len(cks)) if job.kind == "copy" else job.sources()
                 views = [readers[i].view(job.name) if i in srcs else None for i in range(len(cks))]
-                nxt = following.get(job.name)
-                if nxt is not None:
-                    for i in (range(len(cks)) if nxt.kind == "copy" else nxt.sources()):
-                        readers[i].readahead(nxt.name)
                 per_element = sum(cks[i].tensors[job.name].dtype.itemsize for i in srcs)
                 if pairs is not None and job.kind in PAIR_KINDS:
                     blocks = pairs.blocks(job, lambda i, name: readers[i].view(name))
@@ -188,17 +185,26 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                     blocks = combiner.blocks(job, views)
                 for block in blocks:
                     yield block
-                    advance(block.numel() * per_element)
+                    used = block.numel() * per_element
+                    advance(used)
+                    ahead.consumed(used)
+
+            def read_ahead(order: Sequence[Job]) -> Prefetcher:
+                """Background reads of the inputs, in the order the jobs will be run (soup.prefetch)."""
+                return Prefetcher(plan_ranges(cks, [j for j in order if j.kind not in PAIR_KINDS]),
+                                  threads=min(4, max(2, len(cks))))
 
             if sink is not None:
-                state = sink.write(jobs, produce)  # a new state dict, or None when written in place
+                with read_ahead(jobs) as ahead:
+                    state = sink.write(jobs, produce)  # a new state dict, or None when written in place
                 if pairs is not None:
                     pairs.report()
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, selection)
                 return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
             with output as tmp:
                 writer = ShardWriter(tmp, plan.jobs, shard_size=opts.shard_bytes, on_shard=on_shard)
-                writer.write(produce)
+                with read_ahead([j for js in writer.shards.values() for j in js]) as ahead:
+                    writer.write(produce)
                 if source is not None and source.root is not None:
                     copy_aux_files(source.root, tmp, dtype=out_dtype, warn=warn)
                 if pairs is not None:

@@ -2,9 +2,8 @@
 
 Safetensors files are memory-mapped (read-only) and each tensor is a zero-copy ``torch.frombuffer``
 view into the mapping, so input pages live in the page cache, never in the process's anonymous
-memory. Torch files (``.bin``, ``.pt``, ``.pth``) are opened with ``torch.load(mmap=True)``. While
-one tensor is combined, the kernel is asked to read the next one ahead (``posix_fadvise(WILLNEED)``),
-so disk reads overlap the math.
+memory. Torch files (``.bin``, ``.pt``, ``.pth``) are opened with ``torch.load(mmap=True)``. The
+pages are read ahead of the math by ``soup.prefetch``, so disk reads overlap it.
 
 Open files: a Python ``mmap`` keeps a duplicate of its file descriptor until it is closed, so a
 reader keeps at most ``MAX_OPEN`` mappings (least recently used closed first; tensors are read in
@@ -20,14 +19,13 @@ writable, which the kernel refuses for a file larger than RAM + swap (a 30 GB si
 from __future__ import annotations
 
 import mmap
-import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo, load_torch_file
+from .checkpoint import Checkpoint, load_torch_file
 from .errors import CheckpointError
 
 __all__ = ["TensorReader"]
@@ -60,20 +58,6 @@ class TensorReader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer warns about read-only buffers; we never write
             return torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.offset)
-
-    def readahead(self, name: str) -> None:
-        """Ask the kernel to start reading ``name`` from disk (no-op for .bin / memory)."""
-        info: TensorInfo = self.checkpoint.tensors[name]
-        if info.offset is None or info.numel == 0 or not hasattr(os, "posix_fadvise"):
-            return
-        try:  # by descriptor, not through a mapping: reading ahead maps (and keeps open) nothing
-            fd = os.open(info.file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # advice only
 
     def close(self) -> None:
         for mm in self._maps.values():
@@ -121,3 +105,4 @@ class TensorReader:
         if file not in self._bins:
             self._bins[file] = load_torch_file(file, self.checkpoint.state_dict_key)
         return self._bins[file]
+

@@ -3,8 +3,8 @@
 - Shards are planned up front from the known shapes (huggingface_hub's splitter and its
   ``model-0000i-of-0000N.safetensors`` names); each shard's header is written first, then tensors
   stream in block by block: no shard is ever held in memory.
-- Bytes are written and sha256-hashed by a background thread, so disk writes and hashing overlap
-  the math.
+- Bytes are written and sha256-hashed by two background threads, so disk writes and hashing overlap
+  the math and each other.
 - The folder written into is a temporary one (``soup.output.OutputDir``); ``soup.json`` (the
   manifest) is written last, then the folder is renamed into place.
 - The files a checkpoint needs beside its weights (config, tokenizer, processor, chat templates,
@@ -59,49 +59,89 @@ def plan_shards(jobs: Sequence[Job], shard_size: int) -> dict[str, list[Job]]:
 
 
 class _HashingWriter:
-    """Writes and hashes byte blocks on a background thread, from a small pool of reused buffers."""
+    """Writes and hashes bytes on two background threads, from a small pool of reused buffers.
 
-    def __init__(self, block_bytes: int, depth: int = 3) -> None:
+    Blocks are gathered into ``block_bytes`` buffers (few hand-overs between threads); each full
+    buffer goes to the writing thread and to the hashing thread, which run side by side (sha256 and
+    the write system call each take about as long as the math of a 3-ingredient bf16 soup), and
+    returns to the pool once both are done with it.
+    """
+
+    def __init__(self, block_bytes: int, depth: int = 4) -> None:
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(depth):
             self._free.put(torch.empty(block_bytes, dtype=torch.uint8))
-        self._todo: queue.Queue[Any] = queue.Queue()
+        self._cur: torch.Tensor | None = None  # the buffer being filled
+        self._fill = 0
+        self._pending: dict[int, int] = {}  # id(buffer) -> threads still using it
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._fh = None
         self._sha = None
-        self._thread = threading.Thread(target=self._run, name="soup-writer", daemon=True)
-        self._thread.start()
+        self._io: queue.Queue[Any] = queue.Queue()
+        self._hash: queue.Queue[Any] = queue.Queue()
+        self._threads = [threading.Thread(target=self._run_io, name="soup-writer", daemon=True),
+                         threading.Thread(target=self._run_hash, name="soup-hasher", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     def open(self, path: Path, header: bytes) -> None:
-        self._todo.put(("open", path, header))
+        self._send(("open", path, header))
 
     def write(self, block: torch.Tensor) -> None:
         raw = block.reshape(-1).view(torch.uint8)
-        pos = 0
-        while pos < raw.numel():
-            self._check()
-            buf = self._free.get()
-            n = min(buf.numel(), raw.numel() - pos)
-            buf[:n].copy_(raw[pos:pos + n])
-            self._todo.put(("data", buf, n))
+        pos, total = 0, raw.numel()
+        while pos < total:
+            if self._cur is None:
+                self._check()
+                self._cur, self._fill = self._free.get(), 0
+            n = min(self._cur.numel() - self._fill, total - pos)
+            self._cur[self._fill:self._fill + n].copy_(raw[pos:pos + n])
+            self._fill += n
             pos += n
+            if self._fill == self._cur.numel():
+                self._flush()
 
     def close_file(self) -> str:
         """Finish the current file; returns its sha256 hex digest."""
+        self._flush()
         done: queue.Queue[str] = queue.Queue()
-        self._todo.put(("close", done))
-        while True:
+        self._send(("close", done))
+        results = []
+        while len(results) < 2:  # the writer's "closed" and the hasher's digest
             self._check()
             try:
-                return done.get(timeout=0.1)
+                results.append(done.get(timeout=0.1))
             except queue.Empty:
                 continue
+        self._check()  # an error while writing the file's last bytes
+        return next(r for r in results if r != "closed")
 
     def shutdown(self) -> None:
-        self._todo.put(None)
-        self._thread.join()
+        self._send(None)
+        for t in self._threads:
+            t.join()
         if self._fh is not None:
             self._fh.close()
+
+    def _flush(self) -> None:
+        if self._cur is not None and self._fill:
+            buf, self._cur = self._cur, None
+            with self._lock:
+                self._pending[id(buf)] = 2
+            self._send(("data", buf, self._fill))
+
+    def _send(self, item: Any) -> None:
+        self._io.put(item)
+        self._hash.put(item)
+
+    def _done_with(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            left = self._pending[id(buf)] = self._pending[id(buf)] - 1
+            if left == 0:
+                del self._pending[id(buf)]
+        if left == 0:
+            self._free.put(buf)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -109,29 +149,40 @@ class _HashingWriter:
                 raise SoupError(f"writing the soup failed: {os_error_line(self._error)}") from self._error
             raise SoupError(f"writing the soup failed: {self._error}") from self._error
 
-    def _run(self) -> None:
-        while (item := self._todo.get()) is not None:
+    def _run_io(self) -> None:
+        while (item := self._io.get()) is not None:
             try:
                 if item[0] == "data":
-                    _, buf, n = item
                     if self._error is None:
-                        view = memoryview(buf.numpy())[:n]
-                        self._fh.write(view)
-                        self._sha.update(view)
-                    self._free.put(buf)
+                        self._fh.write(memoryview(item[1].numpy())[:item[2]])
                 elif item[0] == "open":
-                    _, path, header = item
-                    self._fh, self._sha = open(path, "wb"), hashlib.sha256()
-                    self._fh.write(header)
-                    self._sha.update(header)
+                    self._fh = open(item[1], "wb")
+                    self._fh.write(item[2])
                 elif item[0] == "close":
                     self._fh.close()
                     self._fh = None
-                    item[1].put(self._sha.hexdigest())
+                    item[1].put("closed")
             except BaseException as e:  # reported to the producer on its next call
                 self._error = e
+            finally:
                 if item[0] == "data":
-                    self._free.put(item[1])
+                    self._done_with(item[1])
+
+    def _run_hash(self) -> None:
+        while (item := self._hash.get()) is not None:
+            try:
+                if item[0] == "data":
+                    if self._error is None:
+                        self._sha.update(memoryview(item[1].numpy())[:item[2]])
+                elif item[0] == "open":
+                    self._sha = hashlib.sha256(item[2])
+                elif item[0] == "close":
+                    item[1].put(self._sha.hexdigest())
+            except BaseException as e:
+                self._error = e
+            finally:
+                if item[0] == "data":
+                    self._done_with(item[1])
 
 
 class ShardWriter:
