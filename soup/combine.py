@@ -102,6 +102,9 @@ class Combiner:
         self.warn = warn
         self.identical = identical
         self.host_output = host_output
+        # ``fn(dtype, n) -> tensor | None``: the consumer's memory for the next output block (set by
+        # the engine to the disk writer's ``reserve``); None: blocks go into the Combiner's buffers
+        self.dest: Callable[[torch.dtype, int], torch.Tensor | None] | None = None
         on_gpu = self.device.type != "cpu"
         self.block = block or (BLOCK_ELEMENTS * 16 if on_gpu else BLOCK_ELEMENTS)
         self._acc: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> (acc, tmp), made when used
@@ -151,7 +154,13 @@ class Combiner:
         return bufs[0][:n], bufs[1][:n]
 
     def _out_buf(self, dtype: torch.dtype, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """Where a block of ``n`` output values is computed: the consumer's buffer when it offers
+        one (``dest``: the disk writer's, so the block is not copied again), else a reused one."""
         device = device or self.device
+        if self.dest is not None and device.type == "cpu":
+            out = self.dest(dtype, n)
+            if out is not None:
+                return out
         buf = self._out.get((dtype, device))
         if buf is None:
             buf = self._out[dtype, device] = torch.empty(self.block, dtype=dtype, device=device)

@@ -203,6 +203,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                 return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
             with output as tmp:
                 writer = ShardWriter(tmp, plan.jobs, shard_size=opts.shard_bytes, on_shard=on_shard)
+                combiner.dest = writer.reserve  # output blocks are computed in the write buffers
                 with read_ahead([j for js in writer.shards.values() for j in js]) as ahead:
                     writer.write(produce)
                 if source is not None and source.root is not None:

@@ -68,6 +68,7 @@ class _HashingWriter:
     """
 
     def __init__(self, block_bytes: int, depth: int = 4) -> None:
+        self._block_bytes = block_bytes
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(depth):
             self._free.put(torch.empty(block_bytes, dtype=torch.uint8))
@@ -88,9 +89,30 @@ class _HashingWriter:
     def open(self, path: Path, header: bytes) -> None:
         self._send(("open", path, header))
 
+    def reserve(self, dtype: torch.dtype, n: int) -> torch.Tensor | None:
+        """Room for the next ``n`` values of ``dtype`` in the buffer being filled, or None (no room
+        or misaligned). A block computed there and then passed to ``write`` is not copied again."""
+        nbytes = n * dtype.itemsize
+        if self._error is not None or nbytes > self._block_bytes:
+            return None
+        if self._cur is not None and self._fill + nbytes > self._cur.numel():
+            self._flush()  # a partly filled buffer goes now; the block starts a new one
+        if self._cur is None:
+            self._cur, self._fill = self._free.get(), 0
+        if self._fill % dtype.itemsize:
+            return None
+        return self._cur[self._fill:self._fill + nbytes].view(dtype)
+
     def write(self, block: torch.Tensor) -> None:
         raw = block.reshape(-1).view(torch.uint8)
         pos, total = 0, raw.numel()
+        cur = self._cur
+        if cur is not None and total and raw.data_ptr() == cur.data_ptr() + self._fill \
+                and self._fill + total <= cur.numel():
+            self._fill += total  # computed in place by ``reserve``: nothing to copy
+            if self._fill == cur.numel():
+                self._flush()
+            return
         while pos < total:
             if self._cur is None:
                 self._check()
@@ -195,10 +217,16 @@ class ShardWriter:
         self.on_shard = on_shard
         self.files: dict[str, dict[str, Any]] = {}
         self._block_bytes = block_bytes
+        self._out: _HashingWriter | None = None  # while ``write`` runs
+
+    def reserve(self, dtype: torch.dtype, n: int) -> torch.Tensor | None:
+        """Memory for the next output block, inside the write buffer (``Combiner.dest``): a block
+        computed there is written without another copy. None outside ``write`` or when it does not fit."""
+        return self._out.reserve(dtype, n) if self._out is not None else None
 
     def write(self, produce: Callable[[Job], Iterable[torch.Tensor]]) -> None:
         """Write every shard; ``produce(job)`` yields the job's output blocks in order."""
-        out = _HashingWriter(self._block_bytes)
+        out = self._out = _HashingWriter(self._block_bytes)
         try:
             for fname, jobs in self.shards.items():
                 path = self.folder / fname
@@ -216,6 +244,7 @@ class ShardWriter:
                 if self.on_shard is not None:
                     self.on_shard(path, sha)
         finally:
+            self._out = None
             out.shutdown()
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": sum(j.nbytes for js in self.shards.values() for j in js)},
