@@ -137,11 +137,13 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
            weights: Sequence[float] | None, rules: list[Rule], reporter: Reporter, on_shard, labels, hub,
            selection: Selection | None, t0: float) -> MergeResult:
     """The body of ``merge`` once the options are checked and the output (if any) is locked."""
-    from .hub.precheck import precheck
-
     out_dtype, acc_dtype, device = opts.torch_dtype, opts.accumulate_dtype, str(opts.device)
     rule_list, accumulate, config_from = rules, opts.accumulate, opts.config_from
-    specs = precheck(ingredients, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or opts.mixed_float)
+    specs = list(ingredients)
+    if any(isinstance(s, (str, Path)) and str(s).startswith("hf://") for s in specs):
+        from .hub.precheck import precheck  # huggingface_hub's client: imported for hub ingredients only
+
+        specs = precheck(specs, labels=labels, hub=hub, allow_float_mix=out_dtype is not None or opts.mixed_float)
     cks = resolve_all(specs, labels=labels, hub=hub)
     if output is not None:
         output.protect(checkpoint_paths(cks))  # hub snapshots and link targets, known only now
