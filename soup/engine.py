@@ -197,6 +197,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                                   threads=min(4, max(2, len(cks))))
 
             if sink is not None:
+                combiner.dest = sink.reserve  # output blocks computed in place where the sink allows
                 with read_ahead(jobs) as ahead:
                     state = sink.write(jobs, produce)  # a new state dict, or None when written in place
                 if pairs is not None:

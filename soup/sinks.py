@@ -31,6 +31,11 @@ class MemorySink:
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.state_dict: dict[str, torch.Tensor] = {}
+        self._filling = _Filling()
+
+    def reserve(self, dtype: torch.dtype, n: int) -> torch.Tensor | None:
+        """Where the next ``n`` output values go, when the math can write them there (``Combiner.dest``)."""
+        return self._filling.reserve(dtype, n)
 
     def select(self, jobs: Sequence[Job]) -> list[Job]:
         """Every job is wanted."""
@@ -39,7 +44,7 @@ class MemorySink:
     def write(self, jobs: Sequence[Job], produce: Produce) -> dict[str, torch.Tensor]:
         for job in jobs:
             t = torch.empty(job.shape, dtype=job.out_dtype, device=self.device)
-            _fill(t.reshape(-1), job, produce)
+            self._filling.fill(t.reshape(-1), job, produce)
             self.state_dict[job.name] = t
         return self.state_dict
 
@@ -66,6 +71,12 @@ class InPlaceSink:
             self.tensors = dict(target)
             self.what = "the target mapping"
         self.strict = strict
+        self._filling = _Filling()
+
+    def reserve(self, dtype: torch.dtype, n: int) -> torch.Tensor | None:
+        """Where the next ``n`` output values go, when the math can write them there (``Combiner.dest``):
+        the target tensor itself, when it is contiguous, on the CPU and of the output dtype."""
+        return self._filling.reserve(dtype, n)
 
     def select(self, jobs: Sequence[Job]) -> list[Job]:
         """The jobs to run: checked against the target's names and shapes before anything is computed."""
@@ -93,22 +104,42 @@ class InPlaceSink:
             for job in jobs:
                 t = self.tensors[job.name]
                 if t.is_contiguous():
-                    _fill(t.detach().view(-1), job, produce)
+                    self._filling.fill(t.detach().view(-1), job, produce)
                 else:
                     flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
-                    _fill(flat, job, produce)
+                    self._filling.fill(flat, job, produce)
                     t.detach().copy_(flat.view(t.shape))
 
 
-def _fill(flat: torch.Tensor, job: Job, produce: Produce) -> None:
-    """Copy ``job``'s blocks into ``flat`` (converting dtype and device as needed)."""
-    pos = 0
-    for block in produce(job):
-        n = block.numel()
-        flat[pos:pos + n].copy_(block)
-        pos += n
-    if pos != flat.numel():
-        raise RuntimeError(f"tensor {job.name}: produced {pos} elements, expected {flat.numel()}")
+class _Filling:
+    """Copies a job's blocks into a flat tensor; a block the math computed in place (``reserve``: the
+    next values of the tensor being filled) is not copied again."""
+
+    def __init__(self) -> None:
+        self.flat: torch.Tensor | None = None
+        self.pos = 0
+
+    def reserve(self, dtype: torch.dtype, n: int) -> torch.Tensor | None:
+        flat = self.flat
+        if flat is None or flat.dtype != dtype or flat.device.type != "cpu" or self.pos + n > flat.numel():
+            return None
+        return flat[self.pos:self.pos + n]
+
+    def fill(self, flat: torch.Tensor, job: Job, produce: Produce) -> None:
+        """Copy ``job``'s blocks into ``flat`` (converting dtype and device as needed)."""
+        self.flat, self.pos = flat, 0
+        try:
+            for block in produce(job):
+                n = block.numel()
+                dest = flat[self.pos:self.pos + n]
+                if not (block.dtype == flat.dtype and block.device == flat.device and n
+                        and block.data_ptr() == dest.data_ptr()):
+                    dest.copy_(block)
+                self.pos += n
+            if self.pos != flat.numel():
+                raise RuntimeError(f"tensor {job.name}: produced {self.pos} elements, expected {flat.numel()}")
+        finally:
+            self.flat = None
 
 
 def _storage(t: torch.Tensor) -> Any:

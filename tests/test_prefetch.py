@@ -210,3 +210,32 @@ def test_hashing_writer_reports_a_write_error_at_the_last_file(tmp_path):
             w.close_file()  # the error surfaces here at the latest, never a digest
     finally:
         w.shutdown()
+
+
+def test_in_memory_sinks_take_blocks_computed_in_place():
+    from soup.plan import Job
+    from soup.sinks import _Filling
+
+    filling, flat = _Filling(), torch.zeros(10)
+    job = Job(name="w", shape=(10,), kind="mean", out_dtype=torch.float32, weights=(1.0,))
+    seen = []
+
+    def produce(_job):
+        assert filling.reserve(torch.bfloat16, 4) is None  # another dtype: computed elsewhere, copied
+        room = filling.reserve(torch.float32, 4)
+        room.fill_(1.0)
+        seen.append(room.data_ptr() == flat.data_ptr())
+        yield room  # already in place
+        yield torch.full((6,), 2.0)  # copied
+
+    filling.fill(flat, job, produce)
+    assert seen == [True] and flat.tolist() == [1.0] * 4 + [2.0] * 6
+    assert filling.reserve(torch.float32, 1) is None  # outside ``fill``
+
+
+def test_merge_into_a_mapping_computes_in_place_and_is_the_definition(make_ingredients):
+    paths, states = make_ingredients(3, big=300_000)
+    target = {k: torch.empty_like(v) for k, v in states[0].items()}
+    soup.merge(paths, target, weights=[0.2, 0.3, 0.5])
+    ref = reference_mean(states, [0.2, 0.3, 0.5])
+    assert all(torch.equal(target[k], ref[k]) for k in ref)
