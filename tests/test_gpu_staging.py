@@ -305,7 +305,7 @@ def test_cuda_casts_and_accumulation_match_the_cpu(tmp_path, options):
 @cuda
 def test_cuda_many_small_blocks(tmp_path, monkeypatch):
     """Hundreds of blocks: the double buffers change hands many times within one tensor."""
-    monkeypatch.setattr("soup.combine.BLOCK_ELEMENTS", 1024)  # GPU blocks of 16384 elements
+    monkeypatch.setattr("soup.combine.BLOCK_ELEMENTS", 1024)  # GPU blocks of 4096 elements
     states = _states(torch.bfloat16, n=4, big=3_000_017)
     paths = _write(tmp_path, states)
     gpu = load_soup(soup.merge(paths, tmp_path / "gpu", device="cuda").path)
