@@ -7,7 +7,8 @@ What it does, top to bottom:
      one in row chunks, so generating needs little memory. Folders are cached under --workdir and reused
      when the parameters match (a marker file is written last).
   2. measures the FLOOR: one plain sequential read of every input file into a reused buffer plus one
-     write of a file the size of the output, in the same page-cache state as the merges.
+     write of a file the size of the output, in the same page-cache state as the merges; and a
+     PARALLEL READ of every input (8 threads x 16 MiB preads): the cold-cache yardstick.
   3. runs soup.merge in a child process; the child times soup.merge(...) itself, after its imports.
      The parent times the whole child (imports included) and samples VmHWM / RssAnon from
      /proc/<pid>/status every --sample-ms.

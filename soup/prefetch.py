@@ -161,13 +161,15 @@ class Prefetcher:
                         fd = fds[r.file] = os.open(r.file, os.O_RDONLY)
                     except OSError:
                         continue
-                self._read(null, fd, r)
+                if not self._read(null, fd, r):
+                    return  # this system cannot read ahead this way (sendfile refused): stop, quietly
         finally:
             for fd in (*fds.values(), null):
                 os.close(fd)
 
-    def _read(self, null: int, fd: int, r: Range) -> None:
-        """Read the range into the page cache: sendfile to /dev/null moves no byte into the process."""
+    def _read(self, null: int, fd: int, r: Range) -> bool:
+        """Read the range into the page cache: sendfile to /dev/null moves no byte into the process.
+        False when sendfile is refused (macOS sends to sockets only; some filesystems cannot splice)."""
         offset, left = r.offset, r.nbytes
         try:
             while left > 0 and not self._closed:
@@ -177,4 +179,5 @@ class Prefetcher:
                 offset, left = offset + n, left - n
                 self.read += n
         except OSError:
-            pass  # advice only: a file that cannot be spliced is read by the math as it goes
+            return False  # advice only: the math reads the file as it goes
+        return True

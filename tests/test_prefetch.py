@@ -93,7 +93,7 @@ class _Recorder(Prefetcher):
     def _read(self, null, fd, r):
         with self.lock:
             self.log.append((r.due, self._consumed))
-        super()._read(null, fd, r)
+        return super()._read(null, fd, r)
 
 
 def test_reads_stay_within_the_window_and_all_are_read(make_ingredients):
@@ -239,3 +239,25 @@ def test_merge_into_a_mapping_computes_in_place_and_is_the_definition(make_ingre
     soup.merge(paths, target, weights=[0.2, 0.3, 0.5])
     ref = reference_mean(states, [0.2, 0.3, 0.5])
     assert all(torch.equal(target[k], ref[k]) for k in ref)
+
+
+def test_readers_stop_quietly_where_sendfile_is_refused(make_ingredients, monkeypatch):
+    import os
+
+    paths, _ = make_ingredients(2)
+    cks, plan = _plan(paths)
+    ranges = plan_ranges(cks, plan.jobs, chunk=4 << 10)
+    calls = []
+
+    def refused(*args):
+        calls.append(args)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", refused)
+    with Prefetcher(ranges, window=1 << 30, threads=2) as p:
+        for _ in range(200):
+            if not any(t.is_alive() for t in p._threads):
+                break  # both readers gave up
+            threading.Event().wait(0.01)
+    assert p.read == 0 and len(calls) == 2  # one refusal per thread, then no more attempts
+    assert p._next < len(ranges)  # the rest was never tried
