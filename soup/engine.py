@@ -24,7 +24,7 @@ from .errors import RecipeError, SoupError, os_error_line
 from .ingredients import HubOptions, IngredientSpec, describe, resolve_all
 from .lora_pairs import PAIR_KINDS, plan_pairs
 from .plan import Job, Plan, build_plan
-from .prefetch import Prefetcher, plan_ranges
+from .prefetch import Prefetcher, available_memory, plan_ranges
 from .progress import Reporter, RichReporter
 from .rules import Rule, parse_rules
 from .stream import TensorReader
@@ -167,6 +167,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
     for r in plan.unused_rules:
         warn(f"rule {r} matched no tensor")
     threads = torch.get_num_threads()
+    drop_read = plan.input_bytes > available_memory() // 2  # inputs cannot stay cached: evict once read
     compute_threads = _compute_threads(plan, threads, to_disk=output is not None and device == "cpu")
     combiner = Combiner([c.label for c in cks], where=lambda i, name: _where(cks[i], name),
                         accumulate=acc_dtype, device=device, strict=opts.strict, warn=warn, threads=compute_threads,
@@ -190,6 +191,9 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                     used = block.numel() * per_element
                     advance(used)
                     ahead.consumed(used)
+                del views, blocks
+                for i in srcs:  # done with these pages (soup.stream: unmapped; evicted when RAM is short)
+                    readers[i].release(job.name, drop=drop_read)
 
             def read_ahead(order: Sequence[Job]) -> Prefetcher:
                 """Background reads of the inputs, in the order the jobs will be run (soup.prefetch)."""

@@ -34,7 +34,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .plan import Job
 
-__all__ = ["Prefetcher", "plan_ranges", "default_window"]
+__all__ = ["Prefetcher", "plan_ranges", "default_window", "available_memory"]
 
 CHUNK = 8 << 20  # bytes of one file per read: the disk sees large requests, the window fine steps
 
@@ -49,16 +49,21 @@ class Range:
     nbytes: int
 
 
-def default_window() -> int:
-    """Input bytes read ahead of the math: 1/16 of the available memory, between 64 and 512 MiB."""
+def available_memory() -> int:
+    """Bytes of memory available without swapping (``MemAvailable``); 8 GiB where that is unknown."""
     try:
         with open("/proc/meminfo", "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
-                    return max(64 << 20, min(512 << 20, int(line.split()[1]) * 1024 // 16))
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 256 << 20
+    return 8 << 30
+
+
+def default_window() -> int:
+    """Input bytes read ahead of the math: 1/16 of the available memory, between 64 and 512 MiB."""
+    return max(64 << 20, min(512 << 20, available_memory() // 16))
 
 
 def plan_ranges(cks: Sequence[Checkpoint], jobs: Sequence[Job], chunk: int = CHUNK) -> list[Range]:

@@ -19,6 +19,7 @@ writable, which the kernel refuses for a file larger than RAM + swap (a 30 GB si
 from __future__ import annotations
 
 import mmap
+import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -29,6 +30,8 @@ from .checkpoint import Checkpoint, load_torch_file
 from .errors import CheckpointError
 
 __all__ = ["TensorReader"]
+
+_PAGE = mmap.PAGESIZE
 
 
 class TensorReader:
@@ -58,6 +61,31 @@ class TensorReader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer warns about read-only buffers; we never write
             return torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.offset)
+
+    def release(self, name: str, *, drop: bool = False) -> None:
+        """The math is done with ``name``: unmap its pages from this process (``MADV_DONTNEED``: the
+        page cache keeps them, and reclaiming an unmapped page is cheap). With ``drop``, also evict
+        them from the page cache (``POSIX_FADV_DONTNEED``): for inputs larger than the memory, which
+        cannot stay cached anyway, so the kernel never has to hunt for pages to reclaim. Neither
+        changes a byte: a view still alive reads the file again."""
+        info = self.checkpoint.tensors[name]
+        mm = self._maps.get(info.file) if info.offset is not None else None
+        if mm is None or info.nbytes < 2 * _PAGE:
+            return
+        start = -(-info.offset // _PAGE) * _PAGE  # whole pages inside the tensor only
+        stop = (info.offset + info.nbytes) // _PAGE * _PAGE
+        if stop <= start:
+            return
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            if drop and hasattr(os, "posix_fadvise"):
+                fd = os.open(info.file, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        except (OSError, ValueError):
+            pass  # advice only
 
     def close(self) -> None:
         for mm in self._maps.values():

@@ -261,3 +261,35 @@ def test_readers_stop_quietly_where_sendfile_is_refused(make_ingredients, monkey
             threading.Event().wait(0.01)
     assert p.read == 0 and len(calls) == 2  # one refusal per thread, then no more attempts
     assert p._next < len(ranges)  # the rest was never tried
+
+
+def test_released_pages_read_back_the_same(make_ingredients):
+    from soup.stream import TensorReader
+
+    paths, states = make_ingredients(1, big=400_000)
+    ck = resolve_all(paths)[0]
+    reader = TensorReader(ck)
+    try:
+        name = "model.layers.0.mlp.up_proj.weight"
+        view = reader.view(name)
+        before = view.clone()
+        reader.release(name, drop=True)  # unmapped and evicted: the view faults the file in again
+        assert torch.equal(view, before) and torch.equal(view, states[0][name].reshape(-1))
+    finally:
+        del view
+        reader.close()
+
+
+def test_merge_evicting_what_it_read_is_the_definition(make_ingredients, tmp_path, monkeypatch):
+    import soup.engine as engine
+
+    monkeypatch.setattr(engine, "available_memory", lambda: 0)  # as if the inputs were larger than RAM
+    released = []
+    real = engine.TensorReader.release
+    monkeypatch.setattr(engine.TensorReader, "release",
+                        lambda self, name, drop=False: (released.append(drop), real(self, name, drop=drop)))
+    paths, states = make_ingredients(3, shards=2, big=300_000)
+    res = soup.merge(paths, tmp_path / "out", weights=[0.5, 0.3, 0.2])
+    got, ref = load_soup(res.path), reference_mean(states, [0.5, 0.3, 0.2])
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert released and all(released)
