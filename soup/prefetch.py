@@ -182,7 +182,8 @@ class Prefetcher:
                 if n <= 0:
                     break
                 offset, left = offset + n, left - n
-                self.read += n
+                with self._cond:  # several threads count: += alone can lose updates
+                    self.read += n
         except OSError:
             return False  # advice only: the math reads the file as it goes
         return True

@@ -185,7 +185,8 @@ class _HashingWriter:
                     self._fh = None
                     item[1].put("closed")
             except BaseException as e:  # reported to the producer on its next call
-                self._error = e
+                if self._error is None:  # the first error is the one to report
+                    self._error = e
             finally:
                 if item[0] == "data":
                     self._done_with(item[1])
@@ -201,7 +202,8 @@ class _HashingWriter:
                 elif item[0] == "close":
                     item[1].put(self._sha.hexdigest())
             except BaseException as e:
-                self._error = e
+                if self._error is None:  # the first error is the one to report
+                    self._error = e
             finally:
                 if item[0] == "data":
                     self._done_with(item[1])

@@ -110,7 +110,7 @@ def test_reads_stay_within_the_window_and_all_are_read(make_ingredients):
             p.consumed(step)
             threading.Event().wait(0.0005)
         deadline = threading.Event()
-        for _ in range(200):  # the last ranges are read once they are in the window
+        for _ in range(1000):  # the last ranges are read once they are in the window
             if len(p.log) == len(ranges):
                 break
             deadline.wait(0.01)
