@@ -391,16 +391,15 @@ def status():
 shutil.rmtree(spec["out"], ignore_errors=True)
 prep = spec.get("prepare")
 if prep:  # the parent's prepare_cache, repeated here after the imports (see prepare_cache)
-    import os
+    import os, pathlib
+    sys.path.insert(0, prep["bench_dir"])
+    from bench_merge import drop_caches, write_file
     buf = memoryview(bytearray(1 << 20))  # small: the child's anonymous memory is measured
-    with open(prep["scratch"], "wb", buffering=0) as f:
-        left = prep["bytes"]
-        while left:
-            left -= f.write(buf[:min(left, len(buf))])
+    write_file(pathlib.Path(prep["scratch"]), prep["bytes"], buf)
     os.unlink(prep["scratch"])
     os.sync()
     if prep["cold"]:
-        open("/proc/sys/vm/drop_caches", "w").write("3\n")
+        drop_caches()
     del buf
 after_imports = status()
 c0, t0 = time.process_time(), time.perf_counter()
@@ -583,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     buf = memoryview(bytearray(READ_BUF))
 
     recycle = {"scratch": str(args.workdir / "recycle-scratch.bin"), "bytes": min(2 * one_bytes, 4 << 30),
-               "cold": args.cold}
+               "cold": args.cold, "bench_dir": str(Path(__file__).resolve().parent)}
 
     def prepare_cache() -> None:
         # Write and delete a scratch file twice the output's size, so that every measurement writes

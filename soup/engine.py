@@ -179,7 +179,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
     try:
         with reporter.bytes_task(f"merging {len(jobs)} tensors", plan.input_bytes) as advance:
             def produce(job: Job):
-                srcs = range(len(cks)) if job.kind == "copy" else job.sources()
+                srcs = job.reads(len(cks))
                 views = [readers[i].view(job.name) if i in srcs else None for i in range(len(cks))]
                 per_element = sum(cks[i].tensors[job.name].dtype.itemsize for i in srcs)
                 if pairs is not None and job.kind in PAIR_KINDS:

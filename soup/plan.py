@@ -46,10 +46,15 @@ class Job:
         return self.numel * self.out_dtype.itemsize
 
     def sources(self) -> list[int]:
-        """Indices of the ingredients this job reads."""
+        """Indices of the ingredients this job's output comes from."""
         if self.kind == "mean":
             return [i for i, w in enumerate(self.weights) if w != 0.0]
         return [self.source]
+
+    def reads(self, n: int) -> Sequence[int]:
+        """Indices of the ingredients (of ``n``) whose tensor is read: the sources, and for a copy
+        (integer buffers) every ingredient, to check they agree."""
+        return range(n) if self.kind == "copy" else self.sources()
 
 
 @dataclass
@@ -125,8 +130,7 @@ def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | 
             else:
                 job = Job(name, info.shape, "mean", out, weights=w)
         jobs.append(job)
-        read = range(n) if job.kind == "copy" else job.sources()
-        input_bytes += sum(checkpoints[i].tensors[name].nbytes for i in read)
+        input_bytes += sum(checkpoints[i].tensors[name].nbytes for i in job.reads(n))
     if dropped and not jobs:
         droppers = ", ".join(str(r) for r in rules if r in used and r.action == "drop")
         raise RecipeError(f"rules: every tensor is dropped by rule(s) {droppers}; the soup would be empty")

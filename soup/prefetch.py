@@ -76,7 +76,7 @@ def plan_ranges(cks: Sequence[Checkpoint], jobs: Sequence[Job], chunk: int = CHU
     out: list[Range] = []
     pos = 0
     for job in jobs:
-        srcs = range(len(cks)) if job.kind == "copy" else job.sources()
+        srcs = job.reads(len(cks))
         infos = [cks[i].tensors[job.name] for i in srcs]
         per_element = sum(t.dtype.itemsize for t in infos)
         files = [t for i, t in zip(srcs, infos)
