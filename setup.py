@@ -1,7 +1,7 @@
-"""Builds soup's optional C kernel (soup/_kernel.c -> soup/_kernel*.so); the rest is in pyproject.toml.
+"""Builds soup's optional C kernel (soup/engine/_kernel.c -> soup/engine/_kernel*.so); the rest is in pyproject.toml.
 
 The kernel is optional: when it cannot be built (no C compiler, no working toolchain) the install
-goes on with a warning and soup uses torch ops instead (see soup/kernel.py). No -march flag: the
+goes on with a warning and soup uses torch ops instead (see soup/engine/kernel.py). No -march flag: the
 library picks AVX2 / AVX-512 code at run time from what the CPU reports, so a build is portable.
 """
 
@@ -45,6 +45,6 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("soup._kernel", sources=["soup/_kernel.c"], optional=True)],
+    ext_modules=[Extension("soup.engine._kernel", sources=["soup/engine/_kernel.c"], optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
 )

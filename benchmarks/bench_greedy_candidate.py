@@ -70,8 +70,8 @@ def child(args: argparse.Namespace) -> dict:
 
     import soup  # noqa: F401  (imports before the baseline)
     from soup.evaluators.python import PythonEvaluator
-    from soup.ingredients import resolve_all
-    from soup.scorer import RunningSum, Scorer
+    from soup.io.ingredients import resolve_all
+    from soup.soups.scorer import RunningSum, Scorer
 
     folders = [Path(p) for p in args.folders]
     base = rss_anon()

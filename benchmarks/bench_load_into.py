@@ -36,9 +36,9 @@ def child(mode: str, folder: Path, layers: int) -> dict:
     import torch
 
     import soup
-    from soup.scorer import Scorer
+    from soup.soups.scorer import Scorer
     from soup.evaluators.python import PythonEvaluator
-    from soup.ingredients import resolve_all
+    from soup.io.ingredients import resolve_all
 
     cks = resolve_all(sorted(p for p in folder.iterdir() if p.is_dir()))
     cand = Scorer(cks, [PythonEvaluator(fn=lambda c: 0.0)]).candidate([1 / len(cks)] * len(cks), "uniform soup")

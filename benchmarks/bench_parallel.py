@@ -28,9 +28,9 @@ from typing import ClassVar
 import torch
 from safetensors.torch import save_file
 
-from soup.evaluate import Evaluator
+from soup.soups.evaluate import Evaluator
 from soup.pipeline import greedy_soup
-from soup.strategies import GreedySoup
+from soup.soups.strategies import GreedySoup
 
 QUALITY = [0.70, 0.69, 0.685, 0.68, 0.675, 0.67, 0.66, 0.65]  # each ingredient's score alone
 HURTS = {2, 5}  # fine-tunes that drag any soup they join down (e.g. trained on noisy labels)

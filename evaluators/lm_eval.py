@@ -24,8 +24,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import difflib
-import hashlib
 import math
 import random
 from collections.abc import Iterator, Mapping
@@ -33,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from soup.errors import EvaluatorError
-from soup.evaluate import Candidate, Evaluator
+from soup.soups.evaluate import Candidate, Evaluator
 
-from .resident import DTYPES, build_model, release, resolve_device, resolve_dtype
+from soup.evaluators.lm_eval_tasks import task_manager, tasks_digest
+from soup.evaluators.resident import DTYPES, build_model, release, resolve_device, resolve_dtype
 
 __all__ = ["LMEvalEvaluator"]
 
 _INSTALL = "pip install 'soup-merge[lm-eval]'"
-_YAML_SUFFIXES = (".yaml", ".yml")
 
 
 class LMEvalEvaluator(Evaluator):
@@ -116,8 +114,8 @@ class LMEvalEvaluator(Evaluator):
                                  f"{_INSTALL}") from None
         self._lm_eval_version = lm_eval.__version__
         self._tasks = task_list
-        self._task_manager = _task_manager(TaskManager, task_list, [Path(p) for p in includes])
-        self._tasks_sha256 = _digest(task_list, [Path(p) for p in includes])
+        self._task_manager = task_manager(TaskManager, task_list, [Path(p) for p in includes])
+        self._tasks_sha256 = tasks_digest(task_list, [Path(p) for p in includes])
         self._model: Any = None  # the resident transformers model
         self._lm: Any = None  # lm-eval's HFLM around it
         self._device: str | None = None
@@ -259,113 +257,6 @@ def _metric_key(metric: str) -> str:
 
 
 # --- tasks ---------------------------------------------------------------------------------------
-
-
-def _is_yaml(spec: str) -> bool:
-    return spec.endswith(_YAML_SUFFIXES)
-
-
-def _task_manager(task_manager_cls: Any, tasks: list[str], includes: list[Path]) -> Any:
-    """A TaskManager that knows every task named; an unknown name is an error now, before any work.
-
-    lm-eval's own index (thousands of YAMLs, seconds to build) is left out when every task named is
-    local: a task YAML path, or a task found in ``include_path``, or a group there whose tasks are.
-    """
-    for spec in tasks:
-        if _is_yaml(spec) and not Path(spec).is_file():
-            raise EvaluatorError(f"lm-eval: task YAML not found: {spec}")
-    local = None
-    try:
-        local = task_manager_cls(include_path=[str(p) for p in includes] or None, include_defaults=False)
-    except TypeError:  # an lm-eval without include_defaults: always the full index
-        pass
-
-    def is_local(spec: str, depth: int = 0) -> bool:
-        if _is_yaml(spec):
-            return "group" not in _read_yaml(Path(spec))
-        if spec in local.all_subtasks:
-            return True
-        if spec not in local.all_groups or depth > 8:
-            return False  # a tag, or a name only lm-eval's index knows
-        path = getattr(local.task_index.get(spec), "yaml_path", None)
-        children = _read_yaml(Path(path)).get("task") if path else None
-        children = [children] if isinstance(children, str) else children
-        return (isinstance(children, list) and bool(children)
-                and all(isinstance(c, str) and is_local(c, depth + 1) for c in children))
-
-    if local is not None and all(is_local(s) for s in tasks):
-        return local
-    try:
-        manager = task_manager_cls(include_path=[str(p) for p in includes] or None)
-    except Exception as e:
-        raise EvaluatorError(f"lm-eval: cannot index the tasks: {type(e).__name__}: {e}") from e
-    known = set(manager.all_tasks)
-    for spec in tasks:
-        if not _is_yaml(spec) and spec not in known:
-            close = difflib.get_close_matches(spec, sorted(known), n=5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise EvaluatorError(f"lm-eval: unknown task {spec!r} (not an lm-eval task, group or tag, "
-                                 f"nor in include_path){hint}")
-    return manager
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A task YAML as a mapping, lm-eval's ``!function`` tags read as None; {} if unreadable."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # a SafeLoader subclass
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _digest(tasks: list[str], includes: list[Path]) -> str:
-    """sha256 over the local task files: every YAML and ``.py`` under ``include_path``, the YAML paths
-    named, the files they ``include:``, and the local files their ``dataset_kwargs.data_files`` name."""
-    files: dict[str, Path] = {}
-
-    def add_yaml(path: Path, depth: int = 0) -> None:
-        files[str(path.resolve())] = path
-        cfg = _read_yaml(path)
-        inc = cfg.get("include")
-        if isinstance(inc, str) and depth < 8:
-            target = path.parent / inc
-            if target.is_file() and str(target.resolve()) not in files:
-                add_yaml(target, depth + 1)
-        for data in _data_files(cfg):
-            if Path(data).is_file():  # relative paths: as the datasets library reads them (cwd)
-                files[str(Path(data).resolve())] = Path(data)
-
-    for folder in includes:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.suffix in (*_YAML_SUFFIXES, ".py"):
-                if path.suffix == ".py":
-                    files[str(path.resolve())] = path
-                else:
-                    add_yaml(path)
-    for spec in tasks:
-        if _is_yaml(spec):
-            add_yaml(Path(spec))
-    h = hashlib.sha256()
-    for key in sorted(files):
-        h.update(key.encode() + b"\0" + hashlib.sha256(files[key].read_bytes()).digest())
-    return h.hexdigest()
-
-
-def _data_files(cfg: Mapping[str, Any]) -> list[str]:
-    """The paths a task config's ``dataset_kwargs.data_files`` names (a string, list or mapping)."""
-    kwargs = cfg.get("dataset_kwargs")
-    value = kwargs.get("data_files") if isinstance(kwargs, Mapping) else None
-    values = list(value.values()) if isinstance(value, Mapping) else [value]
-    out: list[str] = []
-    for v in values:
-        out += [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
-    return out
 
 
 # --- results -------------------------------------------------------------------------------------

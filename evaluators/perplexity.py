@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from soup.errors import EvaluatorError
-from soup.evaluate import Candidate, Evaluator
+from soup.soups.evaluate import Candidate, Evaluator
 
-from .resident import DTYPES, build_model, release, resolve_device, resolve_dtype
+from soup.evaluators.resident import DTYPES, build_model, release, resolve_device, resolve_dtype
 
 __all__ = ["PerplexityEvaluator", "load_records"]
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from soup.errors import EvaluatorError
-from soup.evaluate import Candidate, Evaluator
+from soup.soups.evaluate import Candidate, Evaluator
 from soup.plugins import load_attr
 
 __all__ = ["PythonEvaluator"]

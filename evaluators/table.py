@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from soup.errors import EvaluatorError
-from soup.evaluate import Candidate, Evaluator
+from soup.soups.evaluate import Candidate, Evaluator
 
 __all__ = ["TableEvaluator", "load_table", "soup_label"]
 

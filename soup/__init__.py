@@ -12,19 +12,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
+from soup.errors import CheckpointError, EvaluatorError, HubError, IncompatibleIngredients, RecipeError, SoupError
 
 # public name -> the module that defines it
 _LAZY = {
-    "merge": "engine", "MergeResult": "engine", "soup_version": "engine",
-    "adapter_soup": "adapters", "AdapterResult": "adapters",
-    "inspect": "inspection", "Ingredient": "ingredients", "Manifest": "manifest",
+    "merge": "merging", "MergeResult": "merging", "soup_version": "merging",
+    "adapter_soup": "adapters.merging", "AdapterResult": "adapters.merging",
+    "inspect": "io.inspection", "Ingredient": "io.ingredients", "Manifest": "io.manifest",
     "maximum_soup": "pipeline", "average_soup": "pipeline", "greedy_soup": "pipeline", "search_soup": "pipeline",
-    "cook": "pipeline", "SoupResult": "pipeline", "run_recipe": "pipeline",
-    "Evaluator": "evaluate", "Candidate": "evaluate", "Score": "evaluate", "load_evaluator": "evaluate",
-    "SoupStrategy": "strategies", "Choice": "strategies", "make_strategy": "strategies",
+    "cook": "pipeline", "SoupResult": "pipeline", "run_recipe": "run",
+    "Evaluator": "soups.evaluate", "Candidate": "soups.evaluate", "Score": "soups.evaluate", "load_evaluator": "soups.evaluate",
+    "SoupStrategy": "soups.strategies", "Choice": "soups.strategies", "make_strategy": "soups.strategies",
     "worker": "workers", "WorkerResult": "workers",
-    "watch": "schedule", "Update": "schedule",
+    "watch": "schedule.watch", "Update": "schedule.changes",
 }
 
 __all__ = [
@@ -41,11 +41,11 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "read_manifest":
-        from .manifest import read
+        from soup.io.manifest import read
 
         return read
     if name == "__version__":
-        from .engine import soup_version
+        from soup.merging import soup_version
 
         return soup_version()
     module = _LAZY.get(name)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import RecipeError
+from soup.errors import RecipeError
 
 __all__ = ["MergeOptions", "check_weights", "check_option_names", "check_device", "parse_size"]
 
@@ -74,7 +74,7 @@ class MergeOptions:
 
     @property
     def accumulate_dtype(self) -> torch.dtype | None:
-        """The accumulation dtype forced for every tensor; None for auto (``soup.combine.accumulation_dtype``)."""
+        """The accumulation dtype forced for every tensor; None for auto (``soup.engine.combine.accumulation_dtype``)."""
         return ACCUMULATE[self.accumulate]
 
     @property

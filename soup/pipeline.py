@@ -10,34 +10,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .scorer import Scorer
-from .cache import ScoreCache
-from .evaluate import Evaluator, Score, load_evaluator
-from .ingredients import HubOptions, IngredientSpec, resolve_all
-from .errors import RecipeError
-from .manifest import Evaluation, EvaluatorInfo, Manifest, Method, Selection, Step, TestEvaluation, Trial, jsonable
-from .engine import merge
-from .options import MergeOptions, check_device, check_option_names
-from .plan import build_plan
-from .output import OutputDir, checkpoint_paths, input_paths
-from .progress import Reporter, RichReporter
-from .rules import Rule, parse_rules
-from .signals import graceful
-from .strategies import AverageSoup, Choice, GreedySoup, MaximumSoup, SoupStrategy
-
-if TYPE_CHECKING:
-    from .schedule import Update
+from soup.soups.scorer import Scorer, merge_arguments
+from soup.soups.cache import ScoreCache
+from soup.soups.evaluate import Evaluator, Score
+from soup.soups.factory import EvaluatorSpec, make_evaluators
+from soup.io.ingredients import HubOptions, IngredientSpec, resolve_all
+from soup.errors import RecipeError
+from soup.io.manifest import Evaluation, EvaluatorInfo, Manifest, Method, Selection, Step, TestEvaluation, Trial, jsonable
+from soup.merging import merge
+from soup.options import MergeOptions, check_device, check_option_names
+from soup.engine.plan import build_plan
+from soup.engine.output import OutputDir, checkpoint_paths, input_paths
+from soup.progress import Reporter, RichReporter
+from soup.engine.rules import Rule, parse_rules
+from soup.methods.spec import method_spec
+from soup.signals import graceful
+from soup.soups.strategies import AverageSoup, Choice, GreedySoup, MaximumSoup, SoupStrategy
 
 __all__ = ["SoupResult", "cook", "maximum_soup", "average_soup", "greedy_soup", "search_soup"]
 
-EvaluatorSpec = str | type | Evaluator | Callable[..., Any]
 
 
 @dataclass
@@ -55,18 +55,6 @@ class SoupResult:
     manifest: Manifest | None = None  # what soup.json records (also for an in-memory soup)
     push: Any = None  # the hub PushResult, when pushed
     registered: str | None = None  # models:/NAME/N, when registered in MLflow (recipe ``publish``)
-
-
-def _evaluators(spec: EvaluatorSpec | None, args: Mapping[str, Any], devices: Sequence[str] | None) -> list[Evaluator]:
-    if spec is None:
-        return []
-    if callable(spec) and not isinstance(spec, (type, Evaluator)):
-        from soup.evaluators.python import PythonEvaluator
-
-        return [PythonEvaluator(fn=spec, **args)]
-    if isinstance(spec, Evaluator) or not devices or len(devices) < 2:
-        return [load_evaluator(spec, **args)]
-    return [load_evaluator(spec, **{**args, "device": d}) for d in devices]
 
 
 def cook(
@@ -118,9 +106,9 @@ def cook(
     Raises:
         SoupError: bad inputs, a failing evaluator (scores computed so far stay in the cache).
     """
-    from .peft_io import is_adapter
+    from soup.adapters.peft_io import is_adapter
 
-    if any(map(is_adapter, ingredients)):  # PEFT adapters: candidates are adapters (soup.adapter_eval)
+    if any(map(is_adapter, ingredients)):  # PEFT adapters: candidates are adapters (soup.adapters.candidates)
         unsupported = dict(test_evaluator=test_evaluator, push_to=push_to, storage=storage, devices=devices,
                            rules=rules or None, return_state_dict=return_state_dict or None)
         given = sorted(k for k, v in unsupported.items() if v is not None)
@@ -128,29 +116,34 @@ def cook(
             raise RecipeError(f"adapter soups: {', '.join(given)} not supported")
         return _adapter_cook(strategy, ingredients, evaluator=evaluator, evaluator_args=evaluator_args, out=out,
                              labels=labels, dtype=dtype, cache=cache, progress=progress, hub=hub, **merge_options)
+    merge_options = dict(merge_options)
+    _method(merge_options, len(ingredients))  # a merge method and its parameters, checked now
     _check_options(strategy, dtype, devices, merge_options)  # before anything is opened or read
     if storage is not None and (not isinstance(storage, str) or "://" not in storage):
         raise RecipeError(f"storage: {storage!r} must be an optuna storage URL (sqlite:///..., postgresql://...)")
     if not isinstance(local_worker, bool):
         raise RecipeError(f"local_worker: must be true or false, got {local_worker!r}")
     if storage is not None:
-        from .workers import QueueSettings
+        from soup.workers import QueueSettings
 
         QueueSettings.from_env()  # a bad SOUP_HEARTBEAT_* is refused before any work
     # the output is checked and locked before anything is opened (the cache too); candidates live beside it
+    spec = merge_options["method"]
+    bases = [spec.base] if spec is not None and spec.base is not None else []
     output = OutputDir(out, overwrite=bool(merge_options.get("overwrite", False)),
-                       protect=input_paths(ingredients) + [Path(p) for p in protect] + _db_files(storage, cache)) \
+                       protect=input_paths([*ingredients, *bases]) + [Path(p) for p in protect]
+                       + _db_files(storage, cache)) \
         if out is not None else None
     reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
-    from .workers import shared_cache
+    from soup.workers import shared_cache
 
     cache = shared_cache(cache, storage)  # with a shared storage, "default" is the storage's own database
     store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
     rule_list = parse_rules(rules)
-    evs, tests = _evaluators(evaluator, evaluator_args or {}, devices), _evaluators(test_evaluator, test_args or {}, None)
+    evs, tests = make_evaluators(evaluator, evaluator_args or {}, devices), make_evaluators(test_evaluator, test_args or {}, None)
     if strategy.needs_evaluator and not evs:
         raise RecipeError(f"strategy {strategy.name} needs an evaluator")
-    from .hub.publisher import Publisher
+    from soup.hub.publisher import Publisher
 
     publisher = Publisher({"repo": push_to} if isinstance(push_to, str) else push_to,
                           endpoint=hub.endpoint if hub else None)
@@ -179,20 +172,30 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
     """The body of ``cook`` once the output (if any) is checked and locked."""
     out = output.dest if output is not None else None
     publisher.start()  # fail fast on a bad token, before any evaluation
-    from .hub.precheck import precheck
+    from soup.hub.precheck import precheck
 
     # hub ingredients are checked from their headers before anything is downloaded (as in merge)
     specs = precheck(ingredients, labels=labels, hub=hub,
                      allow_float_mix=dtype is not None or bool(merge_options.get("mixed_float")))
     cks = resolve_all(specs, labels=labels, hub=hub)
+    spec = merge_options.get("method")
+    if spec is not None and spec.base is not None:  # read once; every candidate uses this checkpoint
+        spec = dataclasses.replace(spec, base=resolve_all([spec.base], labels=["base"], hub=hub)[0])
+        merge_options = dict(merge_options, method=spec)
     _check_plan(strategy, cks, rule_list, dtype, merge_options)  # plan errors before the first evaluation
     if output is not None:
-        output.protect(checkpoint_paths(cks))
+        output.protect(checkpoint_paths(cks + ([spec.base] if spec is not None and spec.base is not None else [])))
     scratch = output.work_dir() if output is not None else None
-    common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter)
+    options = {k: merge_options[k] for k in BYTES if k in merge_options}
+    common = dict(cache=store, rules=rule_list, dtype=dtype, reporter=reporter, options=options)
     study = storage or (_study_storage(output) if output is not None else None)
-    scorer = Scorer(cks, evs, devices=devices or ["cpu"], scratch=scratch, storage=study, shared=storage is not None,
-                    local_worker=local_worker,
+    make_queue = None
+    if storage is not None:  # evaluations go through a queue that `soup worker` processes share
+        from soup.workers import EvaluationQueue
+
+        def make_queue(s: Scorer) -> EvaluationQueue:
+            return EvaluationQueue(storage, s, local_worker=local_worker)
+    scorer = Scorer(cks, evs, devices=devices or ["cpu"], scratch=scratch, storage=study, queue=make_queue,
                     **common) if evs else None
     try:
         choice = strategy.choose(scorer, len(cks))
@@ -212,27 +215,29 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
                         {c.label: s for c, s in zip(cks, choice.scores)}, choice.trajectory,
                         choice.soup_score, test_score, test_scores)
 
+    rest = {k: v for k, v in merge_options.items() if k not in BYTES}
     # what soup.json records beside the engine's part; merge builds the manifest from it (plot, card too)
     selection = Selection(Method(strategy.name, getattr(strategy, "reference", None) or None, jsonable(strategy.options())),
                           evaluation, choice.kept, jsonable(dict(recipe)) if recipe else None)
     if out is not None:
         reporter.step(f"merging {sum(1 for w in choice.weights if w)} ingredient(s) into {out}")
-        m = merge(cks, output, weights=choice.weights, rules=final_rules, dtype=dtype, progress=reporter,
-                  selection=selection, on_shard=publisher.on_shard, **merge_options)
+        m = merge(cks, output, rules=final_rules, dtype=dtype, progress=reporter, selection=selection,
+                  on_shard=publisher.on_shard, **rest, **merge_arguments(choice.weights, options))
         result.path, result.manifest = m.path, m.manifest
         if publisher.target:
             reporter.step(f"pushing to {publisher.target['repo']}")
             result.push = publisher.finish(m.path)
     if return_state_dict or out is None:
-        m = merge(cks, None, weights=choice.weights, rules=final_rules, dtype=dtype, selection=selection,
-                  **{k: v for k, v in merge_options.items() if k in ("device", "accumulate", "strict")})
+        m = merge(cks, None, rules=final_rules, dtype=dtype, selection=selection,
+                  device=merge_options.get("device", "cpu"), **merge_arguments(choice.weights, options))
         result.state_dict = m.state_dict
         result.manifest = result.manifest or m.manifest
     return result
 
 
 MERGE_THROUGH = ("accumulate", "shard_size", "device", "strict", "config_from", "normalize", "mixed_float",
-                 "overwrite")  # merge options that cook passes on to ``merge``
+                 "overwrite", "method", "base", "seed")  # merge options that cook passes on to ``merge``
+BYTES = ("accumulate", "normalize", "mixed_float", "strict", "method")  # those every candidate gets too
 
 
 def _check_options(strategy: SoupStrategy, dtype: str | None, devices: Sequence[str] | None,
@@ -246,7 +251,15 @@ def _check_options(strategy: SoupStrategy, dtype: str | None, devices: Sequence[
         check_device(d, where=f"devices[{i}]")
     if not isinstance(merge_options.get("overwrite", False), bool):
         raise RecipeError(f"overwrite: must be true or false, got {merge_options['overwrite']!r}")
-    return MergeOptions(dtype=dtype, **{k: v for k, v in merge_options.items() if k != "overwrite"})
+    return MergeOptions(dtype=dtype, **{k: v for k, v in merge_options.items()
+                                        if k not in ("overwrite", "method", "base", "seed")})
+
+
+def _method(merge_options: dict[str, Any], n: int) -> None:
+    """``method``/``base``/``seed`` checked before any work and replaced by one ``MethodSpec`` (or None)."""
+    spec = method_spec(merge_options.pop("method", None), n=n, base=merge_options.pop("base", None),
+                       seed=merge_options.pop("seed", None))
+    merge_options["method"] = spec
 
 
 def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any], dtype: str | None,
@@ -255,12 +268,15 @@ def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any]
     opts = _check_options(strategy, dtype, None, merge_options)
     strategy.check(len(cks))
     opts.check_config_from([c.label for c in cks])
-    build_plan(cks, rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize, mixed_float=opts.mixed_float)
+    spec = merge_options.get("method")
+    with_base = spec is not None and spec.base is not None
+    build_plan(cks + ([spec.base] if with_base else []), rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize,
+               mixed_float=opts.mixed_float, method=spec, base=with_base)
 
 
 def _db_files(storage: str | None, cache: Any) -> list[Path]:
     """The sqlite files of a storage URL and a cache URL: the output keeps clear of them too."""
-    from .cache import db_file
+    from soup.soups.cache import db_file
 
     return [p for p in (db_file(storage), db_file(cache) if isinstance(cache, str) and "://" in cache else None)
             if p is not None]
@@ -325,132 +341,24 @@ def search_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec,
                 seed: int | None = 0, **options: Any) -> SoupResult:
     """Weight search (optuna): the mixing weights of the best of ``n_trials`` trials, seeded with the best
     single ingredient and the uniform soup; ``groups`` ({name: glob pattern}) get their own weights.
-    The study resumes from ``storage`` (default: an sqlite file beside ``out``). See ``soup.search``."""
-    from .search import SearchSoup
+    The study resumes from ``storage`` (default: an sqlite file beside ``out``). See ``soup.soups.search``."""
+    from soup.soups.search import SearchSoup
 
     return cook(SearchSoup(n_trials=n_trials, sampler=sampler, groups=dict(groups) if isinstance(groups, Mapping) else groups,
                            timeout=timeout, seed=seed), ingredients, evaluator=evaluator, **options)
 
 
-def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progress: bool | Reporter = False,
-               output: str | Path | None = None, storage: str | None = None, local_worker: bool = True,
-               if_changed: bool = False) -> SoupResult | Update:
-    """Cook a validated Recipe or a recipe file (``soup run``); ``cache``/``output`` override the recipe's;
-    ``storage``: an optuna storage URL shared with ``soup worker`` processes (see ``cook``).
-
-    Registry queries among the ingredients are resolved first, before anything is evaluated. With
-    ``if_changed`` the soup is made (and published) only if its ingredients, the recipe or the
-    evaluators changed since the published one: returns a ``soup.schedule.Update`` saying what changed.
-    """
-    from .strategies import make_strategy
-
-    if isinstance(recipe, (str, Path)):
-        from .recipe import load_recipe
-
-        recipe = load_recipe(recipe)
-    if if_changed:
-        from .schedule import run_if_changed
-
-        return run_if_changed(recipe, cache=cache, progress=progress, output=output, storage=storage,
-                              local_worker=local_worker)
-    from .registry import has_queries, resolve_ingredients
-
-    if has_queries(recipe):  # pinned now: what is evaluated is what soup.json records
-        import dataclasses
-
-        pinned = resolve_ingredients(recipe, output=output)
-        recipe = dataclasses.replace(recipe, ingredients=[p.spec() for p in pinned], labels=[p.label for p in pinned])
-
-    out = output if output is not None else recipe.output
-    if out is None:
-        from .errors import RecipeError
-
-        raise RecipeError("output: required to run a recipe (or pass --output)")
-    from .peft_io import is_adapter
-
-    if recipe.merge_into is not None or recipe.rank is not None or any(map(is_adapter, recipe.ingredients)):
-        return _adapter_recipe(recipe, out, overwrite=overwrite, progress=progress,
-                               cache=cache if cache is not None else recipe.cache)
-    chosen_cache = cache if cache is not None else recipe.cache
-    protect = [recipe.source] if recipe.source else []
-    if isinstance(chosen_cache, (str, Path)) and chosen_cache != "default" and "://" not in str(chosen_cache):
-        protect.append(Path(chosen_cache))
-    result = cook(
-        make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
-        evaluator=recipe.evaluator.name if recipe.evaluator else None,
-        evaluator_args=recipe.evaluator.args if recipe.evaluator else None,
-        test_evaluator=recipe.test.name if recipe.test else None,
-        test_args=recipe.test.args if recipe.test else None,
-        out=out, labels=recipe.labels, rules=recipe.rules, dtype=recipe.dtype, devices=recipe.devices,
-        cache=chosen_cache, progress=progress, protect=protect, storage=storage, local_worker=local_worker,
-        hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite, push_to=recipe.push_to,
-        shard_size=recipe.shard_size, accumulate=recipe.accumulate, device=recipe.device,
-        config_from=recipe.config_from, strict=recipe.strict)
-    if recipe.publish:  # registered in MLflow once the soup is complete at the output
-        from .report import format_update
-        from .schedule import publish_mlflow
-
-        publish_mlflow(recipe, result, format_update(None, result.manifest))
-    return result
-
-
-def _cook_recipe(recipe: Any, ingredients: Sequence[Any], labels: Sequence[str | None], *,
-                 push_to: Mapping[str, Any] | None, **options: Any) -> SoupResult:
-    """``run_recipe`` with these (pinned) ingredients and this push target, publishing nowhere else
-    (``soup.schedule`` publishes to MLflow itself, with what changed)."""
-    import dataclasses
-
-    pinned = dataclasses.replace(recipe, ingredients=list(ingredients), labels=list(labels),
-                                 push_to=dict(push_to) if push_to else None, publish=None)
-    return run_recipe(pinned, **options)
-
-
-def describe_recipe(recipe: Any) -> str:
-    """The plan of a recipe, for ``soup run --dry-run``: nothing is evaluated or written."""
-    from .checkpoint import open_checkpoint
-
-    lines = [f"recipe: {recipe.source or '-'}", f"strategy: {recipe.strategy} {recipe.strategy_options or ''}"]
-    for role, ev in (("evaluator", recipe.evaluator), ("test", recipe.test)):
-        if ev is not None:
-            lines.append(f"{role}: {ev.name} {ev.args}")
-    lines.append(f"ingredients ({len(recipe.ingredients)}):")
-    for src, lab in zip(recipe.ingredients, recipe.labels):
-        if not isinstance(src, str):  # a registry query: what it resolves to now (nothing is downloaded)
-            from .registry import describe_pinned, resolve_query
-
-            found = resolve_query(recipe, src)
-            lines.append(f"  {src.where}: {src.describe()} -> {len(found)} match(es)" + ("" if found else
-                         " (an empty query is an error at run time)"))
-            lines.extend("  " + line for line in describe_pinned(found))
-            continue
-        if src.startswith("hf://"):
-            lines.append(f"  {lab or src}: {src} (pulled at run time, pinned to a commit)")
-            continue
-        ck = open_checkpoint(src, label=lab)
-        lines.append(f"  {ck.label}: {src}  {len(ck.tensors)} tensors, {ck.total_bytes:,} bytes, "
-                     f"fingerprint {ck.fingerprint[:12]}")
-    for r in recipe.rules:
-        lines.append(f"rule: {r}")
-    lines.append(f"dtype: {recipe.dtype or 'as ingredients'}, accumulate {recipe.accumulate}, "
-                 f"shard size {recipe.shard_size}, device {recipe.device}"
-                 + (f", devices {recipe.devices}" if recipe.devices else ""))
-    lines.append(f"cache: {recipe.cache}")
-    lines.append(f"output: {recipe.output}" + (f" -> push to {recipe.push_to['repo']}" if recipe.push_to else "")
-                 + (f" -> register as mlflow model {recipe.publish['mlflow']}" if recipe.publish else ""))
-    return "\n".join(lines)
-
-
 def _adapter_cook(strategy: SoupStrategy, adapters: Sequence[Any], *, evaluator, evaluator_args, out, labels,
                   dtype, cache, progress, hub, **options: Any) -> SoupResult:
     """``cook`` over PEFT adapters: the strategy chooses weights over adapter candidates
-    (``soup.adapter_eval``), then ``adapter_soup`` writes the soup with them."""
-    from .adapter_eval import choose_adapters
-    from .adapters import adapter_soup
+    (``soup.adapters.candidates``), then ``adapter_soup`` writes the soup with them."""
+    from soup.adapters.candidates import choose_adapters
+    from soup.adapters.merging import adapter_soup
 
     check_option_names(options, ("overwrite", "accumulate", "device", "shard_size", "merge_into", "rank"),
                        where=f"{strategy.name}_soup (adapters)")
     opts = MergeOptions(dtype=dtype, **{k: v for k, v in options.items() if k in ("accumulate", "device")})
-    evs = _evaluators(evaluator, evaluator_args or {}, None)
+    evs = make_evaluators(evaluator, evaluator_args or {}, None)
     if strategy.needs_evaluator and not evs:
         raise RecipeError(f"strategy {strategy.name} needs an evaluator")
     reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
@@ -483,29 +391,3 @@ def _adapter_cook(strategy: SoupStrategy, adapters: Sequence[Any], *, evaluator,
     return SoupResult(dict(zip(names, choice.weights)), dict(zip(names, choice.scores)), choice.trajectory,
                       choice.soup_score, path=result.path, state_dict=result.state_dict, manifest=result.manifest)
 
-
-def _adapter_recipe(recipe: Any, out: str | Path, *, overwrite: bool, progress: bool | Reporter,
-                    cache: Any = "default") -> SoupResult:
-    """A recipe over PEFT adapters (``soup.adapters``): an average (or weighted) soup, or a strategy with an
-    evaluator over adapter candidates (``soup.adapter_eval``)."""
-    from .adapters import adapter_soup
-    from .strategies import make_strategy
-
-    if recipe.push_to or recipe.publish or recipe.test is not None:
-        raise RecipeError("adapter recipes: push_to, publish and test are not supported")
-    if recipe.strategy != "average" or recipe.evaluator is not None:
-        return _adapter_cook(make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
-                             evaluator=recipe.evaluator.name if recipe.evaluator else None,
-                             evaluator_args=recipe.evaluator.args if recipe.evaluator else None, out=out,
-                             labels=recipe.labels, dtype=recipe.dtype, cache=cache, progress=progress,
-                             hub=HubOptions(endpoint=recipe.endpoint), overwrite=overwrite,
-                             merge_into=recipe.merge_into, rank=recipe.rank, accumulate=recipe.accumulate,
-                             shard_size=recipe.shard_size, device=recipe.device)
-    weights = recipe.strategy_options.get("weights")
-    result = adapter_soup(recipe.ingredients, out, weights=weights, merge_into=recipe.merge_into, rank=recipe.rank,
-                          labels=recipe.labels, overwrite=overwrite, progress=progress,
-                          hub=HubOptions(endpoint=recipe.endpoint), dtype=recipe.dtype,
-                          accumulate=recipe.accumulate, shard_size=recipe.shard_size, device=recipe.device)
-    m = result.manifest
-    return SoupResult({i.name: i.weight for i in m.ingredients}, {i.name: None for i in m.ingredients}, [], None,
-                      path=result.path, manifest=m)

@@ -2,7 +2,7 @@
 
 A plug-in is named by
 
-- an entry-point name in the kind's group (``soup.evaluators``, ``soup.strategies``; the built-ins
+- an entry-point name in the kind's group (``soup.evaluators``, ``soup.strategies``, ``soup.methods``; the built-ins
   are registered that way, and another package can register its own in its ``pyproject.toml``);
 - ``package.module:Class``;
 - ``path/to/file.py:Class`` (a file outside any package; recipes resolve it relative to themselves).
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import SoupError
+from soup.errors import SoupError
 
 __all__ = ["load_plugin_class", "plugin_names", "load_attr"]
 

@@ -33,12 +33,12 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
-from .ingredients import Ingredient
-from .options import MergeOptions, check_device
-from .plan import normalise_weights
-from .rules import Rule, parse_rule
-from .strategies import STRATEGIES, make_strategy
+from soup.errors import RecipeError
+from soup.io.ingredients import Ingredient
+from soup.options import MergeOptions, check_device
+from soup.engine.plan import normalise_weights
+from soup.engine.rules import Rule, parse_rule
+from soup.soups.strategies import STRATEGIES, make_strategy
 
 __all__ = ["Recipe", "EvaluatorEntry", "load_recipe", "parse_recipe"]
 
@@ -216,7 +216,7 @@ def _ingredients(value: Any, base: Path, errors: list[str]) -> tuple[list[str], 
             errors.append(f"{where}: a path, hf://owner/name@revision, or a mapping with path or repo")
             continue
         if "registry" in item:  # a query, resolved at run time (soup.registry)
-            from .registry import parse_query
+            from soup.registry import parse_query
 
             query = parse_query(item, where, base, errors)
             if query is not None:
@@ -304,7 +304,7 @@ def _rules(value: Any, n: int, errors: list[str]) -> list[Rule]:
 
 def _lora_pairs(value: Any, errors: list[str]) -> list[Rule]:
     """``lora_pairs:``: ``"A=B"`` strings or ``{a, b, mode, rank_key}`` mappings, as pair rules (first)."""
-    from .rules import parse_lora_pair
+    from soup.engine.rules import parse_lora_pair
 
     if value is None:
         return []

@@ -5,7 +5,7 @@ SIGHUP); by default Python dies on them without running a single ``finally``, le
 and child processes behind. Inside ``graceful()`` each of these signals raises ``Interrupted`` in
 the main thread instead, so the normal unwinding runs: temp folders are removed, a benchmark's
 process group is killed, the output lock is released. SIGKILL cannot be caught; the next run on the
-same output removes what a killed run left (see ``soup.output``).
+same output removes what a killed run left (see ``soup.engine.output``).
 
 ``Interrupted`` subclasses ``KeyboardInterrupt`` so code that already treats Ctrl-C as "stop now"
 treats every stop signal alike. ``received()`` tells a real signal from a plug-in that raised

@@ -4,6 +4,7 @@ reference mean (the soup's definition), and a hub-compatible HTTP server on 127.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,27 @@ def write_checkpoint(folder: Path, state: dict[str, torch.Tensor], *, shards: in
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_size": 4}))
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_hf_modules(tmp_path_factory):
+    """Remote code (``trust_remote_code``) is imported from one modules cache in a temp folder for the
+    whole session: never the user's ``~/.cache/huggingface/modules``, and never a folder that a
+    later test replaces while ``transformers_modules`` stays imported (tests then failed by order)."""
+    try:
+        import transformers.dynamic_module_utils as dmu
+    except ImportError:
+        yield
+        return
+    cache = tmp_path_factory.mktemp("hf_modules")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_MODULES_CACHE", str(cache))
+    mp.setattr(dmu, "HF_MODULES_CACHE", str(cache))
+    mp.syspath_prepend(str(cache))
+    yield
+    mp.undo()
+    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+        del sys.modules[name]
 
 
 @pytest.fixture

@@ -326,8 +326,8 @@ def test_adapter_candidate_in_place_equals_loading_its_folder(lm, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from soup.adapter_eval import AdapterScorer
-    from soup.adapters import open_adapters
+    from soup.adapters.candidates import AdapterScorer
+    from soup.adapters.merging import open_adapters
     from soup.options import MergeOptions
 
     base, ads = lm

@@ -1,4 +1,4 @@
-"""Components by tensor name (soup.components), their suggested rules, and the engine's identical-bytes rule."""
+"""Components by tensor name (soup.io.components), their suggested rules, and the engine's identical-bytes rule."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import soup
-from soup.checkpoint import TensorInfo
-from soup.combine import Combiner, same_bits
-from soup.components import classify, group, suggest_rules
+from soup.io.checkpoint import TensorInfo
+from soup.engine.combine import Combiner, same_bits
+from soup.io.components import classify, group, suggest_rules
 from soup.errors import CheckpointError
-from soup.plan import Job
+from soup.engine.plan import Job
 
 from conftest import load_soup, reference_mean, write_checkpoint
 
@@ -88,9 +88,9 @@ def test_suggested_rules_never_catch_a_differing_tensor():
     identical.add("model.layers.0.weight")  # now the language model is frozen too: its rows are exact
     rules = suggest_rules(comps, identical, names)
     assert "model.image_newline=take:0" in rules and "model.layers.*=take:0" in rules
-    parsed = soup.rules.parse_rules(rules)
+    parsed = soup.engine.rules.parse_rules(rules)
     for n in names:
-        rule = soup.rules.match_rule(parsed, n)
+        rule = soup.engine.rules.match_rule(parsed, n)
         assert (rule is not None) == (n in identical), n
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from soup.demo import (  # noqa: E402
     INGREDIENTS, MODEL_TYPE, DigitsAccuracy, accuracy, build_ingredients, format_rows, load_model, run_demo)
 from soup.errors import EvaluatorError  # noqa: E402
-from soup.evaluate import Candidate, run_evaluator  # noqa: E402
+from soup.soups.evaluate import Candidate, run_evaluator  # noqa: E402
 
 SEEDS = (0, 1, 2, 3, 4)
 BAD = "ft-bad"

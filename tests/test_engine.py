@@ -54,8 +54,8 @@ def _copies(x: torch.Tensor, n: int = 3) -> list[torch.Tensor]:
 def test_soup_of_copies_is_the_checkpoint_without_the_shortcut(monkeypatch, dtype, kernel):
     """x*(1/3) + x*(1/3) + x*(1/3), accumulated with twice the input's mantissa, rounds back to x: the
     default accumulation proves it, not the identical-tensor shortcut (disabled here)."""
-    from soup.combine import Combiner
-    from soup.plan import Job
+    from soup.engine.combine import Combiner
+    from soup.engine.plan import Job
 
     if not kernel:
         monkeypatch.setenv("SOUP_NO_KERNEL", "1")
@@ -67,7 +67,7 @@ def test_soup_of_copies_is_the_checkpoint_without_the_shortcut(monkeypatch, dtyp
         assert not torch.equal(narrow, x)  # float32 accumulation would not give x back: the test has teeth
     job = Job("t", (n,), "mean", dtype, weights=(1 / 3,) * 3)
     comb = Combiner(["a", "b", "c"], where=lambda i, name: name, identical=False)
-    assert (comb._fused is not None) == (kernel and soup.kernel.load() is not None)
+    assert (comb._fused is not None) == (kernel and soup.engine.kernel.load() is not None)
     got = torch.cat([b.clone() for b in comb.blocks(job, _copies(x))])
     assert got.dtype == dtype and torch.equal(got.view(torch.uint8), x.view(torch.uint8))
     forced = Combiner(["a", "b", "c"], where=lambda i, name: name, identical=False, accumulate=torch.float32)
@@ -80,7 +80,7 @@ def test_soup_of_copies_is_the_checkpoint_without_the_shortcut(monkeypatch, dtyp
 def test_merge_of_copies_is_bit_identical(tmp_path, monkeypatch, dtype, shortcut):
     """Souping copies of one checkpoint returns it bit for bit (the whole engine, default options),
     with the identical-tensor shortcut and without it (every mean computed)."""
-    from soup.combine import Combiner
+    from soup.engine.combine import Combiner
 
     if not shortcut:
         monkeypatch.setattr(Combiner, "_identical", lambda self, xs, numel: False)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from soup import kernel
+from soup.engine import kernel
 from soup.cli import app, main
-from soup.combine import Combiner
+from soup.engine.combine import Combiner
 from soup.errors import CheckpointError, EvaluatorError, SoupError
-from soup.evaluate import Candidate, Evaluator, run_evaluator
-from soup.plan import Job
+from soup.soups.evaluate import Candidate, Evaluator, run_evaluator
+from soup.engine.plan import Job
 from soup.progress import RichReporter
-from soup.report import format_report
+from soup.finish.report import format_report
 
 from conftest import load_soup, make_state, reference_mean, write_checkpoint
 
@@ -207,7 +207,7 @@ def test_merge_warning_prints_a_rule_literally(tmp_path):
 
 PLUGINS = '''
 import os, sys
-from soup.evaluate import Evaluator
+from soup.soups.evaluate import Evaluator
 
 class Exits(Evaluator):
     def score(self, candidate):

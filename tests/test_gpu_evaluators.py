@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 transformers = pytest.importorskip("transformers")
 
 from soup import greedy_soup  # noqa: E402
-from soup.evaluate import Candidate, load_evaluator  # noqa: E402
+from soup.soups.evaluate import Candidate, load_evaluator  # noqa: E402
 from soup.evaluators.perplexity import PerplexityEvaluator  # noqa: E402
 
 DOCS = ["the cat sat on the mat .", "a dog ran to the park", "the sun is big and the moon is small ."]

@@ -1,4 +1,4 @@
-"""``--device cuda``: means fed through pinned staging buffers and asynchronous copies (soup.staging).
+"""``--device cuda``: means fed through pinned staging buffers and asynchronous copies (soup.engine.staging).
 
 Two halves:
 - everywhere: the staging schedule on a CPU with a simulated runtime whose side streams run their
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import soup
-from soup.combine import Combiner
+from soup.engine.combine import Combiner
 from soup.errors import CheckpointError
-from soup.plan import Job
-from soup.staging import CudaStaging
+from soup.engine.plan import Job
+from soup.engine.staging import CudaStaging
 
 from conftest import load_soup, reference_mean, write_checkpoint
 
@@ -76,7 +76,7 @@ class SimEvent:
 
 
 class SimRuntime:
-    """``soup.staging.CudaRuntime``'s interface on the CPU."""
+    """``soup.engine.staging.CudaRuntime``'s interface on the CPU."""
 
     def __init__(self) -> None:
         self.current = SimStream(sync=True)
@@ -246,7 +246,7 @@ def test_a_cpu_combiner_never_stages(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("staging on a CPU")
 
-    monkeypatch.setattr("soup.combine.CudaStaging", refuse)
+    monkeypatch.setattr("soup.engine.combine.CudaStaging", refuse)
     for host_output in (False, True):
         comb = Combiner(["a", "b"], where=lambda i, name: name, block=1000, identical=False, host_output=host_output)
         _run(comb, Job("t", (3_000,), "mean", torch.bfloat16, weights=(0.5, 0.5)), _inputs(3_000, torch.bfloat16, 2))
@@ -305,7 +305,7 @@ def test_cuda_casts_and_accumulation_match_the_cpu(tmp_path, options):
 @cuda
 def test_cuda_many_small_blocks(tmp_path, monkeypatch):
     """Hundreds of blocks: the double buffers change hands many times within one tensor."""
-    monkeypatch.setattr("soup.combine.BLOCK_ELEMENTS", 1024)  # GPU blocks of 4096 elements
+    monkeypatch.setattr("soup.engine.combine.BLOCK_ELEMENTS", 1024)  # GPU blocks of 4096 elements
     states = _states(torch.bfloat16, n=4, big=3_000_017)
     paths = _write(tmp_path, states)
     gpu = load_soup(soup.merge(paths, tmp_path / "gpu", device="cuda").path)

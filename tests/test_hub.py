@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from hubserver import git_blob_oid, running_hub  # noqa: E402
 
-from soup.card import render_model_card  # noqa: E402
+from soup.finish.card import render_model_card  # noqa: E402
 from soup.pipeline import greedy_soup  # noqa: E402
-from soup.ingredients import HubOptions  # noqa: E402
-from soup.manifest import Manifest, write  # noqa: E402
-from soup.engine import merge  # noqa: E402
+from soup.io.ingredients import HubOptions  # noqa: E402
+from soup.io.manifest import Manifest, write  # noqa: E402
+from soup.merging import merge  # noqa: E402
 from soup.errors import HubError  # noqa: E402
 from soup.hub import PULL_PATTERNS, RetryPolicy, ShardUploader, parse_hub_spec, pull, push  # noqa: E402
 

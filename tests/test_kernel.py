@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import soup
-from soup import kernel
-from soup.combine import Combiner
+from soup.engine import kernel
+from soup.engine.combine import Combiner
 from soup.errors import CheckpointError
-from soup.plan import Job
+from soup.engine.plan import Job
 
 lib = kernel.load()
 pytestmark = pytest.mark.skipif(lib is None, reason="soup's C kernel is off (not built with this install, or "
@@ -112,7 +112,7 @@ def test_fused_reports_non_finite_with_ingredient(level):
 def test_kernel_is_the_packaged_library():
     """Loaded from the package folder (built with it), never from a user-writable cache."""
     k = kernel.load()
-    assert k.path.parent == Path(soup.__file__).resolve().parent
+    assert k.path.parent == Path(soup.__file__).resolve().parent / "engine"
     assert k.path.name.startswith("_kernel") and k.path.is_file()
     assert not k.path.is_relative_to(platformdirs.user_cache_path())
 

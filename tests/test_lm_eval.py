@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_lm import build_tiny_lm  # noqa: E402
 
 from soup.errors import EvaluatorError  # noqa: E402
-from soup.evaluate import Candidate, load_evaluator, run_evaluator  # noqa: E402
+from soup.soups.evaluate import Candidate, load_evaluator, run_evaluator  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

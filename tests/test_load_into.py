@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 import soup
 from conftest import reference_mean
-from soup.scorer import Scorer, RunningSum
+from soup.soups.scorer import Scorer, RunningSum
 from soup.errors import IncompatibleIngredients
 from soup.evaluators.python import PythonEvaluator
-from soup.ingredients import resolve_all
+from soup.io.ingredients import resolve_all
 
 
 class Tiny(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""soup.json has one owner (soup.manifest): typed, checked, versioned, written once and last, read by
+"""soup.json has one owner (soup.io.manifest): typed, checked, versioned, written once and last, read by
 the card, the report, the plot, the hub commit message and the CLI. Every manifest here is produced by
 the code itself (a real soup is cooked); none is written by hand."""
 
@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import pytest
 from typer.testing import CliRunner
 
-from soup.card import render_model_card
+from soup.finish.card import render_model_card
 from soup.cli import app, main
 from soup.pipeline import average_soup, cook, greedy_soup, maximum_soup
 from soup.errors import SoupError
-from soup.manifest import MANIFEST, SCHEMA_VERSION, Manifest, read, write
-from soup.output import is_soup
-from soup.report import format_report, make_figure
-from soup.strategies import Choice, SoupStrategy
+from soup.io.manifest import MANIFEST, SCHEMA_VERSION, Manifest, read, write
+from soup.engine.output import is_soup
+from soup.finish.report import format_report, make_figure
+from soup.soups.strategies import Choice, SoupStrategy
 
 from conftest import make_state, write_checkpoint
 

@@ -12,11 +12,11 @@ from typing import ClassVar
 import pytest
 import torch
 
-from soup.evaluate import Evaluator, Score
+from soup.soups.evaluate import Evaluator, Score
 from soup.pipeline import greedy_soup
 from soup.progress import Reporter
-from soup.scorer import Scorer
-from soup.strategies import GreedySoup, MaximumSoup
+from soup.soups.scorer import Scorer
+from soup.soups.strategies import GreedySoup, MaximumSoup
 
 from conftest import load_soup, make_state, reference_mean, write_checkpoint
 

@@ -12,7 +12,7 @@ from conftest import make_state, write_checkpoint
 from soup.cli import app
 from soup.errors import IncompatibleIngredients
 from soup.hub import push
-from soup.ingredients import HubOptions
+from soup.io.ingredients import HubOptions
 
 runner = CliRunner()
 

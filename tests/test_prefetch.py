@@ -1,4 +1,4 @@
-"""Reading ahead (soup.prefetch) and the two-thread shard writer: what is read, when, and that the
+"""Reading ahead (soup.engine.prefetch) and the two-thread shard writer: what is read, when, and that the
 bytes written and hashed are the soup's."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import soup
-from soup.ingredients import resolve_all
-from soup.plan import build_plan
-from soup.prefetch import Prefetcher, plan_ranges
-from soup.rules import parse_rules
-from soup.writer import _HashingWriter
+from soup.io.ingredients import resolve_all
+from soup.engine.plan import build_plan
+from soup.engine.prefetch import Prefetcher, plan_ranges
+from soup.engine.rules import parse_rules
+from soup.engine.writer import _HashingWriter
 
 from conftest import load_soup, reference_mean
 
@@ -143,7 +143,7 @@ def test_a_vanished_file_is_left_to_the_math(make_ingredients, tmp_path):
 
 
 def test_merge_with_read_ahead_is_the_definition(make_ingredients, tmp_path, monkeypatch):
-    import soup.prefetch as prefetch
+    import soup.engine.prefetch as prefetch
 
     monkeypatch.setattr(prefetch, "CHUNK", 4 << 10)  # many small reads racing the math
     paths, states = make_ingredients(3, shards=2, big=300_000)
@@ -213,8 +213,8 @@ def test_hashing_writer_reports_a_write_error_at_the_last_file(tmp_path):
 
 
 def test_in_memory_sinks_take_blocks_computed_in_place():
-    from soup.plan import Job
-    from soup.sinks import _Filling
+    from soup.engine.plan import Job
+    from soup.engine.sinks import _Filling
 
     filling, flat = _Filling(), torch.zeros(10)
     job = Job(name="w", shape=(10,), kind="mean", out_dtype=torch.float32, weights=(1.0,))
@@ -264,7 +264,7 @@ def test_readers_stop_quietly_where_sendfile_is_refused(make_ingredients, monkey
 
 
 def test_released_pages_read_back_the_same(make_ingredients):
-    from soup.stream import TensorReader
+    from soup.engine.stream import TensorReader
 
     paths, states = make_ingredients(1, big=400_000)
     ck = resolve_all(paths)[0]
@@ -281,7 +281,7 @@ def test_released_pages_read_back_the_same(make_ingredients):
 
 
 def test_merge_evicting_what_it_read_is_the_definition(make_ingredients, tmp_path, monkeypatch):
-    import soup.engine as engine
+    import soup.merging as engine
 
     monkeypatch.setattr(engine, "available_memory", lambda: 0)  # as if the inputs were larger than RAM
     released = []

@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from soup.cache import ScoreCache
+from soup.soups.cache import ScoreCache
 from soup.cli import app
 from soup.errors import RecipeError
-from soup.evaluate import Score
+from soup.soups.evaluate import Score
 from soup.recipe import load_recipe, parse_recipe
 
 from conftest import load_soup, make_state, reference_mean, write_checkpoint
@@ -23,7 +23,7 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 EVALUATOR = '''
 import json, pathlib
-from soup.evaluate import Evaluator
+from soup.soups.evaluate import Evaluator
 
 class Closeness(Evaluator):
     """Higher is better: minus the distance of the soup's norm weight to a target value; logs calls."""
@@ -146,7 +146,7 @@ def test_run_errors_are_one_line(tmp_path):
                                      "evaluator: {name: nonesuch}\noutput: o\ncache: false\n")
     res = runner.invoke(app, ["run", str(tmp_path / "r.yaml"), "-q"])
     assert res.exit_code == 1
-    from soup.evaluate import evaluator_names
+    from soup.soups.evaluate import evaluator_names
 
     names = evaluator_names()
     assert {"command", "perplexity", "python", "table"} <= set(names)

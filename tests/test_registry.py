@@ -258,7 +258,7 @@ def test_mlflow_registry_in_and_out(mlflow_server, tmp_path, monkeypatch):
     assert new and all(f"sft-v{version}" in w for w in new)
     mv = MlflowClient(tracking_uri=url, registry_uri=url).get_model_version("sft-soup", "2")
     assert mv.description.startswith(f"+ models:/sft/{version} (") and "greedy kept" in mv.description
-    assert mv.tags["soup.method"] == "greedy" and mv.tags["soup.ingredients"] == "3"
+    assert mv.tags["soup.method"] == "greedy" and mv.tags["soup.io.ingredients"] == "3"
     assert mv.tags["soup.ingredient.2"].startswith(f"models:/sft/{version} weight=")
     assert "score=" in mv.tags["soup.ingredient.0"] and float(mv.tags["soup.score"]) < 0
     m = soup.read_manifest(tmp_path / "out")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import soup.scorer as scorer_mod
+import soup.soups.scorer as scorer_mod
 from soup.errors import RecipeError
 from soup.evaluators.python import PythonEvaluator
-from soup.ingredients import resolve_all
+from soup.io.ingredients import resolve_all
 from soup.pipeline import greedy_soup
-from soup.scorer import RunningSum, Scorer, place_running_sum
+from soup.soups.scorer import RunningSum, Scorer, place_running_sum
 
 from conftest import make_state, write_checkpoint
 
@@ -80,7 +80,7 @@ def test_sums_placed_and_updated_in_place(four, storage, placement, monkeypatch)
 
 
 def _read(ck, name):
-    from soup.stream import TensorReader
+    from soup.engine.stream import TensorReader
 
     r = TensorReader(ck)
     try:
@@ -127,7 +127,7 @@ def test_greedy_same_choice_wherever_the_sum_lives(four, sums):
 
 
 def test_bad_sums_value():
-    from soup.strategies import make_strategy
+    from soup.soups.strategies import make_strategy
 
     with pytest.raises(RecipeError, match="strategy.sums: 'gpu' must be one of auto, device, memory, disk"):
         make_strategy("greedy", sums="gpu")

@@ -1,4 +1,4 @@
-"""Never lose a byte: the output is checked, locked and replaced by one mechanism (soup.output), and
+"""Never lose a byte: the output is checked, locked and replaced by one mechanism (soup.engine.output), and
 every way a process ends (error, Ctrl-C, SIGTERM, SIGHUP, SIGKILL, a full or read-only disk) leaves
 the user's files byte-identical and nothing half-written beside the output.
 
@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from conftest import load_soup, make_state, reference_mean, write_checkpoint
 from soup.cli import app
-from soup.output import OutputDir
+from soup.engine.output import OutputDir
 
 runner = CliRunner()
 SOUP = [sys.executable, "-c", "from soup.cli import main; main()"]
@@ -150,7 +150,7 @@ def test_concurrent_merges_exactly_one_wins(big_inputs, tmp_path):
 
 def test_a_dead_writers_lock_is_broken(project):
     """flock is released by the kernel when its holder dies, even by SIGKILL."""
-    script = f"from soup.output import OutputDir; import time; OutputDir({str(project / 'soup')!r}).lock(); " \
+    script = f"from soup.engine.output import OutputDir; import time; OutputDir({str(project / 'soup')!r}).lock(); " \
              "print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

@@ -141,7 +141,7 @@ def test_recipe_or_evaluator_change_is_a_change(shop):
 def test_two_concurrent_runs_publish_one_commit(shop, tmp_path, monkeypatch):
     soup.run_recipe(shop.recipe, if_changed=True)
     shop.add("sft-c", 3)
-    import soup.schedule as schedule
+    import soup.run as schedule  # run_if_changed reads the previous soup through soup.run
 
     barrier, read = threading.Barrier(2, timeout=30), schedule.read_previous
 
@@ -180,7 +180,7 @@ def test_a_run_that_saw_an_older_soup_fails_before_evaluating(shop, tmp_path, mo
     """Machine 2 read the soup, machine 1 published a new one meanwhile: machine 2 publishes nothing."""
     soup.run_recipe(shop.recipe, if_changed=True)
     shop.add("sft-c", 3)
-    import soup.schedule as schedule
+    import soup.run as schedule  # run_if_changed reads the previous soup through soup.run
 
     stale = schedule.read_previous(soup.recipe.load_recipe(shop.recipe))
     assert soup.run_recipe(shop.recipe, if_changed=True, output=tmp_path / "m1").changed
@@ -275,7 +275,7 @@ def test_webhook_secret_and_matching_event_trigger_a_tick(shop):
 
 def test_mlflow_webhook_signature():
     from soup.registry import Event
-    from soup.webhooks import WebhookServer, mlflow_signature
+    from soup.schedule.webhooks import WebhookServer, mlflow_signature
 
     got: list[Event] = []
     server = WebhookServer("127.0.0.1:0", SECRET, lambda e: got.append(e) or e.name == "sft")
@@ -340,7 +340,7 @@ def test_every_and_webhook_options_are_checked(shop):
     res = runner.invoke(app, ["watch", str(shop.recipe), "--webhook", "127.0.0.1:0", "--max-ticks", "1"],
                         env={"SOUP_WEBHOOK_SECRET": ""})
     assert res.exit_code == 1 and "a secret is required" in res.stderr
-    assert soup.schedule.parse_every("1h30m") == 5400 and soup.schedule.parse_every("500ms") == 0.5
+    assert soup.schedule.watch.parse_every("1h30m") == 5400 and soup.schedule.watch.parse_every("500ms") == 0.5
 
 
 # ---- the README's cron line and Kubernetes CronJob, run as written -------------------------------------

@@ -19,9 +19,9 @@ import soup
 from conftest import load_soup, make_state, reference_mean, write_checkpoint
 from soup.cli import app
 from soup.errors import EvaluatorError, RecipeError
-from soup.evaluate import Evaluator
-from soup.search import SearchSoup
-from soup.strategies import make_strategy
+from soup.soups.evaluate import Evaluator
+from soup.soups.search import SearchSoup
+from soup.soups.strategies import make_strategy
 
 runner = CliRunner()
 OPTIMUM = [0.2, 0.3, 0.5]
@@ -186,11 +186,11 @@ def test_groups_get_their_own_weights(three, tmp_path):
 
 def test_a_shared_storage_holds_the_study_and_keeps_its_trials_alive(three, tmp_path, monkeypatch):
     """``storage=URL`` (``--storage``): the study lives there, with heartbeats for other processes to see."""
-    import soup.search
+    import soup.soups.search
 
     paths, _, target = three
     TARGET["model.norm.weight"] = target["model.norm.weight"]
-    monkeypatch.setattr(soup.search, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(soup.soups.search, "HEARTBEAT_S", 1)
     url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
     res = soup.search_soup(paths, closeness, n_trials=4, storage=url, out=tmp_path / "out", cache=None)
     (study,) = _studies(url)

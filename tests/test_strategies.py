@@ -7,7 +7,7 @@ import torch
 
 from soup.pipeline import average_soup, greedy_soup, maximum_soup
 from soup.errors import EvaluatorError, RecipeError
-from soup.evaluate import Evaluator
+from soup.soups.evaluate import Evaluator
 
 from conftest import load_soup, make_state, reference_mean, write_checkpoint
 
@@ -136,7 +136,7 @@ def test_evaluator_failure_names_candidate_and_keeps_scores(five, tmp_path):
 
 def test_running_sum_candidates_read_only_the_new_ingredient(five, monkeypatch):
     paths, states = five
-    from soup import stream
+    from soup.engine import stream
 
     reads = []
     orig = stream.TensorReader.view
@@ -175,7 +175,7 @@ def test_greedy_sums_on_disk_same_choice(five):
 
 
 def test_unknown_strategy_and_options():
-    from soup.strategies import make_strategy
+    from soup.soups.strategies import make_strategy
 
     with pytest.raises(RecipeError, match="valid names: maximum, average, greedy"):
         make_strategy("best")

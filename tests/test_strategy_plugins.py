@@ -13,7 +13,7 @@ import soup
 from conftest import load_soup, make_state, reference_mean, write_checkpoint
 from soup.cli import app
 from soup.errors import RecipeError
-from soup.strategies import make_strategy
+from soup.soups.strategies import make_strategy
 
 runner = CliRunner()
 
@@ -97,7 +97,7 @@ def test_strategy_names_and_options_are_checked(tmp_path):
     with pytest.raises(RecipeError, match="unknown option.*lean"):
         make_strategy(f"{tmp_path / 's.py'}:TopTwo", leen=0.2)
     with pytest.raises(RecipeError, match="not a subclass of soup.SoupStrategy"):
-        make_strategy("soup.evaluate:Score")
+        make_strategy("soup.soups.evaluate:Score")
     with pytest.raises(RecipeError, match="has no attribute 'Nope'"):
         make_strategy(f"{tmp_path / 's.py'}:Nope")
     assert make_strategy("greedy", tie=">").tie == ">"  # built-ins found by their entry points

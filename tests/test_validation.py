@@ -135,7 +135,7 @@ def test_run_checks_the_plan_before_evaluating(make_ingredients, tmp_path):
     paths, _ = make_ingredients(2)
     log = tmp_path / "calls.log"
     (tmp_path / "ev.py").write_text(
-        "import pathlib\nfrom soup.evaluate import Evaluator\n"
+        "import pathlib\nfrom soup.soups.evaluate import Evaluator\n"
         "class E(Evaluator):\n    def score(self, candidate):\n"
         f"        pathlib.Path({str(log)!r}).write_text('called')\n        return 1.0\n")
     (tmp_path / "r.yaml").write_text(

@@ -47,20 +47,6 @@ def _example():
 tiny_llava = _example()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _modules_cache(tmp_path_factory):
-    """Remote code is imported from a modules cache in a temp folder, not the user's HF cache."""
-    import transformers.dynamic_module_utils as dmu
-
-    cache = tmp_path_factory.mktemp("hf_modules")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dmu, "HF_MODULES_CACHE", str(cache))
-        mp.syspath_prepend(str(cache))
-        yield
-    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
-        del sys.modules[name]
-
-
 def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -143,7 +129,7 @@ def test_hub_pull_fetches_remote_code_and_named_files(hub, tmp_path, hf_isolated
     got = {p.relative_to(pulled.path).as_posix() for p in pulled.path.rglob("*") if p.is_file()}
     assert {"configuration_tinyvlm.py", "modeling_tinyvlm.py", "extra/vision_vocab.txt", "model.safetensors"} <= got
     assert "optimizer.pt" not in got
-    out = soup.merge([f"hf://owner/xc@{pulled.commit}", base], tmp_path / "soup", hub=soup.ingredients.HubOptions(
+    out = soup.merge([f"hf://owner/xc@{pulled.commit}", base], tmp_path / "soup", hub=soup.io.ingredients.HubOptions(
         endpoint=hub.url)).path
     assert (out / "modeling_tinyvlm.py").exists() and (out / "extra" / "vision_vocab.txt").exists()
 
@@ -265,7 +251,7 @@ def test_wrapper_keys_found_or_chosen(tmp_path):
     torch.save(_toy(1), legacy, _use_new_zipfile_serialization=False)
     assert "not a zip-format torch checkpoint" in _one_line_error(_cli("inspect", legacy))
     # the same file read another way is another ingredient (scores are cached by fingerprint)
-    fp = {k: soup.ingredients.resolve(soup.Ingredient(str(both), key=k)).fingerprint for k in ("model", "ema")}
+    fp = {k: soup.io.ingredients.resolve(soup.Ingredient(str(both), key=k)).fingerprint for k in ("model", "ema")}
     assert fp["model"] != fp["ema"]
 
 

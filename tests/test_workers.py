@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import soup
-from soup.cache import ScoreCache
+from soup.soups.cache import ScoreCache
 from soup.cli import app
 from soup.errors import EvaluatorError
-from soup.pipeline import run_recipe
+from soup.run import run_recipe
 from soup.recipe import load_recipe
 
 runner = CliRunner()
@@ -33,7 +33,7 @@ runner = CliRunner()
 EVALUATOR = '''
 import os, time
 from pathlib import Path
-from soup.evaluate import Evaluator
+from soup.soups.evaluate import Evaluator
 
 class LogEval(Evaluator):
     name = "logeval"

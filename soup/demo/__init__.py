@@ -15,10 +15,10 @@ Needs the ``demo`` extra (scikit-learn): ``pip install 'soup-merge[demo]'``; imp
 without it raises an ``ImportError`` that says so.
 """
 
-from .evaluator import DigitsAccuracy, accuracy
-from .model import MODEL_TYPE, DigitsMLP, load_model
-from .run import format_rows, run_demo
-from .train import INGREDIENTS, build_ingredients
+from soup.demo.evaluator import DigitsAccuracy, accuracy
+from soup.demo.model import MODEL_TYPE, DigitsMLP, load_model
+from soup.demo.run import format_rows, run_demo
+from soup.demo.train import INGREDIENTS, build_ingredients
 
 __all__ = ["DigitsAccuracy", "DigitsMLP", "INGREDIENTS", "MODEL_TYPE", "accuracy", "build_ingredients",
            "format_rows", "load_model", "run_demo"]

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import EvaluatorError
-from ..evaluate import Candidate, Evaluator
-from .data import split as data_split
-from .model import DigitsMLP
+from soup.errors import EvaluatorError
+from soup.soups.evaluate import Candidate, Evaluator
+from soup.demo.data import split as data_split
+from soup.demo.model import DigitsMLP
 
 __all__ = ["DigitsAccuracy", "accuracy"]
 

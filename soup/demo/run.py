@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..pipeline import average_soup, greedy_soup, maximum_soup
-from ..progress import Reporter
-from .evaluator import DigitsAccuracy
-from .train import INGREDIENTS, build_ingredients
+from soup.pipeline import average_soup, greedy_soup, maximum_soup
+from soup.progress import Reporter
+from soup.demo.evaluator import DigitsAccuracy
+from soup.demo.train import INGREDIENTS, build_ingredients
 
 __all__ = ["format_rows", "run_demo"]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import shift, splits
-from .model import MODEL_TYPE, DigitsMLP
+from soup.demo.data import shift, splits
+from soup.demo.model import MODEL_TYPE, DigitsMLP
 
 __all__ = ["INGREDIENTS", "FineTune", "build_ingredients"]
 

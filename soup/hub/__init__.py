@@ -14,10 +14,11 @@
   places: ``HF_TOKEN``, ``hf auth login``) are never printed, logged or written.
 """
 
-from .errors import RetryPolicy
-from .download import PULL_PATTERNS, PulledRepo, pull
-from .upload import PushResult, ShardUploader, push
-from .specs import HUB_PREFIX, parse_hub_spec
+from soup.hub.errors import RetryPolicy
+from soup.io.ingredients import HubOptions
+from soup.hub.download import PULL_PATTERNS, PulledRepo, pull
+from soup.hub.upload import PushResult, ShardUploader, push
+from soup.hub.specs import HUB_PREFIX, parse_hub_spec
 
-__all__ = ["HUB_PREFIX", "PULL_PATTERNS", "PulledRepo", "PushResult", "RetryPolicy", "ShardUploader",
+__all__ = ["HubOptions", "HUB_PREFIX", "PULL_PATTERNS", "PulledRepo", "PushResult", "RetryPolicy", "ShardUploader",
            "parse_hub_spec", "pull", "push"]

@@ -2,7 +2,7 @@
 
 The revision (branch, tag or sha) is resolved to a commit sha *first*; then only the weights and
 the files a soup copies beside them (config, tokenizer, processor, chat templates, remote code and
-files the config names: ``soup.modelfiles``) of that commit are downloaded, into the standard HF
+files the config names: ``soup.io.modelfiles``) of that commit are downloaded, into the standard HF
 cache (shared with transformers, reused, and usable offline once cached). Nothing downloaded is
 ever imported or run. With ``HF_HUB_OFFLINE=1``
 nothing is requested: a pinned sha, or a branch pulled before, is served from the cache.
@@ -19,15 +19,15 @@ from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_dow
 from huggingface_hub.errors import CachedRepoTreeNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 
-from ..errors import HubError
-from ..modelfiles import PATTERNS as SUPPORT_PATTERNS, support_files
-from .errors import RetryPolicy, hub_error, retrying
-from .specs import SHA, check_repo_id, hub_cache_dir, hub_endpoint, is_offline
+from soup.errors import HubError
+from soup.io.modelfiles import PATTERNS as SUPPORT_PATTERNS, support_files
+from soup.hub.errors import RetryPolicy, hub_error, retrying
+from soup.hub.specs import SHA, check_repo_id, hub_cache_dir, hub_endpoint, is_offline
 
 __all__ = ["PULL_PATTERNS", "PulledRepo", "pull"]
 
 # what an ingredient needs: weights (+ index), and config, tokenizer, processor files, chat templates,
-# remote code (soup.modelfiles.PATTERNS; files the configs name are fetched in a second step)
+# remote code (soup.io.modelfiles.PATTERNS; files the configs name are fetched in a second step)
 PULL_PATTERNS = [
     "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
     *SUPPORT_PATTERNS,

@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from ..errors import HubError, redact
+from soup.errors import HubError, redact
 
 __all__ = ["DEFAULT_RETRY", "RetryPolicy", "hub_error", "retrying", "status_code", "transport_errors"]
 

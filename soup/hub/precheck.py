@@ -15,11 +15,11 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.errors import NotASafetensorsRepoError
 
-from ..checkpoint import DTYPES, Checkpoint, TensorInfo, open_checkpoint
-from ..errors import CheckpointError
-from ..ingredients import HubOptions, IngredientSpec
-from .errors import hub_error, retrying
-from .specs import HUB_PREFIX, hub_endpoint, parse_hub_spec
+from soup.io.checkpoint import DTYPES, Checkpoint, TensorInfo, open_checkpoint
+from soup.errors import CheckpointError
+from soup.io.ingredients import HubOptions, IngredientSpec
+from soup.hub.errors import hub_error, retrying
+from soup.hub.specs import HUB_PREFIX, hub_endpoint, parse_hub_spec
 
 __all__ = ["header_checkpoint", "precheck"]
 
@@ -74,7 +74,7 @@ def precheck(specs: Sequence[IngredientSpec], *, labels: Sequence[str | None] | 
     cks = [header_checkpoint(s, label=lab, hub=hub) for s, lab in zip(specs, labels)]
     known = [c for c in cks if c is not None]
     if len(known) >= 2:
-        from ..plan import check_compatible
+        from soup.engine.plan import check_compatible
 
         check_compatible(known, allow_float_mix=allow_float_mix)
     return [ck if ck is not None and not is_hub(s) else s for s, ck in zip(specs, cks)]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import HubError
+from soup.errors import HubError
 
 __all__ = ["Publisher", "PUSH_OPTIONS"]
 
@@ -23,7 +23,7 @@ class Publisher:
 
     Args:
         push_to: ``{"repo": "owner/name", "revision", "private", "create_pr", "commit_message"}`` or None;
-            ``soup.schedule`` adds ``parent_commit`` and ``previous`` (see ``ShardUploader``).
+            ``soup.schedule.watch`` adds ``parent_commit`` and ``previous`` (see ``ShardUploader``).
         endpoint: hub URL (default ``HF_ENDPOINT`` / huggingface.co).
     """
 
@@ -32,7 +32,7 @@ class Publisher:
         self.target = dict(push_to) if push_to else None
         self._up = None
         if self.target is not None:
-            from .upload import ShardUploader
+            from soup.hub.upload import ShardUploader
 
             opts = {k: v for k, v in self.target.items() if k != "repo" and v is not None}
             self._up = ShardUploader(self.target["repo"], endpoint=endpoint, token=token, **opts)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-from ..errors import HubError
+from soup.errors import HubError
 
 __all__ = ["HUB_PREFIX", "check_repo_id", "hub_cache_dir", "hub_endpoint", "is_offline", "parse_hub_spec"]
 

@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile, constants
 
-from ..errors import HubError, SoupError
-from .errors import RetryPolicy, hub_error, retrying, status_code
-from .specs import check_repo_id, hub_endpoint
+from soup.errors import HubError, SoupError
+from soup.hub.errors import RetryPolicy, hub_error, retrying, status_code
+from soup.hub.specs import check_repo_id, hub_endpoint
 
 __all__ = ["PushResult", "ShardUploader", "push"]
 
@@ -276,16 +276,16 @@ def _folder_files(folder: Path) -> list[Path]:
 
 def _default_message(folder: Path, n_files: int, previous: Any = None) -> str:
     """The default commit message from the folder's manifest: "soup: greedy soup of 8 ingredients", or,
-    given the ``previous`` soup's manifest, what changed since (``soup.report.format_update``), e.g.
+    given the ``previous`` soup's manifest, what changed since (``soup.finish.report.format_update``), e.g.
     "+ acme/sft-ocr@abc1234 (0.612); greedy kept 4/7; score 0.618 (+0.004)"."""
-    from ..manifest import read
+    from soup.io.manifest import read
 
     try:
         manifest = read(folder)
     except SoupError:
         return f"soup: upload {n_files} files"
     if previous is not None:
-        from ..report import format_update
+        from soup.finish.report import format_update
 
         return format_update(previous, manifest)
     return f"soup: {manifest.method.name} soup of {len(manifest.ingredients)} ingredients"

@@ -22,95 +22,21 @@ One module per registry (``hub``, ``folder``, ``mlflow``), each a ``Query`` with
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from ..errors import SoupError
-from ..manifest import pin_key
+from soup.errors import SoupError
+from soup.registry.base import Context, Event, Pinned, Query, tracking_uri
 
 __all__ = ["Query", "Pinned", "Context", "Event", "REGISTRIES", "parse_query", "resolve_ingredients",
            "has_queries", "context_of", "describe_pinned", "tracking_uri", "resolve_query"]
 
 
-@dataclass(frozen=True)
-class Pinned:
-    """One ingredient, pinned: what a query (or a fixed ingredient) resolved to at run time."""
-
-    source: str  # as soup.json records it: hf://owner/name@sha, an absolute path, models:/NAME/N
-    label: str | None  # a stable label (None: the default, the folder or repo name)
-    revision: str  # the pin: a commit sha, a content fingerprint, a version number ("" if not pinned)
-    origin: str  # the recipe field it came from, e.g. "ingredients[2]"
-    fetch: Callable[[], Any] | None = None  # makes it local (MLflow: download); default: ``source``
-
-    def spec(self) -> Any:
-        """What ``cook`` takes: the source itself, or (MLflow) a Checkpoint of the downloaded folder."""
-        return self.fetch() if self.fetch is not None else self.source
-
-    @property
-    def key(self) -> str:
-        """Identity for "has anything changed?" (the same rule as ``IngredientEntry.pin``)."""
-        return pin_key(self.source, self.revision)
-
-    @property
-    def display(self) -> str:
-        """Short, for logs and commit messages: ``acme/sft-ocr@abc1234``, ``models:/sft/3``, a label."""
-        if self.source.startswith("hf://"):
-            repo, _, rev = self.source[len("hf://"):].partition("@")
-            return f"{repo}@{rev[:7]}" if rev else repo
-        if self.source.startswith("models:/"):
-            return self.source
-        return self.label or Path(self.source).name
-
-
-@dataclass(frozen=True)
-class Context:
-    """Where queries are resolved: the hub endpoint and token, the MLflow tracking URI."""
-
-    endpoint: str | None = None
-    token: str | bool | None = None
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI
-
-
-@dataclass(frozen=True)
-class Event:
-    """A webhook event, reduced to what a query needs to tell whether it concerns it."""
-
-    registry: str  # "hub" or "mlflow"
-    name: str  # hub: owner/name; mlflow: the registered model's name
-    kind: str = ""  # hub: the scope (repo.content); mlflow: entity.action (model_version.created)
-
-
-class Query(ABC):
-    """A registry query in a recipe. Subclasses are frozen dataclasses with a ``where`` field."""
-
-    registry: ClassVar[str]
-    where: str  # its recipe field path, e.g. "ingredients[1]"
-
-    @classmethod
-    @abstractmethod
-    def parse(cls, item: Mapping[str, Any], where: str, base: Path, errors: list[str]) -> Query | None:
-        """Check a recipe mapping; append field-path errors and return None when it is wrong."""
-
-    @abstractmethod
-    def resolve(self, ctx: Context) -> list[Pinned]:
-        """Every matching ingredient, pinned, in a stable order (may be empty)."""
-
-    @abstractmethod
-    def describe(self) -> str:
-        """The query in one line, e.g. ``hub models by acme named sft-* tagged instruct``."""
-
-    def matches(self, event: Event) -> bool:
-        """Whether a webhook event may change what this query resolves to."""
-        return False
-
-
 def _registries() -> dict[str, type[Query]]:
-    from .folder import FolderQuery
-    from .hub import HubQuery
-    from .mlflow import MlflowQuery
+    from soup.registry.folder import FolderQuery
+    from soup.registry.hub import HubQuery
+    from soup.registry.mlflow import MlflowQuery
 
     return {q.registry: q for q in (HubQuery, FolderQuery, MlflowQuery)}
 
@@ -190,13 +116,13 @@ def _is_own(p: Pinned, recipe: Any, output: str | Path | None) -> bool:
 
 def _pin_fixed(source: str, label: str | None, where: str, ctx: Context) -> Pinned:
     if source.startswith("hf://"):
-        from .hub import pin_repo
-        from ..hub.specs import parse_hub_spec
+        from soup.registry.hub import pin_repo
+        from soup.hub.specs import parse_hub_spec
 
         repo_id, revision = parse_hub_spec(source)
         sha = pin_repo(repo_id, revision, ctx)
         return Pinned(f"hf://{repo_id}@{sha}", label, sha, where)
-    from ..checkpoint import open_checkpoint
+    from soup.io.checkpoint import open_checkpoint
 
     return Pinned(source, label, open_checkpoint(Path(source), label=label).fingerprint, where)
 
@@ -207,33 +133,4 @@ def describe_pinned(pinned: Sequence[Pinned]) -> list[str]:
                                                         p.revision not in p.source else "")
             for p in pinned]
 
-
-def tracking_uri(given: str | None) -> str | None:
-    """The MLflow tracking URI: the recipe's ``tracking_uri``, else ``MLFLOW_TRACKING_URI``."""
-    return given or os.environ.get("MLFLOW_TRACKING_URI") or None
-
-
-def check_keys(item: Mapping[str, Any], allowed: set[str], where: str, errors: list[str]) -> None:
-    """Unknown keys of a query mapping, named with their field path (as recipe.py does)."""
-    for key in sorted(k for k in item if not isinstance(k, str) or k not in allowed):
-        errors.append(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def string_list(value: Any, where: str, errors: list[str]) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str) and value:
-        return (value,)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        errors.append(f"{where}: must be a list of strings, got {value!r}")
-        return ()
-    return tuple(value)
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line (first line only), for registry errors that wrap foreign text."""
-    from ..errors import redact
-
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return redact(text)
 

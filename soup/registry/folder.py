@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import Context, Event, Pinned, Query, check_keys
+from soup.registry.base import Context, Event, Pinned, Query, check_keys
 
 __all__ = ["FolderQuery"]
 
@@ -50,7 +50,7 @@ class FolderQuery(Query):
         return p if p.is_absolute() else self.base / p
 
     def resolve(self, ctx: Context) -> list[Pinned]:
-        from ..checkpoint import open_checkpoint
+        from soup.io.checkpoint import open_checkpoint
 
         pinned = []
         for match in sorted(Path(m) for m in globlib.glob(str(self.pattern), recursive=True)):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import Context, Event, Pinned, Query, check_keys, string_list
+from soup.registry.base import Context, Event, Pinned, Query, check_keys, string_list
 
 __all__ = ["HubQuery", "pin_repo"]
 
@@ -65,8 +65,8 @@ class HubQuery(Query):
     def resolve(self, ctx: Context) -> list[Pinned]:
         from huggingface_hub import HfApi
 
-        from ..hub.errors import hub_error, retrying
-        from ..hub.specs import hub_endpoint
+        from soup.hub.errors import hub_error, retrying
+        from soup.hub.specs import hub_endpoint
 
         api = HfApi(endpoint=hub_endpoint(ctx.endpoint), token=ctx.token)
         try:
@@ -107,8 +107,8 @@ def pin_repo(repo_id: str, revision: str | None, ctx: Context) -> str:
     """The commit sha ``revision`` (default: the default branch) of a model repo points at now."""
     from huggingface_hub import HfApi
 
-    from ..hub.errors import hub_error, retrying
-    from ..hub.specs import SHA, hub_endpoint
+    from soup.hub.errors import hub_error, retrying
+    from soup.hub.specs import SHA, hub_endpoint
 
     if revision and SHA.match(revision):
         return revision

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import SoupError
-from . import Context, Event, Pinned, Query, check_keys, one_line, string_list, tracking_uri
+from soup.errors import SoupError
+from soup.registry.base import Context, Event, Pinned, Query, check_keys, one_line, string_list, tracking_uri
 
 __all__ = ["MlflowQuery", "client", "publish_version", "latest_soup"]
 
@@ -145,14 +145,14 @@ def _checkpoint_folder(c: Any, uri: str, mv: Any) -> str | None:
 
 
 def cache_root() -> Path:
-    from ..cache import default_cache_path
+    from soup.soups.cache import default_cache_path
 
     return Path(os.environ.get("SOUP_MLFLOW_CACHE") or default_cache_path().parent / "mlflow")
 
 
 def _fetcher(uri: str, model: str, version: str, sub: str):
     def fetch() -> Any:
-        from ..checkpoint import open_checkpoint
+        from soup.io.checkpoint import open_checkpoint
 
         folder = download(uri, model, version)
         ck = open_checkpoint(folder / sub if sub else folder, label=f"{model}-v{version}")
@@ -202,7 +202,7 @@ def latest_soup(name: str, uri: str) -> tuple[str | None, Any]:
 
     import mlflow.artifacts
 
-    from ..manifest import MANIFEST, read
+    from soup.io.manifest import MANIFEST, read
 
     c = client(uri)
     try:
@@ -262,7 +262,7 @@ def version_tags(manifest: Any) -> dict[str, str]:
     """Tags of a published soup version: method, score, and one ``soup.ingredient.N`` per ingredient."""
     ev = manifest.evaluation
     tags = {"soup.method": manifest.method.name,
-            "soup.ingredients": str(len(manifest.ingredients)),
+            "soup.io.ingredients": str(len(manifest.ingredients)),
             "soup.kept": str(sum(1 for i in manifest.ingredients if i.weight))}
     if ev is not None and ev.soup_score is not None:
         tags["soup.score"] = f"{ev.soup_score:.6g}"

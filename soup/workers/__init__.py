@@ -39,13 +39,13 @@ The modules:
 - ``settings``: ``QueueSettings``, the queue's identity and name, ``shared_cache``.
 - ``queue``: opening the storage (with retries), claims (table ``soup_claims``), the ``_Queue`` wrapper.
 - ``runner``: ``_Runner``, which claims queued candidates and evaluates them on a local Scorer.
-- ``coordinator``: ``EvaluationQueue``, the coordinator's side (used by ``soup.scorer``).
+- ``coordinator``: ``EvaluationQueue``, the coordinator's side (``soup.pipeline`` injects it into the Scorer).
 - ``join``: ``worker()`` (``soup worker``) and ``WorkerResult``; ``scratch``: a worker's scratch folder.
 """
 
-from .coordinator import EvaluationQueue
-from .join import WorkerResult, worker
-from .settings import QueueSettings, queue_identity, queue_name, shared_cache
+from soup.workers.coordinator import EvaluationQueue
+from soup.workers.join import WorkerResult, worker
+from soup.workers.settings import QueueSettings, queue_identity, queue_name, shared_cache
 
 __all__ = ["worker", "WorkerResult", "EvaluationQueue", "QueueSettings", "queue_name", "queue_identity",
            "shared_cache"]

@@ -14,15 +14,15 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ..cache import display_url
-from ..errors import EvaluatorError, SoupError
-from ..evaluate import Score
-from .queue import _Claims, _open_storage, _Queue, _retrying
-from .runner import _Runner
-from .settings import POLL_MAX, POLL_MIN, QueueSettings, _now, _trial_id, queue_identity, queue_name
+from soup.soups.cache import display_url
+from soup.errors import EvaluatorError, SoupError
+from soup.soups.evaluate import Score
+from soup.workers.queue import _Claims, _open_storage, _Queue, _retrying
+from soup.workers.runner import _Runner
+from soup.workers.settings import POLL_MAX, POLL_MIN, QueueSettings, _now, _trial_id, queue_identity, queue_name
 
 if TYPE_CHECKING:
-    from ..scorer import Scorer
+    from soup.soups.scorer import Scorer
 
 
 class EvaluationQueue:

@@ -12,17 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..cache import ScoreCache, display_url
-from ..errors import SoupError
-from ..progress import Reporter, RichReporter
-from .queue import _Claims, _open_storage, _Queue, _retrying
-from .runner import _Runner
-from .scratch import _Scratch
-from .settings import POLL_MAX, POLL_MIN, QUEUE_PREFIX, QueueSettings, queue_identity, queue_name, shared_cache
+from soup.soups.cache import ScoreCache, display_url
+from soup.errors import SoupError
+from soup.progress import Reporter, RichReporter
+from soup.workers.queue import _Claims, _open_storage, _Queue, _retrying
+from soup.workers.runner import _Runner
+from soup.workers.scratch import _Scratch
+from soup.workers.settings import POLL_MAX, POLL_MIN, QUEUE_PREFIX, QueueSettings, queue_identity, queue_name, shared_cache
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
-    from ..scorer import Scorer
+    from soup.recipe import Recipe
+    from soup.soups.scorer import Scorer
 
 
 @dataclass
@@ -65,7 +65,7 @@ def worker(recipe: str | Path | Recipe | Mapping[str, Any], *, storage: str, dev
         SoupError: a bad recipe, unreachable storage, no queue after ``idle_timeout``; SIGTERM or
             Ctrl-C (``KeyboardInterrupt``) stop it after handing its candidate back.
     """
-    from ..signals import graceful
+    from soup.signals import graceful
 
     if not isinstance(idle_timeout, (int, float)) or isinstance(idle_timeout, bool) or not idle_timeout > 0:
         raise SoupError(f"idle_timeout: {idle_timeout!r} must be a number of seconds > 0")
@@ -93,7 +93,7 @@ def worker(recipe: str | Path | Recipe | Mapping[str, Any], *, storage: str, dev
 
 
 def _recipe(recipe: Any) -> Recipe:
-    from ..recipe import Recipe, load_recipe, parse_recipe
+    from soup.recipe import Recipe, load_recipe, parse_recipe
 
     if isinstance(recipe, Recipe):
         return recipe
@@ -105,17 +105,17 @@ def _recipe(recipe: Any) -> Recipe:
 def _local_scorer(r: Recipe, devices: Sequence[str] | None, cache: Any, reporter: Reporter,
                   endpoint: str | None) -> tuple[Scorer, list[Any], ScoreCache]:
     """The worker's own Scorer: the recipe's ingredients, evaluator (one per device), rules, dtype."""
-    from ..hub.precheck import precheck
-    from ..ingredients import HubOptions, resolve_all
-    from ..options import check_device
-    from ..pipeline import _evaluators
-    from ..rules import parse_rules
-    from ..scorer import Scorer
+    from soup.hub.precheck import precheck
+    from soup.io.ingredients import HubOptions, resolve_all
+    from soup.options import check_device
+    from soup.soups.factory import make_evaluators
+    from soup.engine.rules import parse_rules
+    from soup.soups.scorer import Scorer
 
     devs = list(devices) if devices else list(r.devices or [])
     for i, d in enumerate(devs):
         check_device(d, where=f"devices[{i}]")
-    from ..registry import has_queries, resolve_ingredients
+    from soup.registry import has_queries, resolve_ingredients
 
     if has_queries(r):  # as the coordinator does; a different answer here names another queue (and says so)
         import dataclasses
@@ -127,7 +127,7 @@ def _local_scorer(r: Recipe, devices: Sequence[str] | None, cache: Any, reporter
     cks = resolve_all(specs, labels=r.labels, hub=hub)
     store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
     try:
-        evs = _evaluators(r.evaluator.name, r.evaluator.args, devs or None)
+        evs = make_evaluators(r.evaluator.name, r.evaluator.args, devs or None)
     except BaseException:
         store.close()
         raise

@@ -10,10 +10,10 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..cache import display_url
-from ..errors import SoupError
-from ..evaluate import Score
-from .settings import QueueSettings, _me, _now, _trial_id
+from soup.soups.cache import display_url
+from soup.errors import SoupError
+from soup.soups.evaluate import Score
+from soup.workers.settings import QueueSettings, _me, _now, _trial_id
 
 if TYPE_CHECKING:
     import optuna
@@ -72,7 +72,7 @@ class _Claims:
     def __init__(self, url: str) -> None:
         import sqlalchemy as sa
 
-        from ..cache import engine, ensure_table
+        from soup.soups.cache import engine, ensure_table
 
         self._sa = sa
         self.table = sa.Table("soup_claims", sa.MetaData(),

@@ -12,14 +12,14 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from ..cache import display_url
-from ..errors import SoupError, redact
-from ..progress import Reporter
-from .queue import _Queue
-from .settings import _me, _trial_id
+from soup.soups.cache import display_url
+from soup.errors import SoupError, redact
+from soup.progress import Reporter
+from soup.workers.queue import _Queue
+from soup.workers.settings import _me, _trial_id
 
 if TYPE_CHECKING:
-    from ..scorer import Scorer
+    from soup.soups.scorer import Scorer
 
 
 class _Runner:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..progress import Reporter
+from soup.progress import Reporter
 
 
 class _Scratch:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SoupError
+from soup.errors import SoupError
 
 if TYPE_CHECKING:
     import optuna
 
-    from ..scorer import Scorer
+    from soup.soups.scorer import Scorer
 
 
 QUEUE_PREFIX = "soup-queue-"

@@ -1,0 +1,195 @@
+"""Shared math of the geometric methods (slerp, nuslerp, multislerp, karcher, model_stock, arcee_fusion, ram).
+
+Everything here works on blocks of flat positions, so a method keeps O(1) state per vector whatever the
+tensor's size:
+
+- ``vectors`` (``None``, ``-1`` or ``0``) says which vectors a method measures: the whole tensor as one
+  vector, the vectors along the last dimension (rows), or the vectors along dimension 0 (one per index of
+  the other dimensions: the columns of a matrix). ``group_count`` / ``group_index`` map flat positions to
+  those vectors.
+- ``gram`` accumulates, in float64, the dot products of a few vectors per group (norms and cosines) over
+  one pass of ``tensor.blocks()``.
+- ``spherical_coefficients`` turns cosines into slerp's two coefficients.
+- ``kth_smallest`` finds exact order statistics (quantiles) of a value defined per element in a few passes
+  (radix selection on the float's bits, 16 bits a pass), with O(1) state.
+- ``combine`` sums coefficient x row in a fixed order, so a block's output does not depend on how the
+  tensor was split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from soup.errors import RecipeError
+from soup.methods.base import At, TensorInput, TensorParams
+
+__all__ = [
+    "require",
+    "group_count",
+    "group_index",
+    "gram",
+    "spherical_coefficients",
+    "combine",
+    "kth_smallest",
+]
+
+
+def require(params: TensorParams, name: str, method: str, at: At | None = None) -> Any:
+    """A parameter mergekit requires (no default): its value, or a RecipeError naming it."""
+    try:
+        value = params[name]
+    except KeyError:
+        value = None
+    if value is None or (isinstance(value, tuple) and any(v is None for v in value)):
+        where = f" (tensor {at.name})" if at is not None else ""
+        raise RecipeError(f"{method}: parameter {name!r} is required{where}")
+    return value
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def group_count(shape: Sequence[int], vectors: int | None) -> int:
+    """How many vectors the tensor holds: 1 (whole), its rows (``-1``) or its dim-0 vectors (``0``)."""
+    if vectors is None or len(shape) == 0:
+        return 1
+    numel = _numel(shape)
+    if vectors == -1:
+        return numel // shape[-1] if shape[-1] else 0
+    if vectors == 0:
+        return numel // shape[0] if shape[0] else 0
+    raise ValueError(f"vectors must be None, -1 or 0, not {vectors!r}")
+
+
+def group_index(shape: Sequence[int], vectors: int | None, start: int, stop: int,
+                device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The vector each flat position of ``[start, stop)`` belongs to (int64), or None for the whole tensor."""
+    if vectors is None or len(shape) == 0:
+        return None
+    idx = torch.arange(start, stop, dtype=torch.int64, device=device)
+    if vectors == -1:
+        return idx // shape[-1]
+    inner = _numel(shape) // shape[0]
+    return idx % inner
+
+
+def gram(tensor: TensorInput, rows: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+         vectors: int | None = None) -> torch.Tensor:
+    """Dot products of the rows ``rows(xs, base)`` (k, block) per vector group, accumulated in float64.
+
+    One pass over ``tensor.blocks()``. Returns (groups, k, k), symmetric; groups is 1 for the whole tensor.
+    State: groups x k x k float64 (O(1) for the whole tensor, O(rows) per row).
+    """
+    groups = group_count(tensor.shape, vectors)
+    out: torch.Tensor | None = None
+    for at, xs, base in tensor.blocks():
+        v = rows(xs, base).to(torch.float64)
+        k = v.shape[0]
+        if out is None:
+            out = torch.zeros(groups, k, k, dtype=torch.float64, device=v.device)
+        ids = group_index(tensor.shape, vectors, at.start, at.stop, device=v.device)
+        if ids is None:
+            out[0] += v @ v.T
+            continue
+        for i in range(k):
+            for j in range(i, k):
+                s = torch.zeros(groups, dtype=torch.float64, device=v.device)
+                s.index_add_(0, ids, v[i] * v[j])
+                out[:, i, j] += s
+                if j != i:
+                    out[:, j, i] += s
+    if out is None:  # an empty tensor
+        out = torch.zeros(groups, 0, 0, dtype=torch.float64)
+    return out
+
+
+def spherical_coefficients(cos: torch.Tensor, t: float,
+                           linear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """slerp's coefficients of the two endpoints, ``sin((1-t)θ)/sin θ`` and ``sin(tθ)/sin θ`` (θ = acos cos).
+
+    Where ``linear`` is set they are ``1-t`` and ``t`` (plain interpolation). float64 in, float64 out.
+    """
+    theta = torch.acos(torch.where(linear, torch.zeros_like(cos), cos))
+    sin_theta = torch.sin(theta)
+    safe = torch.where(linear, torch.ones_like(sin_theta), sin_theta)
+    ca = torch.where(linear, torch.full_like(cos, 1.0 - t), torch.sin((1.0 - t) * theta) / safe)
+    cb = torch.where(linear, torch.full_like(cos, t), torch.sin(t * theta) / safe)
+    return ca, cb
+
+
+def combine(coefs: Iterable[torch.Tensor | float], rows: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum_j coefs[j] * rows[j]``, left to right, each product and sum rounded in the rows' dtype.
+
+    A coefficient is a scalar or a per-element tensor (already in the rows' dtype). No matmul: its blocking
+    would make a position's result depend on the block's size.
+    """
+    acc: torch.Tensor | None = None
+    for c, r in zip(coefs, rows):
+        term = c * r
+        acc = term if acc is None else acc + term
+    if acc is None:
+        raise ValueError("combine: nothing to combine")
+    return acc
+
+
+_SHIFT = 16
+_RADIX = 1 << _SHIFT
+
+
+def _sortable(v: torch.Tensor) -> torch.Tensor:
+    """Signed int64 keys ordered as the floats are (float32 or float64 values)."""
+    if v.dtype == torch.float32:
+        bits = v.contiguous().view(torch.int32).to(torch.int64)
+        mask = (1 << 31) - 1
+    elif v.dtype == torch.float64:
+        bits = v.contiguous().view(torch.int64)
+        mask = (1 << 63) - 1
+    else:
+        raise TypeError(f"kth_smallest: float32 or float64 values, not {v.dtype}")
+    return torch.where(bits < 0, bits ^ mask, bits)
+
+
+def _unsortable(key: int, dtype: torch.dtype) -> torch.Tensor:
+    bits_dtype, width = (torch.int32, 32) if dtype == torch.float32 else (torch.int64, 64)
+    mask = (1 << (width - 1)) - 1
+    bits = key ^ mask if key < 0 else key
+    return torch.tensor([bits], dtype=bits_dtype).view(dtype)[0]
+
+
+def kth_smallest(values: Callable[[], Iterator[torch.Tensor]], ks: Sequence[int],
+                 dtype: torch.dtype) -> list[torch.Tensor]:
+    """The exact k-th smallest (0-based) of the values, for each k in ``ks``, as 0-d tensors of ``dtype``.
+
+    ``values()`` starts a pass and yields the values block by block (float32 or float64, 1-D). Radix
+    selection on the values' bits, 16 bits a pass: 2 passes for float32, 4 for float64, whatever the number
+    of values; state: one 65,536-bin histogram per k. Equal to ``sorted(all values)[k]`` (NaNs aside).
+    """
+    width = 32 if dtype == torch.float32 else 64
+    shifts = list(range(width - _SHIFT, -1, -_SHIFT))
+    prefix: list[int | None] = [None] * len(ks)  # key >> (shift + 16) of the k-th value, once known
+    rank = [int(k) for k in ks]
+    for shift in shifts:
+        hists = [torch.zeros(_RADIX, dtype=torch.int64) for _ in ks]
+        for v in values():
+            key = _sortable(v.reshape(-1))
+            high = key >> (shift + _SHIFT) if shift + _SHIFT < 64 else None
+            digit = (key >> shift) & (_RADIX - 1) if shift + _SHIFT < width else (key >> shift) + _RADIX // 2
+            for t, p in enumerate(prefix):
+                d = digit if p is None else digit[high == p]
+                hists[t] += torch.bincount(d.cpu(), minlength=_RADIX)
+        for t in range(len(ks)):
+            cum = torch.cumsum(hists[t], 0)
+            if rank[t] < 0 or rank[t] >= int(cum[-1]):
+                raise ValueError(f"kth_smallest: rank {ks[t]} out of range")
+            d = int(torch.searchsorted(cum, torch.tensor(rank[t]), right=True))
+            rank[t] -= int(cum[d - 1]) if d else 0
+            if prefix[t] is None:  # the top digit is signed
+                prefix[t] = d - _RADIX // 2
+            else:
+                prefix[t] = prefix[t] * _RADIX + d
+    return [_unsortable(p, dtype) for p in prefix]

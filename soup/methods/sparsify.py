@@ -1,0 +1,492 @@
+"""Shared math of the task-vector family (task arithmetic, TIES, DARE, breadcrumbs, DELLA, SCE).
+
+Every method of the family works on task vectors ``delta_i = x_i - base`` and combines them as
+mergekit 0.1.5's "generalized task arithmetic" does: sparsify each delta (optionally rescaling it
+to keep its L1 norm), weight it, optionally keep only the entries that agree with the elected sign,
+sum, optionally divide by the sum of the weights that took part, scale by ``lambda`` and add the
+base back. This module holds the pieces, written once:
+
+- ``deltas``: the task vectors of a block, in the work dtype.
+- ``kth_largest``: the exact k-th largest value of non-negative float32/float64 data streamed in
+  blocks (radix select on the IEEE bit pattern), with O(targets x 65536) state.
+- ``ExactSums``: order-independent exact sums of non-negative values streamed in blocks, so that
+  whole-tensor norms (and therefore the output bytes) do not depend on the block split.
+- ``magnitude_bounds`` / ``outlier_bounds``: which magnitude ranks TIES and breadcrumbs keep.
+- ``dare_keep`` and ``della_keep``: the random masks, drawn from the counter-based ``uniform``.
+- ``l1_factor``: mergekit's ``rescale`` (match the L1 norm of the delta before masking).
+- ``consensus``: TIES sign election ("sum" method: the sign of the summed weighted deltas).
+- ``combine``: weight, elect, sum, normalise, scale, add the base.
+- ``TaskVectorMerge``: the generic method the per-name classes configure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from soup.errors import RecipeError
+from soup.methods.base import At, MergeMethod, Param, TensorInput, TensorParams, uniform
+
+__all__ = [
+    "deltas", "kth_largest", "ExactSums", "magnitude_bounds", "outlier_bounds", "dare_keep",
+    "della_keep", "l1_factor", "consensus", "combine", "row_sum", "TaskVectorMerge",
+    "task_vector_parameters", "L1_EPS",
+]
+
+_DIGIT = 16
+_BINS = 1 << _DIGIT
+_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+_WIDTH = {torch.float32: 32, torch.float64: 64}
+
+L1_EPS = 1e-7
+"""mergekit's tolerance: no L1 rescale when the norm before or after masking is below it."""
+
+
+# --- task vectors ---------------------------------------------------------------------------
+
+def deltas(xs: torch.Tensor, base: torch.Tensor | None, method: str = "this method") -> torch.Tensor:
+    """The task vectors ``xs - base`` (n, block) in the work dtype."""
+    if base is None:
+        raise RecipeError(f"{method}: needs a base model (base_model) to compute task vectors")
+    return xs - base
+
+
+def row_sum(rows: torch.Tensor) -> torch.Tensor:
+    """Sum over the first axis, row by row in order (elementwise, so independent of the block split)."""
+    acc = rows[0].clone()
+    for r in rows[1:]:
+        acc += r
+    return acc
+
+
+# --- exact k-th largest by radix select -------------------------------------------------------
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """The IEEE bit patterns of non-negative float32/float64 values as int64 (they order alike)."""
+    if values.dtype not in _INT:
+        raise TypeError(f"radix select needs float32 or float64 values, not {values.dtype}")
+    return values.contiguous().view(_INT[values.dtype]).to(torch.int64)
+
+
+def _pick(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The digit holding the ``rank``-th largest (1-based) of a histogram, and the rank within it."""
+    at_least = counts.flip(0).cumsum(0)  # at_least[j]: how many have a digit >= _BINS - 1 - j
+    j = int(torch.searchsorted(at_least, torch.tensor([rank], dtype=at_least.dtype))[0])
+    digit = _BINS - 1 - j
+    above = int(at_least[j]) - int(counts[digit])
+    return digit, rank - above
+
+
+Targets = Sequence[tuple[int, int]]
+
+
+def kth_largest(passes: Callable[[], Iterable[torch.Tensor]], dtype: torch.dtype,
+                targets: Targets | Callable[[list[int]], Targets]) -> list[float]:
+    """Exact k-th largest values of non-negative data streamed in blocks, one per target.
+
+    ``passes()`` starts a pass over the data and yields blocks of shape (rows, block) in ``dtype``
+    (float32 or float64; all values >= 0, -0.0 counts as 0). ``targets``: ``(row, k)`` pairs, k
+    1-based (``1 <= k <=`` the row's length), or a function of the rows' counts of non-zero values
+    returning them (read after the first pass, for a k that depends on it).
+
+    Radix select on the bit patterns (non-negative IEEE floats order like their integer patterns),
+    16 bits a pass, high digits first: pass 1 a 65536-bin histogram of the top 16 bits per row, then
+    for each target a histogram of the next 16 bits of the values whose higher bits match the prefix
+    chosen so far. float32: 2 passes; float64: 4 passes. State: one (65536,) int64 histogram per
+    target (per row in pass 1), whatever the data's length; the result is exact.
+    """
+    shifts = list(range(_WIDTH[dtype] - _DIGIT, -1, -_DIGIT))
+    # pass 1: histograms of the top digit per row, and the count of zeros per row
+    hist: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    for vals in passes():
+        if vals.dtype != dtype:
+            raise TypeError(f"radix select: a block in {vals.dtype}, expected {dtype}")
+        rows = vals.shape[0]
+        if hist is None:
+            hist = torch.zeros(rows * _BINS, dtype=torch.int64)
+            zeros = torch.zeros(rows, dtype=torch.int64)
+            lengths = torch.zeros(rows, dtype=torch.int64)
+        bits = _bits(vals)
+        top = (bits >> shifts[0]) + torch.arange(rows, dtype=torch.int64).unsqueeze(1) * _BINS
+        hist += torch.bincount(top.reshape(-1), minlength=rows * _BINS)
+        zeros += (bits == 0).sum(dim=1)
+        lengths += bits.shape[1]
+    if hist is None:
+        return []
+    rows = zeros.shape[0]
+    nonzero = [int(v) for v in lengths - zeros]
+    resolved = list(targets(nonzero) if callable(targets) else targets)
+    for row, k in resolved:
+        if not 1 <= k <= int(lengths[row]):
+            raise ValueError(f"radix select: k={k} out of range for a row of {int(lengths[row])}")
+    hist = hist.view(rows, _BINS)
+    prefixes: list[int] = []
+    ranks: list[int] = []
+    for row, k in resolved:
+        digit, rank = _pick(hist[row], k)
+        prefixes.append(digit)
+        ranks.append(rank)
+    del hist
+    # later passes: the next digit among the values that share the prefix chosen so far
+    for shift in shifts[1:]:
+        if not resolved:
+            break
+        counts = torch.zeros(len(resolved), _BINS, dtype=torch.int64)
+        for vals in passes():
+            bits = _bits(vals)
+            for t, (row, _) in enumerate(resolved):
+                b = bits[row]
+                b = b[(b >> (shift + _DIGIT)) == prefixes[t]]
+                counts[t] += torch.bincount((b >> shift) & (_BINS - 1), minlength=_BINS)
+        for t in range(len(resolved)):
+            digit, ranks[t] = _pick(counts[t], ranks[t])
+            prefixes[t] = (prefixes[t] << _DIGIT) | digit
+    out = torch.tensor(prefixes, dtype=torch.int64).to(_INT[dtype]).view(dtype)
+    return [float(v) for v in out.tolist()]
+
+
+# --- exact sums ---------------------------------------------------------------------------------
+
+class ExactSums:
+    """Exact sums per row of non-negative values streamed in blocks, whatever their order or split.
+
+    Each value, as float64 (float32 converts exactly), is ``m * 2**(e - 1075)`` with a 53-bit integer
+    m; the halves of m are added into int64 buckets per (row, exponent), which is exact and
+    order-free (capacity: 2**36 values per bucket). ``totals()`` adds the buckets with Python
+    integers and rounds once, so the result is the correctly rounded sum.
+    """
+
+    _E = 2048
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.hi = torch.zeros(rows * self._E, dtype=torch.int64)
+        self.lo = torch.zeros(rows * self._E, dtype=torch.int64)
+
+    def add(self, values: torch.Tensor) -> None:
+        """Add a (rows, block) block of non-negative finite values."""
+        bits = values.to(torch.float64).contiguous().view(torch.int64)
+        e = (bits >> 52) & 0x7FF
+        m = (bits & ((1 << 52) - 1)) | ((e > 0).to(torch.int64) << 52)
+        idx = (e + torch.arange(self.rows, dtype=torch.int64).unsqueeze(1) * self._E).reshape(-1)
+        self.hi.index_add_(0, idx, (m >> 26).reshape(-1))
+        self.lo.index_add_(0, idx, (m & ((1 << 26) - 1)).reshape(-1))
+
+    def totals(self) -> list[float]:
+        out = []
+        hi = self.hi.view(self.rows, self._E)
+        lo = self.lo.view(self.rows, self._E)
+        for r in range(self.rows):
+            total = 0
+            for e in torch.nonzero(hi[r] + lo[r]).flatten().tolist():
+                # value * 2**1074 = m << (max(e, 1) - 1), exactly
+                total += ((int(hi[r, e]) << 26) + int(lo[r, e])) << (max(e, 1) - 1)
+            out.append(total / (1 << 1074))  # int / int: correctly rounded
+        return out
+
+
+def l1_factor(before: float, after: float) -> float:
+    """mergekit's L1 rescale of a masked delta: ``before / after`` unless either is below 1e-7."""
+    if before < L1_EPS or after < L1_EPS:
+        return 1.0
+    return before / after
+
+
+# --- which entries each sparsification keeps -------------------------------------------------------
+
+def magnitude_bounds(density: float, numel: int) -> tuple[int, int] | None:
+    """TIES: keep the k = max(1, int(density * numel)) largest |delta| (descending ranks [0, k)).
+
+    None: keep everything (density >= 1); (0, 0): keep nothing (density <= 0).
+    """
+    if density >= 1:
+        return None
+    if density <= 0 or numel == 0:
+        return (0, 0)
+    return (0, max(1, int(density * numel)))
+
+
+def outlier_bounds(density: float, gamma: float, numel: int) -> tuple[int, int] | None:
+    """Breadcrumbs: drop the top ``int(gamma * numel)`` |delta| (fewer when needed to keep the target)
+    and keep the next ``int(density * numel)``: descending ranks ``[drop, drop + keep)``.
+    """
+    if density >= 1:
+        return None
+    keep = max(0, int(density * numel))
+    top = max(0, int(gamma * numel))
+    bottom = max(0, numel - keep - top)
+    drop = numel - keep - bottom
+    return (drop, drop + keep)
+
+
+def rank_targets(bounds: Sequence[tuple[int, int] | None]) -> list[tuple[int, int]]:
+    """The k-th largest values that rank ranges [lo, hi) need: the (lo+1)-th (if lo > 0) and the hi-th."""
+    out = []
+    for row, b in enumerate(bounds):
+        if b is None or b[1] <= b[0]:
+            continue
+        if b[0] > 0:
+            out.append((row, b[0] + 1))
+        out.append((row, b[1]))
+    return out
+
+
+def thresholds(bounds: Sequence[tuple[int, int] | None], values: list[float]
+               ) -> list[tuple[float, float] | None | bool]:
+    """Turn the k-th largest values back into per-row magnitude intervals ``(low, high)``, inclusive.
+
+    None: keep all; False: keep none. The values equal to a bound are all kept (ties at a threshold).
+    """
+    out: list[tuple[float, float] | None | bool] = []
+    it = iter(values)
+    for b in bounds:
+        if b is None:
+            out.append(None)
+        elif b[1] <= b[0]:
+            out.append(False)
+        else:
+            high = next(it) if b[0] > 0 else float("inf")
+            out.append((next(it), high))
+    return out
+
+
+def interval_keep(magnitude: torch.Tensor, bound: tuple[float, float]) -> torch.Tensor:
+    low, high = bound
+    keep = magnitude >= low
+    if high != float("inf"):
+        keep &= magnitude <= high
+    return keep
+
+
+def dare_keep(seed: int, at: At, stream: int, density: float) -> torch.Tensor:
+    """DARE's mask: keep element j with probability ``density`` (``u_j < density``, u from ``uniform``)."""
+    return uniform(seed, at.name, at.start, at.stop, stream=stream) < density
+
+
+def della_probabilities(magnitude: torch.Tensor, shape: tuple[int, ...], density: float,
+                        epsilon: float) -> torch.Tensor:
+    """DELLA's keep probabilities for one ingredient's whole tensor (flat, float64).
+
+    Ranks by |delta| within each row (axis 1 of the tensor; a 1-D tensor is one row), ascending,
+    ties in index order; normalised to [0, 1] within the row and mapped linearly to
+    ``[density - epsilon, density + epsilon]``: the largest magnitudes are the likeliest kept.
+    """
+    view = magnitude.reshape((1, -1) if len(shape) < 2 else shape)
+    length = view.shape[1]
+    order = torch.argsort(view, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    pos = torch.arange(length, dtype=order.dtype).view([1, length] + [1] * (view.dim() - 2))
+    ranks.scatter_(1, order, pos.expand_as(order))
+    if length > 1:
+        norm = ranks.to(torch.float64) / (length - 1)
+    else:  # mergekit divides 0 by 0 here; a lone element gets the middle probability
+        norm = torch.full(ranks.shape, 0.5, dtype=torch.float64)
+    return ((density - epsilon) + norm * (2 * epsilon)).reshape(-1)
+
+
+def della_keep(seed: int, at: At, stream: int, probabilities: torch.Tensor) -> torch.Tensor:
+    return uniform(seed, at.name, at.start, at.stop, stream=stream) < probabilities
+
+
+# --- combining --------------------------------------------------------------------------------
+
+def consensus(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES sign election, mergekit's "sum" method: the elected sign of an element is that of the sum
+    of the weighted deltas (+ where the sum is 0); a row takes part where its sign equals it (zeros
+    never do). Returns the (n, block) bool mask."""
+    total = row_sum(weighted)
+    elected = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
+    return torch.sign(weighted) == elected
+
+
+def combine(d: torch.Tensor, weights: Sequence[float], base: torch.Tensor, *, elect: bool,
+            normalize: bool, lam: float) -> torch.Tensor:
+    """``base + lam * sum_i w_i d_i [/ sum_i w_i]``, with TIES sign election if ``elect``.
+
+    Without election the divisor is the sum of the weights (1 where |sum| < 1e-8); with it, per
+    element, the sum of the weights of the rows that agree with the elected sign (1 where 0).
+    """
+    w = torch.tensor(list(weights), dtype=d.dtype)
+    weighted = d * w.unsqueeze(1)
+    if elect:
+        agree = consensus(weighted)
+        mixed = row_sum(torch.where(agree, weighted, torch.zeros((), dtype=d.dtype)))
+        divisor = row_sum(agree.to(d.dtype) * w.unsqueeze(1))
+        divisor = torch.where(divisor == 0, torch.ones((), dtype=d.dtype), divisor)
+    else:
+        mixed = row_sum(weighted)
+        divisor = row_sum(w)
+        if abs(float(divisor)) < 1e-8:
+            divisor = torch.ones((), dtype=d.dtype)
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return base + mixed
+
+
+# --- the generic method ---------------------------------------------------------------------------
+
+def task_vector_parameters(*, normalize: bool, rescale: bool, gamma: bool = False,
+                           epsilon: bool = False) -> dict[str, Param]:
+    """mergekit 0.1.5's parameters of its generalized task arithmetic methods, with their defaults."""
+    params = {
+        "int8_mask": Param(False, kind="bool",
+                           help="store the sign mask as int8 (a memory option in mergekit; no effect on values)"),
+        "normalize": Param(normalize, kind="bool",
+                           help="divide the merged delta by the sum of the weights that took part"),
+        "rescale": Param(rescale, kind="bool",
+                         help="after sparsifying, scale each delta back to its L1 norm before masking"),
+        "lambda": Param(1.0, help="scale of the merged delta"),
+        "weight": Param(None, per_model=True,
+                        help="weight of each ingredient's task vector (required, as in mergekit)"),
+        "density": Param(1.0, per_model=True, low=0.0, high=1.0,
+                         help="fraction of each task vector's entries kept"),
+    }
+    if gamma:
+        params["gamma"] = Param(0.01, per_model=True, low=0.0, high=1.0,
+                                help="fraction of the largest-magnitude entries dropped as outliers")
+    if epsilon:
+        params["epsilon"] = Param(0.15, per_model=True, low=0.0, high=1.0,
+                                  help="half-width of the keep probabilities around density")
+    return params
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per ingredient: the magnitude interval kept (None: all, False: none) and the L1 rescale factor."""
+
+    bounds: tuple[Any, ...]
+    factors: tuple[float, ...]
+
+
+class TaskVectorMerge(MergeMethod):
+    """mergekit's generalized task arithmetic; subclasses choose the sparsification and the election.
+
+    ``sparsification``: None, "magnitude" (TIES), "random" (DARE), "magnitude_outliers"
+    (breadcrumbs) or "della_magprune" (DELLA); ``elect``: TIES sign election ("sum").
+    """
+
+    needs_base = True
+    sparsification: ClassVar[str | None] = None
+    elect: ClassVar[bool] = False
+
+    # -- helpers
+    def _bounds(self, params: TensorParams, n: int, numel: int) -> list[tuple[int, int] | None]:
+        dens = params["density"]
+        if self.sparsification == "magnitude":
+            return [magnitude_bounds(float(dens[i]), numel) for i in range(n)]
+        if self.sparsification == "magnitude_outliers":
+            gam = params["gamma"]
+            return [outlier_bounds(float(dens[i]), float(gam[i]), numel) for i in range(n)]
+        return [None] * n
+
+    def _keep(self, i: int, magnitude: torch.Tensor, params: TensorParams, bound: Any,
+              at: At) -> torch.Tensor | None:
+        """Row i's keep mask on a block (None: all kept), for the blockwise sparsifications."""
+        if self.sparsification == "random":
+            density = float(params["density"][i])
+            if density >= 1:
+                return None
+            return dare_keep(params.seed, at, i, density)
+        if bound is None:
+            return None
+        if bound is False:
+            return torch.zeros(magnitude.shape, dtype=torch.bool)
+        return interval_keep(magnitude, bound)
+
+    # -- the contract
+    def statistics(self, tensor: TensorInput, params: TensorParams) -> Any:
+        if self.sparsification in (None, "della_magprune"):
+            return None
+        n, numel = tensor.n, tensor.numel
+        name = self.name
+
+        def magnitudes() -> Iterable[torch.Tensor]:
+            for _, xs, base in tensor.blocks():
+                yield deltas(xs, base, name).abs()
+
+        bounds = self._bounds(params, n, numel)
+        targets = rank_targets(bounds)
+        values = kth_largest(magnitudes, tensor.dtype, targets) if targets else []
+        kept = thresholds(bounds, values)
+        factors = [1.0] * n
+        rescaled = [i for i in range(n) if self._rescales(i, params, kept[i])]
+        if rescaled:
+            before, after = ExactSums(n), ExactSums(n)
+            for at, xs, base in tensor.blocks():
+                mag = deltas(xs, base, name).abs()
+                masked = mag.clone()
+                for i in rescaled:
+                    keep = self._keep(i, mag[i], params, kept[i], at)
+                    masked[i] = torch.where(keep, mag[i], torch.zeros((), dtype=mag.dtype))
+                before.add(mag)
+                after.add(masked)
+            b, a = before.totals(), after.totals()
+            for i in rescaled:
+                factors[i] = l1_factor(b[i], a[i])
+        return Stats(tuple(kept), tuple(factors))
+
+    def _rescales(self, i: int, params: TensorParams, bound: Any) -> bool:
+        if not params["rescale"]:
+            return False
+        if self.sparsification == "random":
+            return float(params["density"][i]) < 1
+        return bound is not None and bound is not False
+
+    def block(self, xs: torch.Tensor, base: torch.Tensor | None, params: TensorParams, stats: Any,
+              at: At) -> torch.Tensor:
+        d = deltas(xs, base, self.name)
+        n = d.shape[0]
+        if n == 0:
+            return base.clone()
+        if self.sparsification == "della_magprune":
+            d = self._della(d, params, at)
+        elif self.sparsification is not None:
+            zero = torch.zeros((), dtype=d.dtype)
+            mag = d.abs()
+            rows = []
+            for i in range(n):
+                keep = self._keep(i, mag[i], params, stats.bounds[i], at)
+                row = d[i] if keep is None else torch.where(keep, d[i], zero)
+                if stats.factors[i] != 1.0:
+                    row = row * stats.factors[i]
+                rows.append(row)
+            d = torch.stack(rows)
+        return combine(d, params["weight"], base, elect=self.elect,
+                       normalize=bool(params["normalize"]), lam=float(params["lambda"]))
+
+    def _della(self, d: torch.Tensor, params: TensorParams, at: At) -> torch.Tensor:
+        """DELLA's MagPrune on whole tensors (``whole_tensor``): rank-based random masks per row."""
+        if at.start != 0 or at.stop - at.start != d.shape[1]:
+            raise ValueError(f"{self.name} needs whole tensors (whole_tensor = True)")
+        zero = torch.zeros((), dtype=d.dtype)
+        rows = []
+        for i in range(d.shape[0]):
+            density, epsilon = float(params["density"][i]), float(params["epsilon"][i])
+            if density >= 1:
+                rows.append(d[i])
+                continue
+            if density <= 0:
+                rows.append(torch.zeros_like(d[i]))
+                continue
+            if density + epsilon >= 1 or density - epsilon <= 0:
+                raise RecipeError(f"{self.name}: density +/- epsilon must lie in (0, 1), got "
+                                  f"density {density}, epsilon {epsilon}")
+            mag = d[i].abs()
+            probs = della_probabilities(mag, at.shape, density, epsilon)
+            keep = della_keep(params.seed, at, i, probs)
+            row = torch.where(keep, d[i], zero)
+            if params["rescale"]:
+                sums = ExactSums(2)
+                sums.add(torch.stack([mag, row.abs()]))
+                factor = l1_factor(*sums.totals())
+                if factor != 1.0:
+                    row = row * factor
+            rows.append(row)
+        return torch.stack(rows)

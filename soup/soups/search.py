@@ -1,0 +1,294 @@
+"""Weight search (strategy ``search``): an optuna study over the ingredients' mixing weights.
+
+Each trial suggests one weight in [0, 1] per ingredient for the ``global`` vector and, per entry of
+``groups`` (``{name: glob pattern}``), one more vector for the tensors matching that pattern; each
+vector is normalised to sum to 1 (all zero: uniform). Candidates are scored by the evaluator in its
+declared direction, ``scorer.parallelism`` at a time through optuna's ask/tell interface: the study
+lives here, the scorer spreads the evaluations over devices (or workers). The soup is the best
+trial's weights, written by the engine like any other soup.
+
+Seeds are enqueued before the sampler proposes anything, so the search never ends worse than them on
+the selection evaluator: the best single ingredient, the uniform soup and, when every greedy
+candidate's score is already in the score cache, the greedy soup's pool. They run even when
+``n_trials`` is smaller or ``timeout`` has passed.
+
+Resume: the study lives in ``scorer.storage`` (``cook`` sets an sqlite file beside the output, or
+the ``--storage`` URL) under a name derived from the run (ingredients, evaluator, rules, dtype and
+the options other than the budget), so re-running a killed run continues it: ``n_trials`` counts
+COMPLETE trials, interrupted trials are re-enqueued with their weights, and the score cache returns
+what had finished. Samplers: ``tpe`` (default), ``cmaes`` (needs ``cmaes``), ``gp`` (needs
+``scipy`` and ``torch``), ``random``. Reference: Akiba et al. 2019, arXiv:1907.10902.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, ClassVar
+
+from soup.soups.cache import evaluator_key
+from soup.errors import RecipeError, SoupError
+from soup.soups.evaluate import Score
+from soup.engine.rules import match_rule
+from soup.soups.scorer import Scorer
+from soup.soups.strategies import Choice, SoupStrategy
+
+__all__ = ["SearchSoup"]
+
+SAMPLERS = {"tpe": (), "cmaes": ("cmaes",), "gp": ("scipy", "torch"), "random": ()}  # name -> packages needed
+GLOBAL = "global"  # the vector for the tensors no group matches
+HEARTBEAT_S = 30  # shared storages: a trial without a heartbeat for 3x this long is retried by the next run
+
+
+@dataclass
+class SearchSoup(SoupStrategy):
+    n_trials: int = 50  # COMPLETE trials to reach (a resumed study's count; the seeds always run)
+    timeout: float | None = None  # seconds: then the sampler proposes no more trials (the seeds still run)
+    sampler: str = "tpe"  # tpe | cmaes | gp | random
+    groups: dict[str, str] | None = None  # group name -> glob pattern: those tensors get their own weights
+    seed: int | None = 0  # the sampler's seed (None: not reproducible)
+
+    name: ClassVar[str] = "search"
+    reference: ClassVar[str] = "https://arxiv.org/abs/1907.10902"
+
+    def __post_init__(self) -> None:
+        n, t, seed = self.n_trials, self.timeout, self.seed
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RecipeError(f"strategy.n_trials: {n!r} must be a whole number >= 1")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
+            raise RecipeError(f"strategy.timeout: {t!r} must be a number of seconds > 0 (or null)")
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
+            raise RecipeError(f"strategy.sampler: {self.sampler!r} must be one of {', '.join(SAMPLERS)}")
+        missing = [p for p in SAMPLERS[self.sampler] if importlib.util.find_spec(p) is None]
+        if missing:
+            raise RecipeError(f"strategy.sampler: {self.sampler} needs the {' and '.join(missing)} package "
+                              f"(pip install {' '.join(missing)})")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RecipeError(f"strategy.seed: {seed!r} must be a whole number (or null)")
+        if self.groups is not None:
+            if not isinstance(self.groups, dict) or not self.groups:
+                raise RecipeError(f"strategy.groups: {self.groups!r} must be a mapping {{name: glob pattern}}")
+            for k, v in self.groups.items():
+                if not isinstance(k, str) or not k or "." in k or k == GLOBAL:
+                    raise RecipeError(f"strategy.groups: {k!r} must be a name without dots, other than {GLOBAL!r}")
+                if not isinstance(v, str) or not v:
+                    raise RecipeError(f"strategy.groups.{k}: {v!r} must be a glob pattern")
+            if len(set(self.groups.values())) < len(self.groups):
+                raise RecipeError("strategy.groups: two groups have the same pattern")
+
+    def check(self, n: int) -> None:
+        if self.sampler == "cmaes" and n * (1 + len(self.groups or {})) < 2:
+            raise RecipeError("strategy.sampler: cmaes needs at least 2 weights to search (1 ingredient, no groups)")
+
+    def choose(self, scorer: Scorer | None, n: int) -> Choice:
+        import optuna
+
+        self.check(n)
+        self._check_groups(scorer)
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+                study, storage = self._open(scorer, optuna)  # a bad storage fails before any evaluation
+                try:
+                    scores = scorer.score_ingredients()
+                    self._seed(study, scorer, scores)
+                    self._run(study, storage, scorer, optuna.trial.TrialState)
+                    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                finally:
+                    if storage is not None:
+                        storage.remove_session()
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+        trials = sorted(trials, key=lambda t: t.number)
+        best = trials[scorer.rank([t.value for t in trials])[0]]
+        weights, groups = self._weights(best.params, scorer.labels)
+        trajectory, top = [], None
+        for t in trials:
+            kept = top is None or scorer.better(t.value, top)  # the best so far
+            top = t.value if kept else top
+            trajectory.append({"step": t.number + 1, "tried": _name(t.number), "score": t.value, "kept": kept})
+        soup = Score(best.value, dict(best.user_attrs.get("metrics") or {"score": best.value}),
+                     best.user_attrs.get("primary", "score"))
+        kept = [weights[i] > 0 or any(g[i] > 0 for g in groups.values()) for i in range(n)]
+        return Choice(weights, [s.value for s in scores], trajectory, soup, kept, groups)
+
+    def _check_groups(self, scorer: Scorer) -> None:
+        """Each group must weigh some tensor that the run's rules and the earlier groups leave to it."""
+        free = [t for t in scorer.checkpoints[0].tensors if match_rule(scorer.rules, t) is None]
+        for name, pattern in (self.groups or {}).items():
+            mine = {t for t in free if fnmatchcase(t, pattern)}
+            if not mine:
+                raise RecipeError(f"strategy.groups.{name}: {pattern!r} matches no tensor left to it "
+                                  "(by the rules and the groups before it)")
+            free = [t for t in free if t not in mine]
+
+    # ---- the study -------------------------------------------------------------------------------
+
+    def _open(self, scorer: Scorer, optuna: Any) -> tuple[Any, Any]:
+        """The run's study (created, or loaded to resume) and its RDB storage (None: in memory).
+        Trials a killed run left RUNNING are failed and re-enqueued with their weights."""
+        storage, shared = None, bool(scorer.storage) and scorer.shared
+        if scorer.storage:
+            beats = dict(heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+            try:
+                storage = optuna.storages.RDBStorage(scorer.storage, **(beats if shared else {}))
+            except Exception as e:  # the URL may hold a password: not repeated
+                raise SoupError(f"storage: cannot open the optuna storage ({type(e).__name__})") from None
+        study = optuna.create_study(storage=storage, study_name=self._study_name(scorer), direction=scorer.direction,
+                                    sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
+        # a resumed study's sampler must not replay the first run's proposals: its seed moves on
+        study.sampler = self._sampler(optuna, None if self.seed is None else self.seed + len(study.trials))
+        if shared:  # other coordinators may be running: only heartbeat-stale trials are theirs no more
+            optuna.storages.fail_stale_trials(study)
+        else:  # the output's lock makes this run the study's only user: every RUNNING trial is orphaned
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                if t.params:
+                    study.enqueue_trial(dict(t.params))
+        return study, storage
+
+    def _study_name(self, scorer: Scorer) -> str:
+        """Deterministic from the run, so a re-run finds its study; the budget is left out (it may grow)."""
+        run = {"ingredients": [c.fingerprint for c in scorer.checkpoints], "labels": list(scorer.labels),
+               "evaluator": scorer.identity, "rules": [r.to_dict() for r in scorer.rules], "dtype": scorer.dtype,
+               "options": {k: v for k, v in self.options().items() if k not in ("n_trials", "timeout")}}
+        return "soup-search-" + hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def _sampler(self, optuna: Any, seed: int | None) -> Any:
+        s = optuna.samplers  # tpe: multivariate, as the weights interact (they are normalised together)
+        return {"tpe": lambda: s.TPESampler(seed=seed, multivariate=True, constant_liar=True),
+                "cmaes": lambda: s.CmaEsSampler(seed=seed), "gp": lambda: s.GPSampler(seed=seed),
+                "random": lambda: s.RandomSampler(seed=seed)}[self.sampler]()
+
+    def _seed(self, study: Any, scorer: Scorer, scores: Sequence[Score]) -> None:
+        """Enqueue the best single ingredient, the uniform soup and the cached greedy pool (once per study)."""
+        labels = scorer.labels
+        for pool in ([scorer.rank(scores)[0]], list(range(len(labels))), _greedy_pool(scorer, scores)):
+            if pool:
+                params = {f"{v}.{lab}": float(i in pool) for v in self._vectors() for i, lab in enumerate(labels)}
+                study.enqueue_trial(params, skip_if_exists=True)
+
+    def _vectors(self) -> list[str]:
+        return [GLOBAL, *(self.groups or {})]
+
+    def _run(self, study: Any, storage: Any, scorer: Scorer, TrialState: Any) -> None:
+        """Ask, score and tell, ``scorer.parallelism`` trials at a time, until ``n_trials`` are COMPLETE
+        and every enqueued trial has run (after ``timeout``: only the enqueued ones). A resumed study's
+        finished trials join this run's history first when their scores are cached (free)."""
+        start, labels, vectors = time.monotonic(), scorer.labels, self._vectors()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            weights, groups = self._weights(t.params, labels)
+            if _cached(scorer, weights, groups) is not None:
+                scorer.score(weights, _name(t.number), groups=groups or None)
+        while True:
+            complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            timed_out = self.timeout is not None and time.monotonic() - start >= self.timeout
+            remaining = waiting if timed_out else max(self.n_trials - complete, waiting)  # seeds always run
+            if remaining <= 0:
+                return
+            batch: list[Any] = []
+            try:
+                for _ in range(min(max(1, scorer.parallelism), remaining)):  # 0 live workers: still one
+                    trial = study.ask()
+                    batch.append(trial)
+                    for v in vectors:
+                        for lab in labels:
+                            trial.suggest_float(f"{v}.{lab}", 0.0, 1.0)
+                candidates = [(*self._weights(t.params, labels), _name(t.number)) for t in batch]
+                with _heartbeat(storage, study.study_name, [t.number for t in batch]):
+                    results = scorer.score_many([(w, name, g or None) for w, g, name in candidates],
+                                                steps=[f"{name} ({complete + k + 1}/{self.n_trials})"
+                                                       for k, (_, _, name) in enumerate(candidates)])
+            except BaseException:  # the batch is retried first by the next run (finished scores are cached)
+                for t in batch:
+                    try:
+                        study.tell(t, state=TrialState.FAIL)
+                        study.enqueue_trial(dict(t.params))
+                    except Exception:
+                        pass
+                raise
+            for t, s in zip(batch, results):
+                t.set_user_attr("metrics", dict(s.metrics))
+                t.set_user_attr("primary", s.primary)
+                study.tell(t, s.value)
+
+    def _weights(self, params: Mapping[str, float], labels: Sequence[str]) -> tuple[list[float], dict[str, list]]:
+        """A trial's normalised global weights and per-pattern group weights (a group with the global
+        weights is left out: it changes nothing, and the soup then shares the plain soup's cache key)."""
+        weights = _normalise([params[f"{GLOBAL}.{lab}"] for lab in labels])
+        groups = {}
+        for name, pattern in (self.groups or {}).items():
+            w = _normalise([params[f"{name}.{lab}"] for lab in labels])
+            if w != weights:
+                groups[pattern] = w
+        return weights, groups
+
+
+def _normalise(x: Sequence[float]) -> list[float]:
+    total = sum(x)
+    return [v / total for v in x] if total > 0 else [1.0 / len(x)] * len(x)
+
+
+def _name(number: int) -> str:
+    return f"search trial {number + 1}"
+
+
+def _cached(scorer: Scorer, weights: Sequence[float], groups: Mapping[str, list] | None = None) -> Score | None:
+    """The score cache's entry for a soup: a peek, nothing is evaluated or recorded."""
+    return scorer.cache.get(evaluator_key(scorer.identity), scorer.key(weights, groups or None))
+
+
+def _greedy_pool(scorer: Scorer, scores: Sequence[Score]) -> list[int] | None:
+    """The greedy soup's pool (tie ">=") when every greedy candidate's score is cached, else None."""
+    order, n = scorer.rank(scores), len(scores)
+    pool, best = [order[0]], scores[order[0]].value
+    for i in order[1:]:
+        hit = _cached(scorer, [1.0 / (len(pool) + 1) if j in pool or j == i else 0.0 for j in range(n)])
+        if hit is None:
+            return None
+        if not scorer.better(best, hit.value):
+            pool, best = pool + [i], hit.value
+    return pool if len(pool) > 1 else None
+
+
+@contextmanager
+def _heartbeat(storage: Any, study_name: str, numbers: Sequence[int]) -> Iterator[None]:
+    """While a batch is evaluated, mark its trials alive (storages with heartbeats: shared ones)."""
+    if storage is None or storage.get_heartbeat_interval() is None:
+        yield
+        return
+    sid = storage.get_study_id_from_name(study_name)
+    ids = [storage.get_trial_id_from_study_id_trial_number(sid, k) for k in numbers]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                for i in ids:
+                    storage.record_heartbeat(i)
+            except Exception:  # a storage hiccup: try again next time
+                pass
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name="soup-search-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
