@@ -165,7 +165,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
         output.protect(checkpoint_paths(cks))  # hub snapshots and link targets, known only now
     plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=opts.normalize,
                       mixed_float=opts.mixed_float, method=spec, base=with_base)
-    source = _config_source(cks, config_from)
+    source = _config_source(cks, config_from, base=with_base)
     accumulate = _accumulation_used(cks, plan, accumulate)  # recorded in soup.json
     sink = (into if isinstance(into, InPlaceSink) else InPlaceSink(into)) if into is not None \
         else MemorySink(device) if output is None else None
@@ -270,7 +270,9 @@ def _check_device(device: str) -> None:
         raise SoupError(f"device {device}: no CUDA device is available here (use --device cpu)")
 
 
-def _config_source(cks: Sequence[Checkpoint], config_from: int | str) -> Checkpoint | None:
+def _config_source(cks: Sequence[Checkpoint], config_from: int | str, *, base: bool = False) -> Checkpoint | None:
+    if base and config_from == "base":  # the base model of a merge method (the last checkpoint)
+        return cks[-1]
     if isinstance(config_from, int) or str(config_from).isdigit():
         i = int(config_from)
         if not 0 <= i < len(cks):

@@ -81,9 +81,12 @@ class MergeOptions:
     def shard_bytes(self) -> int:
         return parse_size(self.shard_size)
 
-    def check_config_from(self, labels: Sequence[str]) -> None:
-        """``config_from`` names one of these ingredients (by index or label)."""
+    def check_config_from(self, labels: Sequence[str], *, base: bool = False) -> None:
+        """``config_from`` names one of these ingredients (by index or label), or ``base``, the base
+        model of a merge method, when there is one."""
         c = self.config_from
+        if base and c == "base":
+            return
         if isinstance(c, int) or c.isdigit():
             if not 0 <= int(c) < len(labels):
                 raise RecipeError(f"config_from: index {c} out of range (0..{len(labels) - 1})")

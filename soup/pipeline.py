@@ -267,9 +267,9 @@ def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any]
     """What needs the tensor tables (rules, compatibility, p, config_from), checked before evaluating."""
     opts = _check_options(strategy, dtype, None, merge_options)
     strategy.check(len(cks))
-    opts.check_config_from([c.label for c in cks])
     spec = merge_options.get("method")
     with_base = spec is not None and spec.base is not None
+    opts.check_config_from([c.label for c in cks], base=with_base)
     build_plan(cks + ([spec.base] if with_base else []), rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize,
                mixed_float=opts.mixed_float, method=spec, base=with_base)
 

@@ -7,6 +7,7 @@
       - {repo: acme/ft-math, revision: 3f2c...}
       - {registry: hub, author: acme, name: "sft-*"}   # a registry query (soup.registry), pinned at run time
     strategy: {name: greedy, tie: ">=", tolerance: 0.0}   # maximum (p) | average (weights) | greedy
+    method: {name: ties, base: runs/base, density: 0.5}   # how tensors combine (default: the weighted mean)
     evaluator: {name: perplexity, args: {data: ./val.jsonl}}
     test: {name: perplexity, args: {data: ./test.jsonl}}  # reported, never used for selection
     rules:
@@ -19,6 +20,9 @@
     push_to: acme/soup                # or {repo, revision, private, create_pr, commit_message}
     publish: {mlflow: soup-model}     # also register the soup as an MLflow model version
     tracking_uri: http://mlflow:5000  # MLflow (default MLFLOW_TRACKING_URI)
+
+A mergekit configuration file (recognised by its ``merge_method`` key) is read as the recipe of the
+same merge (``soup.methods.mergekit``).
 
 Relative paths (ingredients, output, cache, ``file.py:Class`` evaluators and evaluator arguments
 starting with ``./`` or ``../``) are relative to the recipe file. Unknown keys are errors; every
@@ -35,6 +39,8 @@ import yaml
 
 from soup.errors import RecipeError
 from soup.io.ingredients import Ingredient
+from soup.methods.mergekit import from_mergekit, is_mergekit_config
+from soup.methods.spec import method_spec
 from soup.options import MergeOptions, check_device
 from soup.engine.plan import normalise_weights
 from soup.engine.rules import Rule, parse_rule
@@ -44,7 +50,7 @@ __all__ = ["Recipe", "EvaluatorEntry", "load_recipe", "parse_recipe"]
 
 TOP_KEYS = {"ingredients", "strategy", "evaluator", "test", "rules", "dtype", "accumulate", "shard_size",
             "device", "devices", "config_from", "output", "push_to", "cache", "endpoint", "strict",
-            "tracking_uri", "publish", "lora_pairs", "merge_into", "rank"}
+            "tracking_uri", "publish", "lora_pairs", "merge_into", "rank", "method"}
 PUSH_KEYS = {"repo", "revision", "private", "create_pr", "commit_message"}
 
 
@@ -78,6 +84,7 @@ class Recipe:
     publish: dict[str, Any] | None = None  # {mlflow: NAME}: the soup is also registered as a model version
     merge_into: str | None = None  # PEFT adapter ingredients: the base checkpoint to merge their soup into
     rank: int | None = None  # PEFT adapter ingredients: a rank-R adapter by truncated SVD
+    method: dict[str, Any] | None = None  # a merge method: {name, base (absolute), seed, parameters...}
     source: Path | None = None  # the recipe file
     raw: dict[str, Any] = field(default_factory=dict)  # as written, for the manifest
 
@@ -117,6 +124,9 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
         raise _error(["recipe: empty"])
     if not isinstance(data, dict):
         raise _error(["recipe: must be a mapping with at least 'ingredients' and 'strategy'"])
+    original = data
+    if is_mergekit_config(data):  # a mergekit config runs as it is (soup.methods.mergekit)
+        data = from_mergekit(data, base=base)
     _keys(data, TOP_KEYS, "", errors)
     raw_ingredients = data.get("ingredients")
     n = len(raw_ingredients) if isinstance(raw_ingredients, list) else 0  # 0: unknown, not checked
@@ -139,6 +149,7 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
     if made is not None and made.needs_evaluator and evaluator is None:
         errors.append(f"evaluator: required by strategy {strategy}")
     _merge_options(data, n, errors)
+    method = _method(data.get("method"), n, base, errors)
     devices = data.get("devices")
     if devices is not None:
         if not isinstance(devices, list):
@@ -168,8 +179,26 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
                   accumulate=data.get("accumulate", "auto"), shard_size=data.get("shard_size", "5GB"),
                   device=data.get("device", "cpu"), devices=devices, config_from=data.get("config_from", 0),
                   output=_rel(base, output) if output else None, push_to=push, cache=cache,
-                  endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=data,
-                  tracking_uri=data.get("tracking_uri"), publish=publish, merge_into=merge_into, rank=rank)
+                  endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=original,
+                  tracking_uri=data.get("tracking_uri"), publish=publish, merge_into=merge_into, rank=rank,
+                  method=method)
+
+
+def _method(value: Any, n: int, base: Path, errors: list[str]) -> dict[str, Any] | None:
+    """``method: NAME`` or ``{name, base, seed, models, PARAMETER: VALUE...}``, checked as ``soup merge
+    --method`` checks it (unknown names and parameters, values, a missing base); base relative to the recipe."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        errors.append(f"method: a method name or a mapping with name, got {value!r}")
+        return None
+    value = dict(value)
+    if isinstance(value.get("base"), str) and value["base"] and not value["base"].startswith("hf://"):
+        value["base"] = str(_rel(base, value["base"]))
+    _check(errors, method_spec, value, n=n or len(value.get("models") or []) or 1)
+    return value
 
 
 def _error(errors: list[str]) -> RecipeError:

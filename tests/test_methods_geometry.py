@@ -8,8 +8,6 @@ The outputs must match the definition and must not depend on the block size.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -169,7 +167,8 @@ def test_slerp(t):
 
 def test_slerp_falls_back_to_lerp_on_parallel_inputs():
     _, base = models(1)
-    for other in (2.5 * base, -0.5 * base, base * (1 + 1e-4 * torch.randn(base.shape))):
+    wobble = 1e-4 * torch.randn(base.shape, generator=torch.Generator().manual_seed(9))
+    for other in (2.5 * base, -0.5 * base, base * (1 + wobble)):
         cos = torch.nn.functional.cosine_similarity(base.reshape(1, -1).double(), other.reshape(1, -1).double())
         assert cos.abs() > 0.9995
         t = 0.3
@@ -390,6 +389,13 @@ def test_karcher_iterations_matter_and_max_iter_zero():
     check(Karcher(), xs, None, ref0, {"max_iter": 0}, atol=1e-6, rtol=1e-5)
 
 
+def test_karcher_averages_a_given_base_as_one_more_model():
+    xs, base = models(2, noise=0.1)
+    ref = karcher_reference(torch.cat([xs, base[None]]).double())
+    check(Karcher(), xs, base, ref)
+    assert not torch.equal(merge(Karcher(), xs, base, 500), merge(Karcher(), xs, None, 500))
+
+
 def test_karcher_zero_model_is_left_out_of_the_mean():
     xs, _ = models(3, noise=0.1)
     xs[1] = 0
@@ -530,7 +536,8 @@ def test_statistics_keep_no_tensor_sized_state():
 
         def blocks(flat=flat, b=b, shape=shape):
             for s in range(0, numel, 500):
-                yield At("t", shape, s, min(numel, s + 500)), flat[:, s:s + 500], None if b is None else b.reshape(-1)[s:s + 500]
+                e = min(numel, s + 500)
+                yield At("t", shape, s, e), flat[:, s:e], None if b is None else b.reshape(-1)[s:e]
 
         resolved = {k: p.default for k, p in method.parameters.items() if not p.per_model}
         resolved.update(values)

@@ -343,13 +343,14 @@ def test_every_and_webhook_options_are_checked(shop):
     assert soup.schedule.watch.parse_every("1h30m") == 5400 and soup.schedule.watch.parse_every("500ms") == 0.5
 
 
-# ---- the README's cron line and Kubernetes CronJob, run as written -------------------------------------
+# ---- the cron line and Kubernetes CronJob of docs/scheduled.md, run as written -------------------------
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+SCHEDULED_DOCS = ROOT / "docs" / "scheduled.md"
 
 
-def test_readme_cron_line_and_cronjob_run_as_written(hub, tmp_path):
-    """The cron line and the CronJob's command from the README, on recipes/scheduled.yaml, against the
+def test_docs_cron_line_and_cronjob_run_as_written(hub, tmp_path):
+    """The cron line and the CronJob's command from docs/scheduled.md, on recipes/scheduled.yaml, against the
     local hub (HF_ENDPOINT), with tiny real language models scored by the perplexity evaluator."""
     import re
     import shutil
@@ -365,7 +366,7 @@ def test_readme_cron_line_and_cronjob_run_as_written(hub, tmp_path):
     add("sft-chat", 1, ["instruct"])
     add("sft-qa", 2, ["instruct"])
     add("sft-raw", 3, [])  # not tagged instruct: not an ingredient
-    text = README.read_text()
+    text = SCHEDULED_DOCS.read_text()
     val = "\n".join(json.dumps({"text": t}) for t in ("the cat sat on the mat .", "a dog ran to the park .",
                                                       "hello world , good day ."))
     # soup on PATH and in the cron host's .venv
@@ -385,7 +386,7 @@ def test_readme_cron_line_and_cronjob_run_as_written(hub, tmp_path):
     (container,) = pod["containers"]
     config, work = tmp_path / "config", tmp_path / "work"
     config.mkdir()
-    shutil.copy(README.parent / "recipes" / "scheduled.yaml", config / "scheduled.yaml")
+    shutil.copy(ROOT / "recipes" / "scheduled.yaml", config / "scheduled.yaml")
     (config / "val.jsonl").write_text(val)
     command = [c.replace("/config/", f"{config}/").replace("/work/", f"{work}/") for c in container["command"]]
     pod_env = {e["name"]: e.get("value", "").replace("/work/", f"{work}/") for e in container["env"] if "value" in e}
@@ -403,7 +404,7 @@ def test_readme_cron_line_and_cronjob_run_as_written(hub, tmp_path):
     srv = tmp_path / "srv" / "soup"
     (srv / ".venv" / "bin").mkdir(parents=True)
     (srv / ".venv" / "bin" / "soup").symlink_to(wrapper)
-    shutil.copy(README.parent / "recipes" / "scheduled.yaml", srv / "scheduled.yaml")
+    shutil.copy(ROOT / "recipes" / "scheduled.yaml", srv / "scheduled.yaml")
     (srv / "val.jsonl").write_text(val)
     cron = line.replace("/srv/soup", str(srv))
     subprocess.run(["sh", "-c", cron], env=env, check=True, timeout=300)

@@ -6,7 +6,7 @@
 - transformers' LLaVA (the MG-LLaVA / ParGo family) with its processor, forward on an image + text;
 - training-framework files: a DeepSpeed-style ``{"module": ...}`` ``.pt`` with ``module.`` names, the
   wrapper keys, and a malicious pickle that must never run;
-- the README's "Souping vision-language models" walkthrough, run as written.
+- the walkthrough of docs/vlm.md ("Souping vision-language models"), run as written.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tiny_vlm import build_remote, finetunes, inputs, load_remote
 transformers = pytest.importorskip("transformers", reason="transformers is in the dev extra")
 
 ROOT = Path(__file__).parent.parent
-README = ROOT / "README.md"
+WALKTHROUGH = ROOT / "docs" / "vlm.md"  # the documentation page "Souping vision-language models"
 
 
 def _example():
@@ -295,9 +295,9 @@ def test_recipe_key_and_strip_prefix(tmp_path):
     assert res.exit_code == 1 and "ingredients[0].key: must be a string" in res.output
 
 
-# ---- the README walkthrough ------------------------------------------------------------------------------
-def test_readme_vlm_walkthrough_runs(tmp_path, monkeypatch):
-    section = re.search(r"## Souping vision-language models\n(.*?)\n## ", README.read_text(), re.S).group(1)
+# ---- the walkthrough of docs/vlm.md -------------------------------------------------------------------
+def test_docs_vlm_walkthrough_runs(tmp_path, monkeypatch):
+    section = WALKTHROUGH.read_text()  # the walkthrough: the page's first bash block, then its first python block
     shell = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
@@ -318,5 +318,5 @@ def test_readme_vlm_walkthrough_runs(tmp_path, monkeypatch):
             outputs.append(res.output)
     assert any("--rule 'vision_tower.*=take:0'" in o for o in outputs)
     scope: dict = {}
-    exec(compile(python, str(README), "exec"), scope)
+    exec(compile(python, str(WALKTHROUGH), "exec"), scope)
     assert scope["logits"].shape[-1] == len(tiny_llava.SPECIAL) + len(tiny_llava.WORDS)

@@ -62,6 +62,37 @@ def describe_method(method: Method, n_ingredients: int) -> str:
             + "; the soup is the weighted average of the ingredients with the weights listed below")
 
 
+def describe_merge(merge_method: dict[str, Any] | None) -> str | None:
+    """One sentence on how tensors were combined when not by the weighted mean (``soup.methods``)."""
+    if not merge_method:
+        return None
+    name = merge_method.get("name")
+    text = f"tensors combined by `{name}`"
+    if merge_method.get("description"):
+        text += f" ({str(merge_method['description']).rstrip('.')})"
+    given = ", ".join(f"{k} = {v}" for k, v in (merge_method.get("parameters") or {}).items())
+    if given:
+        text += f", with {given}"
+    if merge_method.get("model_parameters"):
+        text += " and per-model parameters (see the recipe below)"
+    if merge_method.get("base"):
+        text += f"; base model {merge_method['base']} (weight 0: the fine-tunes' task vectors are taken against it)"
+    if merge_method.get("seed") is not None:
+        text += f"; seed {merge_method['seed']}"
+    return text
+
+
+def describe_soup(m: Manifest) -> str:
+    """What the soup is, in one sentence: the strategy's choice, and the merge method when not the mean."""
+    has_base = bool(m.merge_method and m.merge_method.get("base"))
+    n = len(m.ingredients) - (1 if has_base else 0)
+    merged = describe_merge(m.merge_method)
+    if merged is not None and m.method.name in ("average", m.merge_method.get("name")):
+        return f"the {n} ingredients merged: {merged}"
+    text = describe_method(m.method, n)
+    return text if merged is None else f"{text}; {merged}"
+
+
 def render_model_card(manifest: Manifest, *, recipe_text: str | None = None) -> str:
     """Render README.md for a soup.
 
@@ -88,8 +119,8 @@ def render_model_card(manifest: Manifest, *, recipe_text: str | None = None) -> 
              f"This model is a **model soup**: a weight-space average of {len(ingredients)} fine-tuned "
              f"models of one base model ({len(in_soup)} in the soup), made with `soup`.", ""]
 
-    lines += ["## Method", "", f"**{_cell(name)}**: {describe_method(m.method, len(ingredients))}.", ""]
-    refs = [r for r in (m.method.reference, SOUPS_PAPER) if r]
+    lines += ["## Method", "", f"**{_cell(name)}**: {describe_soup(m)}.", ""]
+    refs = [r for r in (m.method.reference, (m.merge_method or {}).get("reference"), SOUPS_PAPER) if r]
     if name == "greedy":
         refs.append(POINTS_PAPER)
     for ref in dict.fromkeys(refs):

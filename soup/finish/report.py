@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from soup.finish.card import describe_method
+from soup.finish.card import describe_soup
 from soup.io.manifest import Manifest, Scoring, Trial
 
 __all__ = ["format_report", "format_update", "write_plot", "make_figure", "can_plot", "score_limits"]
@@ -60,7 +60,9 @@ def format_report(manifest: Manifest | Mapping[str, Any] | Any, *, where: str | 
     m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest, where=where)
     ev = m.evaluation
     lines = [f"soup {m.soup_version}  method: {m.method.name}  ({m.method.reference or ''})",
-             describe_method(m.method, len(m.ingredients))]
+             describe_soup(m)]
+    if m.merge_method and m.merge_method.get("reference"):
+        lines.append(f"merge method reference: {m.merge_method['reference']}")
     for role, rec in (("evaluator", ev), ("test evaluator", ev.test if ev else None)):
         if rec is not None and rec.evaluator is not None:
             lines.append(f"{role}: {rec.evaluator.name} ({rec.direction}) args={rec.evaluator.args}")

@@ -30,13 +30,14 @@ class ArceeFusion(MergeMethod):
 
     name = "arcee_fusion"
     reference = "https://arcee.ai"
-    description = "Arcee Fusion: keeps the other model's changes whose importance is an outlier (above median + 1.5 IQR)."
+    description = "Arcee Fusion: keeps the other model's changes whose importance is an outlier (median + 1.5 IQR)."
     needs_base = True
     parameters = {}
 
     def statistics(self, tensor: TensorInput, params: TensorParams) -> Any:
         if not tensor.has_base or tensor.n != 1:
-            raise RecipeError(f"arcee_fusion: merges the base model with exactly one other model (tensor {tensor.name})")
+            raise RecipeError(
+                f"arcee_fusion: merges the base model with exactly one other model (tensor {tensor.name})")
         if tensor.numel == 0:
             return None
         shape, rows = tensor.shape, group_count(tensor.shape, -1)
@@ -45,25 +46,27 @@ class ArceeFusion(MergeMethod):
             ids = group_index(shape, -1, at.start, at.stop, device)
             return torch.zeros(at.stop - at.start, dtype=torch.int64, device=device) if ids is None else ids
 
-        def pairs():  # (row ids, other, base) as float64, per block
+        def pairs():  # (row ids, other, base) as float64, per block, on the blocks' device
             for at, xs, base in tensor.blocks():
                 yield ids_of(at, xs.device), xs[0].to(torch.float64), base.to(torch.float64)
 
-        maxima = torch.full((2, rows), -math.inf, dtype=torch.float64)
+        maxima = sums = kl = None
         for ids, x, b in pairs():
-            maxima[0].scatter_reduce_(0, ids.cpu(), x.cpu(), "amax")
-            maxima[1].scatter_reduce_(0, ids.cpu(), b.cpu(), "amax")
-        sums = torch.zeros(2, rows, dtype=torch.float64)
+            if maxima is None:
+                maxima = torch.full((2, rows), -math.inf, dtype=torch.float64, device=x.device)
+            maxima[0].scatter_reduce_(0, ids, x, "amax")
+            maxima[1].scatter_reduce_(0, ids, b, "amax")
         for ids, x, b in pairs():
-            ids = ids.cpu()
-            sums[0].index_add_(0, ids, torch.exp(x.cpu() - maxima[0][ids]))
-            sums[1].index_add_(0, ids, torch.exp(b.cpu() - maxima[1][ids]))
+            if sums is None:
+                sums = torch.zeros(2, rows, dtype=torch.float64, device=x.device)
+            sums[0].index_add_(0, ids, torch.exp(x - maxima[0][ids]))
+            sums[1].index_add_(0, ids, torch.exp(b - maxima[1][ids]))
         lse = maxima + torch.log(sums)
-        kl = torch.zeros(rows, dtype=torch.float64)
         for ids, x, b in pairs():
-            ids = ids.cpu()
-            p = torch.exp(x.cpu() - lse[0][ids]) + PROB_EPS
-            q = torch.exp(b.cpu() - lse[1][ids]) + PROB_EPS
+            if kl is None:
+                kl = torch.zeros(rows, dtype=torch.float64, device=x.device)
+            p = torch.exp(x - lse[0][ids]) + PROB_EPS
+            q = torch.exp(b - lse[1][ids]) + PROB_EPS
             kl.index_add_(0, ids, p * torch.log(p / q))
         kl = kl.to(tensor.dtype)
 

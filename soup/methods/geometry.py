@@ -82,8 +82,8 @@ def gram(tensor: TensorInput, rows: Callable[[torch.Tensor, torch.Tensor | None]
          vectors: int | None = None) -> torch.Tensor:
     """Dot products of the rows ``rows(xs, base)`` (k, block) per vector group, accumulated in float64.
 
-    One pass over ``tensor.blocks()``. Returns (groups, k, k), symmetric; groups is 1 for the whole tensor.
-    State: groups x k x k float64 (O(1) for the whole tensor, O(rows) per row).
+    One pass over ``tensor.blocks()``. Returns (groups, k, k) on the CPU, symmetric; groups is 1 for the
+    whole tensor. State: groups x k x k float64 (O(1) for the whole tensor, O(rows) per row).
     """
     groups = group_count(tensor.shape, vectors)
     out: torch.Tensor | None = None
@@ -105,7 +105,7 @@ def gram(tensor: TensorInput, rows: Callable[[torch.Tensor, torch.Tensor | None]
                     out[:, j, i] += s
     if out is None:  # an empty tensor
         out = torch.zeros(groups, 0, 0, dtype=torch.float64)
-    return out
+    return out.cpu()
 
 
 def spherical_coefficients(cos: torch.Tensor, t: float,
@@ -167,23 +167,27 @@ def kth_smallest(values: Callable[[], Iterator[torch.Tensor]], ks: Sequence[int]
 
     ``values()`` starts a pass and yields the values block by block (float32 or float64, 1-D). Radix
     selection on the values' bits, 16 bits a pass: 2 passes for float32, 4 for float64, whatever the number
-    of values; state: one 65,536-bin histogram per k. Equal to ``sorted(all values)[k]`` (NaNs aside).
+    of values; state: one 65,536-bin histogram per distinct prefix (at most one per k). Equal to
+    ``sorted(all values)[k]`` (NaNs aside).
     """
     width = 32 if dtype == torch.float32 else 64
     shifts = list(range(width - _SHIFT, -1, -_SHIFT))
     prefix: list[int | None] = [None] * len(ks)  # key >> (shift + 16) of the k-th value, once known
     rank = [int(k) for k in ks]
     for shift in shifts:
-        hists = [torch.zeros(_RADIX, dtype=torch.int64) for _ in ks]
+        wanted = list(dict.fromkeys(prefix))  # one histogram per distinct prefix
+        hists: dict[int | None, torch.Tensor] = {}
         for v in values():
             key = _sortable(v.reshape(-1))
             high = key >> (shift + _SHIFT) if shift + _SHIFT < 64 else None
             digit = (key >> shift) & (_RADIX - 1) if shift + _SHIFT < width else (key >> shift) + _RADIX // 2
-            for t, p in enumerate(prefix):
+            for p in wanted:
                 d = digit if p is None else digit[high == p]
-                hists[t] += torch.bincount(d.cpu(), minlength=_RADIX)
+                if p not in hists:
+                    hists[p] = torch.zeros(_RADIX, dtype=torch.int64, device=d.device)
+                hists[p].scatter_add_(0, d, torch.ones_like(d))
         for t in range(len(ks)):
-            cum = torch.cumsum(hists[t], 0)
+            cum = torch.cumsum(hists[prefix[t]], 0).cpu()
             if rank[t] < 0 or rank[t] >= int(cum[-1]):
                 raise ValueError(f"kth_smallest: rank {ks[t]} out of range")
             d = int(torch.searchsorted(cum, torch.tensor(rank[t]), right=True))

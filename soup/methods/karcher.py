@@ -65,9 +65,8 @@ def karcher_coefficients(g: torch.Tensor, max_iter: int, tol: float) -> torch.Te
 class Karcher(MergeMethod):
     """The Karcher mean on the unit sphere of the whole tensors (equal weights), scaled by their mean norm.
 
-    mergekit's contract ignores the base model's role (a ``base_model`` in a mergekit config is averaged as
-    one more model); here ``base`` is not read: list the base model among the ingredients to include it.
-    Memory: the iterations only need dot products, so they run on an N x N Gram matrix from one statistics
+    A base model, when given, is averaged as one more model, after the others: mergekit's contract ignores
+    the base's role and adds a config's ``base_model`` to the inputs. Memory: the iterations only need dot products, so they run on an N x N Gram matrix from one statistics
     pass (float64, O(N²) state); no whole-tensor copy.
     """
 
@@ -81,13 +80,17 @@ class Karcher(MergeMethod):
     }
 
     def statistics(self, tensor: TensorInput, params: TensorParams) -> Any:
-        if tensor.n == 1:
+        n = tensor.n + int(tensor.has_base)
+        if n == 1:
             return None
-        g = gram(tensor, lambda xs, base: xs)[0] if tensor.numel else torch.zeros(tensor.n, tensor.n, dtype=torch.float64)
+        if tensor.numel == 0:
+            return torch.zeros(n, dtype=torch.float64)
+        g = gram(tensor, lambda xs, base: xs if base is None else torch.cat([xs, base[None]]))[0]
         return karcher_coefficients(g, int(params["max_iter"]), float(params["tol"]))
 
     def block(self, xs: torch.Tensor, base: torch.Tensor | None, params: TensorParams, stats: Any,
               at: At) -> torch.Tensor:
-        if xs.shape[0] == 1:
-            return xs[0].clone()
-        return combine(stats.to(xs.dtype).to(xs.device).unbind(0), xs.unbind(0))
+        points = list(xs.unbind(0)) + ([] if base is None else [base])  # the base model last, when given
+        if len(points) == 1:
+            return points[0].clone()
+        return combine(stats.to(xs.dtype).to(xs.device).unbind(0), points)

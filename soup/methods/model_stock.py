@@ -1,4 +1,4 @@
-"""model_stock: interpolate between the base and the fine-tunes' mean by their deltas' cosine (mergekit's ``model_stock``)."""
+"""model_stock: from the base towards the fine-tunes' mean, by their deltas' cosine (mergekit's ``model_stock``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ram: Reinforced Agent Merging: keep unique task-vector entries whole, average the shared ones (mergekit's ``ram``)."""
+"""ram: Reinforced Agent Merging: unique task-vector entries kept whole, shared ones averaged (mergekit's ``ram``)."""
 
 from __future__ import annotations
 

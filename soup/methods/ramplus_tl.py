@@ -1,4 +1,4 @@
-"""ramplus_tl: RAM+ (tensor-local): RAM with unique entries scaled up by each model's overlap ratio (mergekit's ``ramplus_tl``)."""
+"""ramplus_tl: RAM+ (tensor-local): RAM with unique entries scaled by an overlap ratio (mergekit's ``ramplus_tl``)."""
 
 from __future__ import annotations
 

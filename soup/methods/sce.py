@@ -59,7 +59,7 @@ class SCE(MergeMethod):
         if select is False:
             return torch.zeros_like(d)
         keep = variance(d) >= select
-        return torch.where(keep, d, torch.zeros((), dtype=d.dtype))
+        return torch.where(keep, d, 0.0)
 
     def statistics(self, tensor: TensorInput, params: TensorParams) -> Any:
         topk = float(params["select_topk"])
@@ -94,7 +94,7 @@ class SCE(MergeMethod):
     def block(self, xs: torch.Tensor, base: torch.Tensor | None, params: TensorParams, stats: Any,
               at: At) -> torch.Tensor:
         d = self._selected(deltas(xs, base, self.name), stats.select)
-        w = torch.tensor(list(stats.weights), dtype=d.dtype).unsqueeze(1)
+        w = torch.tensor(list(stats.weights), dtype=d.dtype, device=d.device).unsqueeze(1)
         erased = consensus(d).to(d.dtype) * w
         merged = row_sum(d * erased)
         return base + merged / row_sum(erased).clamp(min=1e-6)

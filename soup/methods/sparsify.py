@@ -108,23 +108,26 @@ def kth_largest(passes: Callable[[], Iterable[torch.Tensor]], dtype: torch.dtype
             raise TypeError(f"radix select: a block in {vals.dtype}, expected {dtype}")
         rows = vals.shape[0]
         if hist is None:
-            hist = torch.zeros(rows * _BINS, dtype=torch.int64)
-            zeros = torch.zeros(rows, dtype=torch.int64)
-            lengths = torch.zeros(rows, dtype=torch.int64)
+            device = vals.device
+            hist = torch.zeros(rows * _BINS, dtype=torch.int64, device=device)
+            zeros = torch.zeros(rows, dtype=torch.int64, device=device)
+            lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         bits = _bits(vals)
-        top = (bits >> shifts[0]) + torch.arange(rows, dtype=torch.int64).unsqueeze(1) * _BINS
-        hist += torch.bincount(top.reshape(-1), minlength=rows * _BINS)
+        top = (bits >> shifts[0]) + torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1) * _BINS
+        top = top.reshape(-1)
+        hist.index_add_(0, top, torch.ones_like(top))  # integer counts: exact, order-free
         zeros += (bits == 0).sum(dim=1)
         lengths += bits.shape[1]
     if hist is None:
         return []
     rows = zeros.shape[0]
-    nonzero = [int(v) for v in lengths - zeros]
+    nonzero = [int(v) for v in (lengths - zeros).tolist()]
+    lengths = lengths.tolist()
     resolved = list(targets(nonzero) if callable(targets) else targets)
     for row, k in resolved:
-        if not 1 <= k <= int(lengths[row]):
-            raise ValueError(f"radix select: k={k} out of range for a row of {int(lengths[row])}")
-    hist = hist.view(rows, _BINS)
+        if not 1 <= k <= lengths[row]:
+            raise ValueError(f"radix select: k={k} out of range for a row of {lengths[row]}")
+    hist = hist.view(rows, _BINS).cpu()
     prefixes: list[int] = []
     ranks: list[int] = []
     for row, k in resolved:
@@ -136,13 +139,17 @@ def kth_largest(passes: Callable[[], Iterable[torch.Tensor]], dtype: torch.dtype
     for shift in shifts[1:]:
         if not resolved:
             break
-        counts = torch.zeros(len(resolved), _BINS, dtype=torch.int64)
+        counts = torch.zeros(len(resolved) * _BINS, dtype=torch.int64, device=device)
         for vals in passes():
             bits = _bits(vals)
+            picked = []
             for t, (row, _) in enumerate(resolved):
                 b = bits[row]
                 b = b[(b >> (shift + _DIGIT)) == prefixes[t]]
-                counts[t] += torch.bincount((b >> shift) & (_BINS - 1), minlength=_BINS)
+                picked.append(((b >> shift) & (_BINS - 1)) + t * _BINS)
+            idx = torch.cat(picked)
+            counts.index_add_(0, idx, torch.ones_like(idx))
+        counts = counts.view(len(resolved), _BINS).cpu()
         for t in range(len(resolved)):
             digit, ranks[t] = _pick(counts[t], ranks[t])
             prefixes[t] = (prefixes[t] << _DIGIT) | digit
@@ -165,27 +172,34 @@ class ExactSums:
 
     def __init__(self, rows: int):
         self.rows = rows
-        self.hi = torch.zeros(rows * self._E, dtype=torch.int64)
-        self.lo = torch.zeros(rows * self._E, dtype=torch.int64)
+        self.hi: torch.Tensor | None = None
+        self.lo: torch.Tensor | None = None
 
     def add(self, values: torch.Tensor) -> None:
         """Add a (rows, block) block of non-negative finite values."""
+        if self.hi is None:
+            self.hi = torch.zeros(self.rows * self._E, dtype=torch.int64, device=values.device)
+            self.lo = torch.zeros(self.rows * self._E, dtype=torch.int64, device=values.device)
         bits = values.to(torch.float64).contiguous().view(torch.int64)
         e = (bits >> 52) & 0x7FF
         m = (bits & ((1 << 52) - 1)) | ((e > 0).to(torch.int64) << 52)
-        idx = (e + torch.arange(self.rows, dtype=torch.int64).unsqueeze(1) * self._E).reshape(-1)
+        idx = (e + torch.arange(self.rows, dtype=torch.int64, device=bits.device).unsqueeze(1) * self._E)
+        idx = idx.reshape(-1)
         self.hi.index_add_(0, idx, (m >> 26).reshape(-1))
         self.lo.index_add_(0, idx, (m & ((1 << 26) - 1)).reshape(-1))
 
     def totals(self) -> list[float]:
+        if self.hi is None:
+            return [0.0] * self.rows
         out = []
-        hi = self.hi.view(self.rows, self._E)
-        lo = self.lo.view(self.rows, self._E)
+        hi = self.hi.view(self.rows, self._E).tolist()
+        lo = self.lo.view(self.rows, self._E).tolist()
         for r in range(self.rows):
             total = 0
-            for e in torch.nonzero(hi[r] + lo[r]).flatten().tolist():
-                # value * 2**1074 = m << (max(e, 1) - 1), exactly
-                total += ((int(hi[r, e]) << 26) + int(lo[r, e])) << (max(e, 1) - 1)
+            for e in range(self._E):
+                if hi[r][e] or lo[r][e]:
+                    # value * 2**1074 = m << (max(e, 1) - 1), exactly
+                    total += ((hi[r][e] << 26) + lo[r][e]) << (max(e, 1) - 1)
             out.append(total / (1 << 1074))  # int / int: correctly rounded
         return out
 
@@ -263,9 +277,10 @@ def interval_keep(magnitude: torch.Tensor, bound: tuple[float, float]) -> torch.
     return keep
 
 
-def dare_keep(seed: int, at: At, stream: int, density: float) -> torch.Tensor:
+def dare_keep(seed: int, at: At, stream: int, density: float,
+              device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's mask: keep element j with probability ``density`` (``u_j < density``, u from ``uniform``)."""
-    return uniform(seed, at.name, at.start, at.stop, stream=stream) < density
+    return uniform(seed, at.name, at.start, at.stop, stream=stream, device=device) < density
 
 
 def della_probabilities(magnitude: torch.Tensor, shape: tuple[int, ...], density: float,
@@ -280,17 +295,18 @@ def della_probabilities(magnitude: torch.Tensor, shape: tuple[int, ...], density
     length = view.shape[1]
     order = torch.argsort(view, dim=1, stable=True)
     ranks = torch.empty_like(order)
-    pos = torch.arange(length, dtype=order.dtype).view([1, length] + [1] * (view.dim() - 2))
+    pos = torch.arange(length, dtype=order.dtype, device=order.device).view([1, length] + [1] * (view.dim() - 2))
     ranks.scatter_(1, order, pos.expand_as(order))
     if length > 1:
         norm = ranks.to(torch.float64) / (length - 1)
     else:  # mergekit divides 0 by 0 here; a lone element gets the middle probability
-        norm = torch.full(ranks.shape, 0.5, dtype=torch.float64)
+        norm = torch.full(ranks.shape, 0.5, dtype=torch.float64, device=ranks.device)
     return ((density - epsilon) + norm * (2 * epsilon)).reshape(-1)
 
 
 def della_keep(seed: int, at: At, stream: int, probabilities: torch.Tensor) -> torch.Tensor:
-    return uniform(seed, at.name, at.start, at.stop, stream=stream) < probabilities
+    u = uniform(seed, at.name, at.start, at.stop, stream=stream, device=probabilities.device)
+    return u < probabilities
 
 
 # --- combining --------------------------------------------------------------------------------
@@ -311,18 +327,18 @@ def combine(d: torch.Tensor, weights: Sequence[float], base: torch.Tensor, *, el
     Without election the divisor is the sum of the weights (1 where |sum| < 1e-8); with it, per
     element, the sum of the weights of the rows that agree with the elected sign (1 where 0).
     """
-    w = torch.tensor(list(weights), dtype=d.dtype)
+    w = torch.tensor([float(v) for v in weights], dtype=d.dtype, device=d.device)
     weighted = d * w.unsqueeze(1)
     if elect:
         agree = consensus(weighted)
-        mixed = row_sum(torch.where(agree, weighted, torch.zeros((), dtype=d.dtype)))
+        mixed = row_sum(torch.where(agree, weighted, 0.0))
         divisor = row_sum(agree.to(d.dtype) * w.unsqueeze(1))
-        divisor = torch.where(divisor == 0, torch.ones((), dtype=d.dtype), divisor)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
     else:
         mixed = row_sum(weighted)
         divisor = row_sum(w)
         if abs(float(divisor)) < 1e-8:
-            divisor = torch.ones((), dtype=d.dtype)
+            divisor = torch.ones((), dtype=d.dtype, device=d.device)
     if normalize:
         mixed = mixed / divisor
     if lam != 1:
@@ -343,7 +359,7 @@ def task_vector_parameters(*, normalize: bool, rescale: bool, gamma: bool = Fals
         "rescale": Param(rescale, kind="bool",
                          help="after sparsifying, scale each delta back to its L1 norm before masking"),
         "lambda": Param(1.0, help="scale of the merged delta"),
-        "weight": Param(None, per_model=True,
+        "weight": Param(None, per_model=True, required=True,
                         help="weight of each ingredient's task vector (required, as in mergekit)"),
         "density": Param(1.0, per_model=True, low=0.0, high=1.0,
                          help="fraction of each task vector's entries kept"),
@@ -393,11 +409,11 @@ class TaskVectorMerge(MergeMethod):
             density = float(params["density"][i])
             if density >= 1:
                 return None
-            return dare_keep(params.seed, at, i, density)
+            return dare_keep(params.seed, at, i, density, magnitude.device)
         if bound is None:
             return None
         if bound is False:
-            return torch.zeros(magnitude.shape, dtype=torch.bool)
+            return torch.zeros(magnitude.shape, dtype=torch.bool, device=magnitude.device)
         return interval_keep(magnitude, bound)
 
     # -- the contract
@@ -424,7 +440,7 @@ class TaskVectorMerge(MergeMethod):
                 masked = mag.clone()
                 for i in rescaled:
                     keep = self._keep(i, mag[i], params, kept[i], at)
-                    masked[i] = torch.where(keep, mag[i], torch.zeros((), dtype=mag.dtype))
+                    masked[i] = torch.where(keep, mag[i], 0.0)
                 before.add(mag)
                 after.add(masked)
             b, a = before.totals(), after.totals()
@@ -448,12 +464,11 @@ class TaskVectorMerge(MergeMethod):
         if self.sparsification == "della_magprune":
             d = self._della(d, params, at)
         elif self.sparsification is not None:
-            zero = torch.zeros((), dtype=d.dtype)
             mag = d.abs()
             rows = []
             for i in range(n):
                 keep = self._keep(i, mag[i], params, stats.bounds[i], at)
-                row = d[i] if keep is None else torch.where(keep, d[i], zero)
+                row = d[i] if keep is None else torch.where(keep, d[i], 0.0)
                 if stats.factors[i] != 1.0:
                     row = row * stats.factors[i]
                 rows.append(row)
@@ -465,7 +480,6 @@ class TaskVectorMerge(MergeMethod):
         """DELLA's MagPrune on whole tensors (``whole_tensor``): rank-based random masks per row."""
         if at.start != 0 or at.stop - at.start != d.shape[1]:
             raise ValueError(f"{self.name} needs whole tensors (whole_tensor = True)")
-        zero = torch.zeros((), dtype=d.dtype)
         rows = []
         for i in range(d.shape[0]):
             density, epsilon = float(params["density"][i]), float(params["epsilon"][i])
@@ -481,7 +495,7 @@ class TaskVectorMerge(MergeMethod):
             mag = d[i].abs()
             probs = della_probabilities(mag, at.shape, density, epsilon)
             keep = della_keep(params.seed, at, i, probs)
-            row = torch.where(keep, d[i], zero)
+            row = torch.where(keep, d[i], 0.0)
             if params["rescale"]:
                 sums = ExactSums(2)
                 sums.add(torch.stack([mag, row.abs()]))

@@ -132,7 +132,7 @@ def method_spec(method: str | Mapping[str, Any] | MergeMethod | MethodSpec | Non
                                   f"({', '.join(per) or 'none'})")
             _check(known[key], value, f"{where}.models[{k}].{key}")
     for key, p in known.items():
-        if not p.required or key in given or key == "weight":
+        if not (p.required or p.default is None) or key in given or key == "weight":
             continue
         if not p.per_model or not model_params or any(key not in mp for mp in model_params):
             raise RecipeError(f"{where}: {impl.name} needs parameter {key!r} (--set {key}=VALUE, or {key}: in "

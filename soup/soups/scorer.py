@@ -68,8 +68,8 @@ class Scorer:
         self.dtype = dtype
         self.options = dict(options or {})
         method = self.options.get("method")
-        # greedy's float32 running sums build the weighted mean only
-        self.running_sums = method is None or method.is_linear
+        if method is not None and not method.is_linear:
+            self.running_sums = False  # greedy's float32 running sums build the weighted mean only
         self.reporter = reporter or Reporter()
         self.scratch = scratch
         self.storage = storage  # an optuna storage URL for strategies that keep a study (None: in memory)
@@ -94,6 +94,10 @@ class Scorer:
         """The run's rules, then one per-pattern weight rule per group (the run's rules win)."""
         return self.rules + [Rule(pattern, "weights", weights=tuple(float(x) for x in w))
                              for pattern, w in (groups or {}).items()]
+
+    def byte_options(self) -> dict[str, Any] | None:
+        """The run's options that change a candidate's bytes (non-default ones only)."""
+        return _byte_options(self.options)
 
     def key(self, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None) -> str:
         args = merge_arguments(weights, self.options)

@@ -5,6 +5,7 @@ queued candidates until every run it has seen is done or it has been idle for ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -110,6 +111,7 @@ def _local_scorer(r: Recipe, devices: Sequence[str] | None, cache: Any, reporter
     from soup.options import check_device
     from soup.soups.factory import make_evaluators
     from soup.engine.rules import parse_rules
+    from soup.methods.spec import method_spec
     from soup.soups.scorer import Scorer
 
     devs = list(devices) if devices else list(r.devices or [])
@@ -118,7 +120,6 @@ def _local_scorer(r: Recipe, devices: Sequence[str] | None, cache: Any, reporter
     from soup.registry import has_queries, resolve_ingredients
 
     if has_queries(r):  # as the coordinator does; a different answer here names another queue (and says so)
-        import dataclasses
 
         pinned = resolve_ingredients(r)
         r = dataclasses.replace(r, ingredients=[p.spec() for p in pinned], labels=[p.label for p in pinned])
@@ -131,8 +132,12 @@ def _local_scorer(r: Recipe, devices: Sequence[str] | None, cache: Any, reporter
     except BaseException:
         store.close()
         raise
-    scorer = Scorer(cks, evs, devices=devs or ["cpu"], cache=store,
-                    rules=parse_rules(r.rules), dtype=r.dtype, reporter=reporter)
+    spec = method_spec(r.method, n=len(cks))  # the coordinator's candidates, byte for byte (soup.pipeline)
+    if spec is not None and spec.base is not None:
+        spec = dataclasses.replace(spec, base=resolve_all([spec.base], labels=["base"], hub=hub)[0])
+    options = {"accumulate": r.accumulate, "strict": r.strict, "method": spec}
+    scorer = Scorer(cks, evs, devices=devs or ["cpu"], cache=store, rules=parse_rules(r.rules), dtype=r.dtype,
+                    reporter=reporter, options=options)
     return scorer, evs, store
 
 

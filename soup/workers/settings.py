@@ -66,10 +66,14 @@ class QueueSettings:
 # --- the queue's identity --------------------------------------------------------------------------
 
 def queue_identity(scorer: Scorer) -> dict[str, Any]:
-    """What a queue study is for: ingredients (label, fingerprint), evaluator identity, rules, dtype."""
-    return _jsonable({"ingredients": [{"label": c.label, "fingerprint": c.fingerprint} for c in scorer.checkpoints],
-                      "evaluator": scorer.identity, "rules": [r.to_dict() for r in scorer.rules],
-                      "dtype": scorer.dtype})
+    """What a queue study is for: ingredients (label, fingerprint), evaluator identity, rules, dtype, and
+    the options that change candidates' bytes (a merge method, a forced accumulation dtype), when set."""
+    ident = {"ingredients": [{"label": c.label, "fingerprint": c.fingerprint} for c in scorer.checkpoints],
+             "evaluator": scorer.identity, "rules": [r.to_dict() for r in scorer.rules], "dtype": scorer.dtype}
+    options = scorer.byte_options()
+    if options:
+        ident["options"] = options
+    return _jsonable(ident)
 
 
 def queue_name(scorer: Scorer) -> str:
