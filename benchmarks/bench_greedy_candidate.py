@@ -1,20 +1,23 @@
-"""Per-candidate cost of greedy soup: build one candidate from the running sum into a resident model.
+"""Per-candidate cost of greedy soup: build one candidate "pool + x" into a resident model.
 
-A greedy candidate is "pool + x": ``S/(k+1) + x/(k+1)`` from the pool's running float32 sum S and the
-new ingredient x, computed by ``candidate.load_into(model)`` straight into the evaluator's resident
-model. Its floor is reading x once; the rest is memory traffic (S, the model). This script, top to
-bottom:
+A greedy candidate is the uniform soup of the pool and the new ingredient x, built exactly as the soup
+is written (one construction: the weighted mean of every member, in the accumulation dtype) and
+computed by ``candidate.load_into(model)`` straight into the evaluator's resident model. Its floor is
+reading every member once (k + 1 inputs); the rest is the math and memory traffic. (Until soup 0.1's
+running sums were retired, a candidate was ``S/(k+1) + x/(k+1)`` from a float32 sum S of the pool:
+one pass over x, but other bytes than the soup written, and a model-sized sum held in memory.) This
+script, top to bottom:
 
   1. builds --ingredients synthetic Llama-layout checkpoints (benchmarks/bench_merge.py's generator,
      cached under --workdir and reused);
   2. in a fresh child process: a resident model (one tensor per checkpoint tensor, the ingredients'
-     dtype, on --device), a ``RunningSum`` of ingredients 0 and 1 (placed by --sums, default auto);
-  3. per repeat and page-cache state (warm: x read just before; cold: the page cache dropped, or
-     where that is refused x's pages evicted with posix_fadvise(DONTNEED)): the time to read x
-     (the last ingredient) once, plain sequential reads, and the time to build and load the
-     candidate pool + x; the child samples its anonymous memory (RssAnon) every millisecond;
+     dtype, on --device) and a scorer over the ingredients;
+  3. per repeat and page-cache state (warm: the inputs read just before; cold: the page cache dropped,
+     or where that is refused their pages evicted with posix_fadvise(DONTNEED)): the time to read
+     every member once, plain sequential reads, and the time to build and load the candidate;
+     the child samples its anonymous memory (RssAnon) every millisecond;
   4. prints the ratios with the targets beside them: warm <= 4x the read, cold <= 1.5x, and peak
-     anonymous memory against model + running sum (the rest is the engine's blocks).
+     anonymous memory against the model (the rest is the engine's blocks).
 
     python benchmarks/bench_greedy_candidate.py --size 1GB --ingredients 3 --repeats 3
 """
@@ -71,7 +74,7 @@ def child(args: argparse.Namespace) -> dict:
     import soup  # noqa: F401  (imports before the baseline)
     from soup.evaluators.python import PythonEvaluator
     from soup.io.ingredients import resolve_all
-    from soup.soups.scorer import RunningSum, Scorer
+    from soup.soups.scorer import Scorer
 
     folders = [Path(p) for p in args.folders]
     base = rss_anon()
@@ -80,14 +83,7 @@ def child(args: argparse.Namespace) -> dict:
     model = {n: torch.zeros(t.shape, dtype=t.dtype, device=args.device) for n, t in cks[0].tensors.items()}
     model_bytes = sum(t.numel() * t.element_size() for t in model.values())
     scorer = Scorer(cks, [PythonEvaluator(fn=lambda c: 0.0)], devices=[args.device])
-    pool = RunningSum(scorer, 0, storage=args.sums, device=args.device)
-    for i in range(1, new):
-        pool.add(i)
-    t = time.perf_counter()
-    pool._current()  # the pool's sum, built before any candidate is timed
-    sum_seconds = time.perf_counter() - t
-    sum_bytes = pool.nbytes() if pool.placement != "disk" else 0
-    files = safetensors_files(folders[new])
+    files = [f for folder in folders for f in safetensors_files(folder)]  # every member is read
     rows = []
     for r in range(args.repeats):
         for state in (["warm", "cold"] if args.cold else ["warm"]):
@@ -99,7 +95,7 @@ def child(args: argparse.Namespace) -> dict:
             read_s, read_cpu = read_once(files)
             if state == "cold":
                 evict(files)
-            cand = pool.candidate(new, f"pool+{new}")
+            cand = scorer.candidate([1.0 / len(cks)] * len(cks), f"pool+{new}")
             if args.device != "cpu":
                 torch.cuda.synchronize()
             with PeakSampler() as peak:  # (its thread's CPU time is in build_cpu: a few %)
@@ -110,9 +106,7 @@ def child(args: argparse.Namespace) -> dict:
                 build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
             rows.append({"state": state, "how": how, "read_s": read_s, "build_s": build_s, "read_cpu": read_cpu,
                          "build_cpu": build_cpu, "peak_anon_above_base": peak.peak - base})
-    pool.close()
-    return {"model_bytes": model_bytes, "sum_bytes": sum_bytes, "placement": pool.placement,
-            "sum_seconds": sum_seconds, "x_bytes": sum(p.stat().st_size for p in files), "rows": rows,
+    return {"model_bytes": model_bytes, "inputs_bytes": sum(p.stat().st_size for p in files), "rows": rows,
             "threads": torch.get_num_threads()}
 
 
@@ -122,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="1GB", help="size of one ingredient (decimal MB/GB, or MiB/GiB)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(ITEMSIZE), help="ingredient dtype")
     ap.add_argument("--shard-size", default="2GB", help="shard size of the ingredients")
-    ap.add_argument("--sums", default="auto", choices=["auto", "device", "memory", "disk"],
-                    help="where the running sum lives (greedy's sums: option)")
     ap.add_argument("--device", default="cpu", help="where the resident model lives (cpu, cuda)")
     ap.add_argument("--repeats", type=int, default=3, help="measurements per cache state; the minimum is reported")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache measurement")
@@ -147,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         make_ingredient(folder, dims, args.dtype, shard, seed=i)
         folders.append(folder)
     print(f"ingredients ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    cmd = [sys.executable, __file__, "--child", "--sums", args.sums, "--device", args.device,
+    cmd = [sys.executable, __file__, "--child", "--device", args.device,
            "--repeats", str(args.repeats), "--folders", *map(str, folders)] + ([] if args.cold else ["--no-cold"])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -161,13 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace, out: dict) -> None:
-    print(f"greedy candidate benchmark: {args.ingredients} x {fmt_bytes(out['x_bytes'])} {args.dtype} ingredients "
-          f"(pool of {args.ingredients - 1} + 1 new); resident model on {args.device}; running sum "
-          f"{fmt_bytes(out['sum_bytes'])} in {out['placement']} (--sums {args.sums}); {os.cpu_count()} CPUs, "
-          f"{out['threads']} torch threads; best of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
-    print(f"running sum of {args.ingredients - 1} built in {out['sum_seconds']:.2f} s (before the timed candidates)")
+    print(f"greedy candidate benchmark: pool of {args.ingredients - 1} + 1 new, {fmt_bytes(out['inputs_bytes'])} "
+          f"of {args.dtype} inputs in all; resident model on {args.device}; one construction (every member "
+          f"read); {os.cpu_count()} CPUs, {out['threads']} torch threads; best of {args.repeats}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print()
-    print(f"{'cache':<6} {'read x once s':>14} {'candidate s':>12} {'ratio':>7} {'target':>7}  "
+    print(f"{'cache':<6} {'read inputs s':>14} {'candidate s':>12} {'ratio':>7} {'target':>7}  "
           f"{'read cpu s':>10} {'cand. cpu s':>11}  how")
     for state, target in (("warm", TARGET_WARM), ("cold", TARGET_COLD)):
         rows = [r for r in out["rows"] if r["state"] == state]
@@ -180,11 +171,10 @@ def report(args: argparse.Namespace, out: dict) -> None:
         print(f"{state:<6} {read:>14.3f} {build:>12.3f} {ratio:>6.2f}x {target:>6.1f}x  {read_cpu:>10.3f} "
               f"{build_cpu:>11.3f}  {verdict}; {rows[0]['how']}")
     peak = max(r["peak_anon_above_base"] for r in out["rows"])
-    floor = out["model_bytes"] + out["sum_bytes"]
+    floor = out["model_bytes"]
     print()
     print(f"peak anonymous memory above imports: {fmt_bytes(peak)} = model {fmt_bytes(out['model_bytes'])} "
-          f"+ running sum {fmt_bytes(out['sum_bytes'])} + {fmt_bytes(peak - floor)} "
-          f"(target: model + sum + O(block))")
+          f"+ {fmt_bytes(peak - floor)} (target: model + O(block))")
 
 
 if __name__ == "__main__":

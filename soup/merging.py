@@ -222,6 +222,8 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                     state = sink.write(jobs, produce)  # a new state dict, or None when written in place
                 if pairs is not None:
                     pairs.report()
+                for ck in cks:
+                    ck.verify("the soup in memory is not used")
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, selection, spec=spec)
                 return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
             with output as tmp:
@@ -242,6 +244,8 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                 if manifest.plot is not None:
                     write_plot(manifest, tmp / manifest.plot)
                 (tmp / "README.md").write_text(render_model_card(manifest))
+                for ck in cks:  # the soup is made of the bytes the ingredients held when opened
+                    ck.verify("nothing was written")
                 write_manifest(tmp, manifest)  # last: its presence means the soup is complete
                 path = output.commit()
     finally:

@@ -219,6 +219,8 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
     # what soup.json records beside the engine's part; merge builds the manifest from it (plot, card too)
     selection = Selection(Method(strategy.name, getattr(strategy, "reference", None) or None, jsonable(strategy.options())),
                           evaluation, choice.kept, jsonable(dict(recipe)) if recipe else None)
+    for ck in cks:  # before the final merge: an ingredient rewritten during the evaluations stops the run
+        ck.verify("the soup was not written")
     if out is not None:
         reporter.step(f"merging {sum(1 for w in choice.weights if w)} ingredient(s) into {out}")
         m = merge(cks, output, rules=final_rules, dtype=dtype, progress=reporter, selection=selection,

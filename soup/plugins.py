@@ -17,6 +17,8 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import sys
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -82,9 +84,17 @@ def load_attr(spec: str, kind: str, error: type[SoupError] = SoupError) -> Any:
                 raise error(f"{kind} file not found: {path}")
             # one module per file, whatever name it is loaded by; its classes keep a stable identity
             digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-            module_spec = importlib.util.spec_from_file_location(f"soup_plugin_{path.stem}_{digest}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            name = f"soup_plugin_{path.stem}_{digest}"
+            # compiled from the file's current text: no stale bytecode (an edit within one second at the
+            # same size) and no __pycache__ written beside the user's file
+            module = types.ModuleType(name)
+            module.__file__ = str(path.resolve())
+            sys.modules[name] = module  # as imports do (dataclasses, pickling, inspect need it)
+            try:
+                exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
         else:
             module = importlib.import_module(target)
     except SoupError:

@@ -31,7 +31,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("choose", ("soup.soups", "soup.soups.*", "soup.evaluators", "soup.evaluators.*", "soup.adapters.candidates")),
     ("recipe", ("soup.registry", "soup.registry.*", "soup.recipe")),
     ("workers", ("soup.workers", "soup.workers.*")),
-    ("cook", ("soup.pipeline",)),
+    ("cook", ("soup.pipeline", "soup.preflight")),
     ("run", ("soup.schedule", "soup.schedule.changes", "soup.run")),
     ("schedule", ("soup.schedule.*",)),
     ("front", ("soup.demo", "soup.demo.*", "soup.cli", "soup.cli.*", "soup")),

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import soup
 from conftest import reference_mean
-from soup.soups.scorer import Scorer, RunningSum
+from soup.soups.scorer import Scorer
 from soup.errors import IncompatibleIngredients
 from soup.evaluators.python import PythonEvaluator
 from soup.io.ingredients import resolve_all
@@ -84,16 +84,12 @@ def test_target_and_soup_must_fit(tmp_path):
         soup.merge(paths, wrong)
 
 
-@pytest.mark.parametrize("running", [False, True])
-def test_candidate_load_into_equals_its_state_dict(tmp_path, running):
+@pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], [0.5, 0.0, 0.5]])
+def test_candidate_load_into_equals_its_state_dict(tmp_path, weights):
     paths, _ = fine_tunes(tmp_path)
     cks = resolve_all(paths)
     bench = Scorer(cks, [PythonEvaluator(fn=lambda c: 0.0)])
-    if running:  # greedy's candidates, built from the pool's running sum
-        pool = RunningSum(bench, 0)
-        cand = pool.candidate(2, "pool+ft2")
-    else:
-        cand = bench.candidate([0.2, 0.3, 0.5], "weighted")
+    cand = bench.candidate(weights, "weighted")
     model = Tiny()
     cand.load_into(model)
     sd = cand.state_dict("cpu")

@@ -151,12 +151,11 @@ def test_the_cli_merges_with_a_method_and_refuses_bad_choices_in_one_line(tmp_pa
 
 
 def test_a_mergekit_config_runs_as_it_is(tmp_path):
-    """mergekit's YAML (base listed among the models, per-model parameters with filters, global
-    parameters, out_dtype) gives the tensors of its definition (here linear, computed in float64)."""
+    """mergekit's YAML (per-model parameters with filters, global parameters, out_dtype) gives the
+    tensors of its definition (here linear, computed in float64)."""
     base, base_state, fts, states = _family(tmp_path, n=2)
     config = {"merge_method": "linear", "base_model": "base",
-              "models": [{"model": "base"},
-                         {"model": "ft0", "parameters": {"weight": [{"filter": "q_proj", "value": 3.0}, {"value": 1.0}]}},
+              "models": [{"model": "ft0", "parameters": {"weight": [{"filter": "q_proj", "value": 3.0}, {"value": 1.0}]}},
                          {"model": "ft1", "parameters": {"weight": 1.0}}],
               "parameters": {"normalize": True}, "dtype": "float32", "out_dtype": "float32"}
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
@@ -172,6 +171,20 @@ def test_a_mergekit_config_runs_as_it_is(tmp_path):
     m = json.loads((tmp_path / "out" / "soup.json").read_text())
     assert m["recipe"]["merge_method"] == "linear"  # the config as given, to make it again
     assert [i["name"] for i in m["ingredients"]] == ["ft0", "ft1", "base"]
+
+
+def test_a_base_listed_among_the_models_is_the_base_of_task_vector_methods(tmp_path):
+    """mergekit lists the base among the models in TIES configs: it is the base, not an ingredient."""
+    base, _, fts, _ = _family(tmp_path, n=2)
+    config = {"merge_method": "ties", "base_model": "base",
+              "models": [{"model": "base"}, {"model": "ft0", "parameters": {"density": 0.5, "weight": 1.0}},
+                         {"model": "ft1", "parameters": {"density": 0.5, "weight": 1.0}}],
+              "parameters": {"normalize": True}, "dtype": "float32"}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    direct = soup.merge(fts, None, method={"name": "ties", "density": 0.5}, base=base).state_dict
+    assert _digest(load_file(str(tmp_path / "out" / "model.safetensors"))) == _digest(direct)
 
 
 @pytest.mark.parametrize("config, line", [

@@ -351,6 +351,7 @@ def test_parameters_match_mergekit():
         assert {k: p.default for k, p in cls.parameters.items()} == defaults
         per_model = {k for k, p in cls.parameters.items() if p.per_model}
         assert per_model == ({k for k in ("weight", "density", "gamma", "epsilon") if k in defaults})
+        assert {k for k, p in cls.parameters.items() if p.required} == ({"weight"} if "weight" in defaults else set())
         assert cls.needs_base and cls.reference.startswith("https://arxiv.org/abs/") and cls.description
         names.add(cls.name)
     assert names == {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",

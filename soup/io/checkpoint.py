@@ -112,10 +112,29 @@ class Checkpoint:
     memory: dict[str, torch.Tensor] | None = None  # in-memory weights, when not on disk
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. hub repo/revision for provenance
     state_dict_key: str | None = None  # torch files: the wrapper key the weights are under
+    stats: dict[Path, tuple[int, int, int, int]] = field(default_factory=dict)  # file -> (size, mtime_ns, dev, ino)
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    def verify(self, doing: str = "") -> None:
+        """Raise CheckpointError naming the first weight file that changed since the checkpoint was opened
+        (size, modification time or inode: a training job saving again, even at the same size).
+
+        Called before a score is cached and before a soup is put in place, so a score or a soup never
+        belongs to bytes that are gone. A few stat calls: microseconds.
+        """
+        for file, seen in self.stats.items():
+            try:
+                st = file.stat()
+                now = (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+            except OSError:
+                now = None
+            if now != seen:
+                what = "was removed" if now is None else "was rewritten"
+                raise CheckpointError(f"{file}: {what} while soup was reading it (ingredient {self.label}); "
+                                      f"{doing or 'stopped'}: run again once it is complete")
 
 
 def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_key: str | None = None,
@@ -162,6 +181,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
         files = [path]
     tensors: dict[str, TensorInfo] = {}
     digest = hashlib.sha256()
+    stats: dict[Path, tuple[int, int, int, int]] = {}
     key = state_dict_key
     for file in files:
         if not file.is_file():
@@ -171,6 +191,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
         else:
             header, table = _read_header(file)
         st = file.stat()
+        stats[file] = (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
         digest.update(f"{file.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         digest.update(header)
         for info in table:
@@ -190,7 +211,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
         if value:
             digest.update(f"\0{what}\0{value}".encode())
     return Checkpoint(label=label or path.name, source=str(path), root=root, files=files,
-                      tensors=tensors, fingerprint=digest.hexdigest(), state_dict_key=key)
+                      tensors=tensors, fingerprint=digest.hexdigest(), state_dict_key=key, stats=stats)
 
 
 def strip_names(tensors: dict[str, TensorInfo], prefix: str, path: Path | str) -> dict[str, TensorInfo]:

@@ -8,7 +8,7 @@ tensor's size:
   the other dimensions: the columns of a matrix). ``group_count`` / ``group_index`` map flat positions to
   those vectors.
 - ``gram`` accumulates, in float64, the dot products of a few vectors per group (norms and cosines) over
-  one pass of ``tensor.blocks()``.
+  one pass of ``tensor.blocks()``; ``task_vectors`` gives it the models' deltas from the base.
 - ``spherical_coefficients`` turns cosines into slerp's two coefficients.
 - ``kth_smallest`` finds exact order statistics (quantiles) of a value defined per element in a few passes
   (radix selection on the float's bits, 16 bits a pass), with O(1) state.
@@ -32,6 +32,7 @@ __all__ = [
     "group_count",
     "group_index",
     "gram",
+    "task_vectors",
     "spherical_coefficients",
     "combine",
     "kth_smallest",
@@ -106,6 +107,12 @@ def gram(tensor: TensorInput, rows: Callable[[torch.Tensor, torch.Tensor | None]
     if out is None:  # an empty tensor
         out = torch.zeros(groups, 0, 0, dtype=torch.float64)
     return out.cpu()
+
+
+def task_vectors(xs: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """``xs - base`` in float64 (exact for float32 values), or ``xs`` in float64 without a base: for ``gram``."""
+    v = xs.to(torch.float64)
+    return v - base.to(torch.float64) if base is not None else v
 
 
 def spherical_coefficients(cos: torch.Tensor, t: float,

@@ -2,7 +2,8 @@
 
 A mergekit config (recognised by its ``merge_method`` key) becomes the soup recipe that makes the
 same merge: ``models`` are the ingredients (a model that is also the ``base_model`` is the base, not
-an ingredient), each model's ``parameters`` its per-model method parameters, the top-level
+an ingredient, for methods on task vectors; for methods without a base, such as linear, it stays a
+model, as in mergekit), each model's ``parameters`` its per-model method parameters, the top-level
 ``parameters`` the method's global ones, ``out_dtype`` (else ``dtype``) the output dtype, and
 ``tokenizer_source`` the model whose tokenizer and config are copied (default: the base model, as
 in mergekit). Model names that are not
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from soup.errors import RecipeError
+from soup.methods.registry import load_method
 
 __all__ = ["is_mergekit_config", "from_mergekit"]
 
@@ -63,6 +65,8 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
     if not isinstance(models, list) or not models:
         raise RecipeError("mergekit config: models: a non-empty list of {model: NAME, parameters: {...}}")
     base_name = _model_name(data.get("base_model"), "base_model") if data.get("base_model") is not None else None
+    needs_base = load_method(method).needs_base
+    base_listed = False
     ingredients, per_model = [], []
     for k, entry in enumerate(models):
         if isinstance(entry, str):
@@ -76,8 +80,10 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
         params = entry.get("parameters") or {}
         if not isinstance(params, Mapping):
             raise RecipeError(f"mergekit config: models[{k}].parameters: expected a mapping")
-        if name == base_name:
+        if name == base_name and needs_base:
             continue  # the base model listed among the models: it is the base, not an ingredient
+        if name == base_name:
+            base_listed = True  # a method without a base (linear, karcher...): mergekit averages it as a model
         ingredients.append(_source(name, base))
         per_model.append(dict(params))
     if not ingredients:
@@ -88,7 +94,7 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
     chosen: dict[str, Any] = {"name": method, **global_params}
     if any(per_model):
         chosen["models"] = per_model
-    if base_name is not None:
+    if base_name is not None and not base_listed:  # listed: an ingredient already, never counted twice
         chosen["base"] = _source(base_name, base)
     recipe: dict[str, Any] = {"ingredients": ingredients, "strategy": "average", "method": chosen}
     out_dtype = data.get("out_dtype") or data.get("dtype")
@@ -99,12 +105,14 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
     if data.get("dtype") in ("float32", "fp32", "float64", "fp64"):
         recipe["accumulate"] = "float64" if data["dtype"] in ("float64", "fp64") else "auto"
     source = data.get("tokenizer_source")
-    if source is None and base_name is not None:
+    if source is None and base_name is not None and "base" in chosen:
         recipe["config_from"] = "base"  # mergekit's default: the base model's tokenizer and config
     elif source is not None:
         if source == "union":
             raise RecipeError("mergekit config: tokenizer_source: union (a merged vocabulary) is not supported "
                               "yet; use base or a model's name")
+        if source == "base" and base_listed:
+            source = base_name  # the base is an ingredient here
         if source == "base":
             if base_name is None:
                 raise RecipeError("mergekit config: tokenizer_source: base, but there is no base_model")

@@ -8,7 +8,7 @@ import torch
 
 from soup.errors import RecipeError
 from soup.methods.base import At, MergeMethod, Param, TensorInput, TensorParams
-from soup.methods.geometry import combine, gram, group_index
+from soup.methods.geometry import combine, gram, group_index, task_vectors
 
 NORM_PRODUCT_MIN = 1e-6  # |d_i||d_j| is clamped to at least this before dividing
 SINGULAR = 1e-6  # |1 + (N-1) cos| below this: keep the base (t = 0)
@@ -53,7 +53,7 @@ class ModelStock(MergeMethod):
         if not tensor.has_base or tensor.n < 2:
             raise RecipeError(f"model_stock: needs a base model and at least 2 other models (tensor {tensor.name})")
         vectors = -1 if params["filter_wise"] else None
-        g = gram(tensor, lambda xs, base: xs.to(torch.float64) - base.to(torch.float64), vectors)
+        g = gram(tensor, task_vectors, vectors)
         return stock_ratio(g) if g.numel() else torch.zeros(g.shape[0], dtype=torch.float64)
 
     def block(self, xs: torch.Tensor, base: torch.Tensor | None, params: TensorParams, stats: Any,

@@ -9,7 +9,7 @@ import torch
 
 from soup.errors import RecipeError
 from soup.methods.base import At, MergeMethod, Param, TensorInput, TensorParams
-from soup.methods.geometry import combine, gram, require
+from soup.methods.geometry import combine, gram, task_vectors, require
 
 
 def _weights(params: TensorParams, n: int, name: str) -> torch.Tensor:
@@ -74,13 +74,9 @@ class MultiSlerp(MergeMethod):
         if tensor.n == 1:
             return None
 
-        def rows(xs: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-            v = xs.to(torch.float64)
-            return v - base.to(torch.float64) if base is not None else v
-
         if tensor.numel == 0:
             return w
-        g = gram(tensor, rows)[0]
+        g = gram(tensor, task_vectors)[0]
         return multislerp_coefficients(g, w, float(params["eps"]), tensor.name)
 
     def block(self, xs: torch.Tensor, base: torch.Tensor | None, params: TensorParams, stats: Any,

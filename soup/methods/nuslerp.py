@@ -8,7 +8,7 @@ import torch
 
 from soup.errors import RecipeError
 from soup.methods.base import At, MergeMethod, Param, TensorInput, TensorParams
-from soup.methods.geometry import combine, gram, group_index, require, spherical_coefficients
+from soup.methods.geometry import combine, gram, task_vectors, group_index, require, spherical_coefficients
 
 NORM_MIN = 1e-7  # norms are clamped to at least this before normalising
 EPS = 1e-8  # colinear when 1 - cos² <= EPS²
@@ -54,11 +54,7 @@ class NuSlerp(MergeMethod):
         if tensor.n != 2:
             raise RecipeError(f"nuslerp: merges exactly 2 models besides the base (tensor {tensor.name})")
 
-        def rows(xs: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-            v = xs.to(torch.float64)
-            return v - base.to(torch.float64) if base is not None else v
-
-        g = gram(tensor, rows, _vectors(params))
+        g = gram(tensor, task_vectors, _vectors(params))
         if g.numel() == 0:
             return torch.empty(g.shape[0], 2, dtype=torch.float64)
         norms = torch.sqrt(torch.diagonal(g, dim1=-2, dim2=-1).clamp(min=0)).clamp(min=NORM_MIN)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from soup.errors import EvaluatorError, redact
 
-__all__ = ["Candidate", "Evaluator", "Score", "load_evaluator", "evaluator_names", "run_evaluator"]
+__all__ = ["Candidate", "Evaluator", "Score", "load_evaluator", "check_evaluator", "evaluator_names", "run_evaluator"]
 
 ENTRY_POINT_GROUP = "soup.evaluators"
 
@@ -162,14 +162,19 @@ class Evaluator(ABC):
     class attribute, or the ``primary=`` keyword) names the one used for selection.
 
     Keyword arguments given to the constructor (from the recipe) are kept in ``self.args`` and, with
-    ``name`` and ``version``, make up the evaluator's identity in the score cache: bump ``version``
-    when a change to the code changes the scores.
+    ``name``, ``version`` and the evaluator's code (``code_identity``: its class's module and name,
+    the sha256 of the module's source file and the installed distribution's version), make up the
+    evaluator's identity in the score cache: an edited evaluator is evaluated afresh, and two
+    evaluators with one class name in different files never share scores. To keep old scores across
+    edits that do not change them, set ``code_in_key = False`` on the class and bump ``version``
+    yourself when a change does.
     """
 
     name: ClassVar[str] = ""  # the registry name; defaults to the class name
     version: ClassVar[str] = "1"  # part of the cache key
     direction: str = "maximize"  # "maximize" or "minimize"
     primary: str | None = None  # for mapping results: the metric used for selection
+    code_in_key: ClassVar[bool] = True  # the code's hash is part of the identity (False: name + version only)
 
     def __init__(self, **args: Any) -> None:
         self.args = dict(args)
@@ -185,6 +190,14 @@ class Evaluator(ABC):
     def score(self, candidate: Candidate) -> float | Mapping[str, float]:
         """Score one candidate."""
 
+    @classmethod
+    def validate(cls, **args: Any) -> None:
+        """Check a recipe's arguments before any work, cheaply (no model is loaded): their values and
+        the files they name. ``soup validate`` and ``soup run`` call it (``check_evaluator``) before
+        anything is evaluated, once the names are known to fit ``__init__``; so does ``load_evaluator``.
+        Raise ``EvaluatorError`` with one line. The default accepts every value.
+        """
+
     def close(self) -> None:
         """Release resources (a resident model, a GPU); called once when the run ends."""
 
@@ -195,8 +208,11 @@ class Evaluator(ABC):
     def identity(self) -> dict[str, Any]:
         """What makes two evaluations comparable: name, version, arguments (not the device)."""
         args = {k: v for k, v in self.args.items() if k != "device"}
-        return {"name": self.label, "version": self.version, "args": args,
-                "direction": self.direction, "primary": self.primary}
+        ident = {"name": self.label, "version": self.version, "args": args,
+                 "direction": self.direction, "primary": self.primary}
+        if self.code_in_key:
+            ident["code"] = code_identity(type(self))
+        return ident
 
     def better(self, a: float, b: float) -> bool:
         """True if score ``a`` is strictly better than ``b`` in this evaluator's direction."""
@@ -272,14 +288,74 @@ def load_evaluator(spec: str | type[Evaluator] | Evaluator, **args: Any) -> Eval
     Raises:
         EvaluatorError: an unknown name (listing the valid ones), an import failure, bad arguments.
     """
-    from soup.plugins import load_plugin_class
-
     if isinstance(spec, Evaluator):
         return spec
-    cls = load_plugin_class(spec, group=ENTRY_POINT_GROUP, base=Evaluator, kind="evaluator", error=EvaluatorError)
+    cls = check_evaluator(spec, args)
     try:
         return cls(**args)
     except EvaluatorError:
         raise
     except TypeError as e:
         raise EvaluatorError(f"evaluator {spec!r}: bad arguments {sorted(args)}: {e}") from e
+
+
+def check_evaluator(spec: str | type[Evaluator], args: Mapping[str, Any]) -> type[Evaluator]:
+    """The class an evaluator spec names, with ``args`` checked against it, before anything is built:
+    the names against its ``__init__`` (an unknown one suggests the closest), the values and the
+    files they name by its ``validate``.
+
+    Raises:
+        EvaluatorError: an unknown name (listing the valid ones), a missing file or class, a bad argument.
+    """
+    import difflib
+    import inspect
+
+    from soup.plugins import load_plugin_class
+
+    cls = load_plugin_class(spec, group=ENTRY_POINT_GROUP, base=Evaluator, kind="evaluator", error=EvaluatorError)
+    label = cls.name or cls.__name__
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        accepted = sorted(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for name in args:
+            if name not in accepted:
+                close = difflib.get_close_matches(str(name), accepted, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise EvaluatorError(f"evaluator {label}: unknown argument {name!r}{hint}; "
+                                     f"accepted: {', '.join(accepted) or 'none'}")
+    missing = [p.name for p in params if p.default is p.empty and p.name not in args
+               and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if missing:
+        raise EvaluatorError(f"evaluator {label}: argument {missing[0]!r} is required")
+    cls.validate(**args)
+    return cls
+
+
+def code_identity(cls: type) -> dict[str, Any]:
+    """What code an evaluator class runs: ``module:qualname``, the sha256 of its module's source file
+    (read whenever an identity is taken, once per run: well under a millisecond for a file of a few
+    hundred lines; no cache, so an edit within one clock tick is still seen) and the version of the
+    installed distribution that ships the module, if any."""
+    import hashlib
+    import importlib.metadata
+    import inspect
+
+    ident: dict[str, Any] = {"spec": f"{cls.__module__}:{cls.__qualname__}"}
+    try:
+        path = inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        path = None
+    if path:
+        try:
+            with open(path, "rb") as f:
+                ident["sha256"] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            pass
+    top = cls.__module__.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top) or []
+    if dists:
+        try:
+            ident["distribution"] = f"{dists[0]}=={importlib.metadata.version(dists[0])}"
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ident

@@ -2,32 +2,30 @@
 ingredients), scores them through the cache, and runs independent evaluations concurrently, one
 evaluator per device. Its public methods are the scorer contract documented on ``SoupStrategy``.
 
-Candidates are built by the merge engine (in memory for ``candidate.state_dict``, in a temp folder
-for ``candidate.path``), so a candidate is exactly the soup that would be written. Greedy's running
-sums (``RunningSum``) make each greedy candidate cost one pass over the new ingredient.
+Candidates are built by the merge engine (in memory for ``candidate.state_dict``, straight into a
+resident model for ``candidate.load_into``, in a temp folder for ``candidate.path``) with every
+option that changes a soup's bytes (``merge_arguments``), exactly as the final soup is written: one
+construction for every strategy, every number of evaluators and the soup itself, so a score is the
+score of the bytes the user ships, and the cache key (``key``) names everything that changes them.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from soup.soups.cache import ScoreCache, candidate_key, evaluator_key
-from soup.io.checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
+from soup.io.checkpoint import Checkpoint
 from soup.soups.evaluate import Candidate, Evaluator, Score, run_evaluator
 from soup.merging import merge
 from soup.progress import Reporter
 from soup.engine.rules import Rule
 from soup.engine.sinks import InPlaceSink
 
-__all__ = ["Scorer", "RunningSum", "merge_arguments"]
+__all__ = ["Scorer", "merge_arguments"]
 
 
 class Scorer:
@@ -52,7 +50,6 @@ class Scorer:
             temp folder); ``cook`` passes the output's work folder, so a killed run's debris is found.
     """
 
-    running_sums = True  # greedy may build its candidates from a RunningSum of the checkpoints
 
     def __init__(self, checkpoints: Sequence[Checkpoint], evaluators: Sequence[Evaluator], *,
                  devices: Sequence[str] = ("cpu",), cache: ScoreCache | None = None, rules: Sequence[Rule] = (),
@@ -67,9 +64,6 @@ class Scorer:
         self.rules = list(rules)
         self.dtype = dtype
         self.options = dict(options or {})
-        method = self.options.get("method")
-        if method is not None and not method.is_linear:
-            self.running_sums = False  # greedy's float32 running sums build the weighted mean only
         self.reporter = reporter or Reporter()
         self.scratch = scratch
         self.storage = storage  # an optuna storage URL for strategies that keep a study (None: in memory)
@@ -139,8 +133,16 @@ class Scorer:
         ev = self.evaluators[evaluator]
         with (make() if make is not None else self.candidate(weights, name, groups)) as cand:
             score = run_evaluator(ev, cand)
+        self.verify("its score was not cached")  # a score never belongs to bytes that are gone
         self.cache.put(self._ekey, key, score, name=name, identity=self.identity)
         return score, False
+
+    def verify(self, doing: str) -> None:
+        """CheckpointError if an ingredient (or the method's base) changed on disk since it was opened."""
+        method = self.options.get("method")
+        for ck in self.checkpoints + ([method.base] if method is not None and isinstance(method.base, Checkpoint)
+                                      else []):
+            ck.verify(doing)
 
     def score_ingredients(self, what: str = "evaluating ingredient") -> list[Score]:
         """Score every ingredient alone (concurrently over the devices)."""
@@ -249,159 +251,6 @@ def _write(cks: Sequence[Checkpoint], folder: Path, common: dict[str, Any]) -> N
     merge(cks, folder, overwrite=True, **common)
 
 
-SUM_PLACES = ("auto", "device", "memory", "disk")  # where greedy's running sum may live (``sums:``)
+SUM_PLACES = ("auto", "device", "memory", "disk")  # greedy's former ``sums:`` values, still accepted
 
 
-def place_running_sum(nbytes: int, device: str | torch.device) -> str:
-    """Where ``sums: auto`` keeps a running sum of ``nbytes``: ``"device"`` (the evaluator's GPU) when
-    it has room, else ``"memory"`` (host RAM) when that has room, else ``"disk"``. Room is free memory
-    (``torch.cuda.mem_get_info`` plus this process's unused cached blocks; /proc/meminfo's
-    MemAvailable) less a safety margin of max(1 GiB, 10% of the total), left for evaluation."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, total = device_memory(dev)
-        if free - _margin(total) >= nbytes:
-            return "device"
-    free, total = host_memory()
-    return "memory" if free - _margin(total) >= nbytes else "disk"
-
-
-def device_memory(device: torch.device) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device, counting blocks this process's allocator holds unused."""
-    free, total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
-
-
-def host_memory() -> tuple[int, int]:
-    """(available, total) bytes of host memory: /proc/meminfo's MemAvailable and MemTotal on Linux;
-    elsewhere the free and total physical pages (sysconf), or (total, total) when those are unknown."""
-    try:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024
-                for line in Path("/proc/meminfo").read_text().splitlines() if line.endswith(" kB")}
-        return info["MemAvailable"], info["MemTotal"]
-    except (OSError, KeyError, ValueError, IndexError):
-        pass
-    try:
-        import os
-
-        page = os.sysconf("SC_PAGE_SIZE")
-        total = os.sysconf("SC_PHYS_PAGES") * page
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * page, total
-        except (ValueError, OSError):
-            return total, total
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62, 1 << 62  # unknown: as if it fits (the sum in memory, as before placement existed)
-
-
-def _margin(total: int) -> int:
-    return max(1 << 30, total // 10)
-
-
-class RunningSum:
-    """Greedy's pool as a running float32 sum: a candidate costs one pass over the new ingredient.
-
-    The pool's sum ``S`` lives on the evaluator's ``device`` (``storage="device"``: a GPU), in host
-    memory (``"memory"``) or in a temporary folder on disk (``"disk"``); ``"auto"`` picks the first
-    of these with room for it (``place_running_sum``), when the sum is first built. A candidate
-    "pool + x" is ``S/(k+1) + x/(k+1)`` built by the merge engine from two inputs (S and x), instead
-    of re-reading all k pool members, and written straight into a resident model by
-    ``candidate.load_into`` (no state-dict copy). Its tensors can differ from the direct uniform
-    mean by float32 rounding (an ulp before the cast to the output dtype); the final soup is always
-    re-merged from the ingredients themselves.
-
-    The sum is brought up to date when a candidate is built (the same passes, in the same order), so
-    a scorer whose candidates are built elsewhere (by ``soup worker`` processes) never pays for it.
-    In memory it is updated in place (``S += x``, block by block): memory holds one sum, never two.
-    """
-
-    def __init__(self, scorer: Scorer, first: int, *, storage: str = "auto", device: str = "cpu") -> None:
-        if storage not in SUM_PLACES:
-            raise ValueError(f"storage: {storage!r} is not one of {', '.join(SUM_PLACES)}")
-        self.scorer, self.storage, self.device = scorer, storage, device
-        self.members = [first]
-        self.placement: str | None = None  # "device", "memory" or "disk", once the sum is built
-        self._tmp: Path | None = None
-        self._sum: Any = None  # the sum of members[:self._summed]
-        self._summed = 0
-
-    @staticmethod
-    def supports(rules: Sequence[Rule]) -> bool:
-        """Per-pattern weight rules need every ingredient: greedy then builds candidates directly."""
-        return not any(r.action == "weights" for r in rules)
-
-    def candidate(self, new: int, name: str) -> Candidate:
-        """The uniform soup of the pool plus ingredient ``new``."""
-        k = len(self.members)
-        w = [1.0 if i in self.members or i == new else 0.0 for i in range(len(self.scorer.labels))]
-        new_ck = self.scorer.checkpoints[new]
-        # inputs: the new ingredient, the pool's sum, then the sources of take: rules (weight 0)
-        takes = sorted({self._take_index(r) for r in self.scorer.rules if r.action == "take"})
-        inputs = [new_ck, self._current()] + [self.scorer.checkpoints[i] for i in takes]
-        weights = [1.0 / (k + 1), 1.0 / (k + 1)] + [0.0] * len(takes)
-        rules = [Rule(r.pattern, "take", ingredient=2 + takes.index(self._take_index(r))) if r.action == "take"
-                 else r for r in self.scorer.rules]
-        common = dict(weights=weights, normalize=False, rules=rules, dtype=self.scorer.dtype,
-                      mixed_float=True, config_from=0, accumulate=self._accumulate())
-        return Candidate(name, self.scorer.key([x / (k + 1) for x in w]),
-                         state_dict_fn=lambda device: merge(inputs, None, device=device, **common).state_dict,
-                         load_fn=lambda target: merge(inputs, target, device=_math_device(target), **common),
-                         write_fn=lambda folder: _write(inputs, folder, common),
-                         weights={lab: x / (k + 1) for lab, x in zip(self.scorer.labels, w) if x},
-                         tmp_dir=self.scorer.scratch)
-
-    def _take_index(self, rule: Rule) -> int:
-        ing = rule.ingredient
-        return ing if isinstance(ing, int) else self.scorer.labels.index(ing)
-
-    def add(self, new: int) -> None:
-        """Keep ingredient ``new``: S <- S + x_new (one pass, when the next candidate is built)."""
-        self.members.append(new)
-
-    def _accumulate(self) -> str:
-        """A candidate's accumulation: as the ingredients' soup would be (float32 for 16-bit ones,
-        float64 for 32-bit), not as the float32 sum alone would ask (float64: 25% slower here)."""
-        wide = any(t.dtype.itemsize >= 4 for ck in self.scorer.checkpoints for t in ck.tensors.values()
-                   if t.dtype.is_floating_point)
-        return "auto" if wide else "float32"
-
-    def nbytes(self) -> int:
-        """The sum's size: float tensors in float32, other buffers as they are."""
-        ck = self.scorer.checkpoints[self.members[0]]
-        return sum(t.numel * (4 if t.dtype.is_floating_point else t.dtype.itemsize) for t in ck.tensors.values())
-
-    def _current(self) -> Checkpoint:
-        """The pool's sum, with every member added since the last candidate folded in."""
-        cks = self.scorer.checkpoints
-        if self._sum is None:
-            self.placement = place_running_sum(self.nbytes(), self.device) if self.storage == "auto" \
-                else self.storage
-            if self.placement == "disk":
-                self._tmp = Path(tempfile.mkdtemp(prefix="soup-greedy-", dir=self.scorer.scratch))
-            self._sum, self._summed = self._combine([cks[self.members[0]]], [1.0], step=0), 1
-        while self._summed < len(self.members):
-            self._sum = self._combine([self._sum, cks[self.members[self._summed]]], [1.0, 1.0], step=self._summed)
-            self._summed += 1
-        return self._sum
-
-    def _combine(self, inputs: list[Any], weights: list[float], *, step: int) -> Checkpoint:
-        where = self.device if self.placement == "device" else "cpu"
-        # S + x with weights 1: a float32 sum, each addition rounded once
-        common = dict(weights=weights, normalize=False, dtype=torch.float32, accumulate="float32", device=where)
-        label = f"pool-sum-of-{step + 1}"  # a sum of step + 1 pool members
-        if self._tmp is None:
-            if step == 0:
-                state = merge(inputs, None, **common).state_dict
-            else:  # S <- S + x in place: each block is read before it is written
-                state = inputs[0].memory
-                merge(inputs, state, **common)
-            return memory_checkpoint(state, label=label, fingerprint=label)
-        folder = self._tmp / f"sum{step}"
-        merge(inputs, folder, shard_size="2GB", **common)
-        if step:
-            shutil.rmtree(self._tmp / f"sum{step - 1}", ignore_errors=True)  # the previous sum is done with
-        return open_checkpoint(folder, label=label)
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)

@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from soup.soups.scorer import SUM_PLACES, RunningSum, Scorer
+from soup.soups.scorer import SUM_PLACES, Scorer
 from soup.errors import RecipeError
 from soup.soups.evaluate import Score
 from soup.options import check_weights
@@ -144,7 +144,8 @@ class AverageSoup(SoupStrategy):
     def choose(self, scorer: Scorer | None, n: int) -> Choice:
         from soup.engine.plan import normalise_weights
 
-        weights = list(normalise_weights(self.weights, n, where="strategy.weights"))
+        # as given (checked): the merge normalises them, or not with normalize=False (candidates alike)
+        weights = list(normalise_weights(self.weights, n, normalize=self.weights is None, where="strategy.weights"))
         soup = scorer.score(weights, "average soup") if scorer is not None else None
         return Choice(weights, [None] * n, soup_score=soup, kept=[w > 0 for w in weights])
 
@@ -153,7 +154,7 @@ class AverageSoup(SoupStrategy):
 class GreedySoup(SoupStrategy):
     tie: str = ">="  # ">=" (POINTS) keeps ties; ">" (model-soups code) needs a strict improvement
     tolerance: float = 0.0  # keep a candidate at most this much worse than the pool
-    sums: str = "auto"  # greedy's running sum: "auto" (where it fits), "device", "memory" or "disk"
+    sums: str = "auto"  # accepted for old recipes; no effect: candidates are built as the soup is written
 
     name: ClassVar[str] = "greedy"
     reference: ClassVar[str] = "https://arxiv.org/abs/2409.04828"
@@ -190,30 +191,17 @@ class GreedySoup(SoupStrategy):
 
     def _sequential(self, scorer: Scorer, order: list[int], pool: list[int], pool_score: Score,
                     trajectory: list[dict[str, Any]]) -> Score:
-        """One candidate per step; with a ``Scorer`` (no per-pattern weights) built from a running sum."""
+        """One candidate per step, built by the scorer exactly as the soup would be written."""
         n = len(order)
-        running = RunningSum(scorer, order[0], storage=self.sums, device=scorer.devices[0]) \
-            if isinstance(scorer, Scorer) and scorer.running_sums \
-            and RunningSum.supports(scorer.rules) and n > 1 else None
-        try:
-            for step, i in enumerate(order[1:], start=2):
-                name = _candidate_name(scorer, step, n, i)
-                scorer.reporter.step(name)
-                weights = _uniform(pool + [i], n)
-                if running is not None:
-                    s = scorer.score(weights, name, make=lambda i=i, name=name: running.candidate(i, name))
-                else:
-                    s = scorer.score(weights, name)
-                kept = self.keep(scorer, s.value, pool_score.value)
-                if kept:
-                    pool.append(i)
-                    pool_score = s
-                    if running is not None and step < n:
-                        running.add(i)
-                trajectory.append(self._record(scorer, step, i, s, kept, pool))
-        finally:
-            if running is not None:
-                running.close()
+        for step, i in enumerate(order[1:], start=2):
+            name = _candidate_name(scorer, step, n, i)
+            scorer.reporter.step(name)
+            s = scorer.score(_uniform(pool + [i], n), name)
+            kept = self.keep(scorer, s.value, pool_score.value)
+            if kept:
+                pool.append(i)
+                pool_score = s
+            trajectory.append(self._record(scorer, step, i, s, kept, pool))
         return pool_score
 
     def _speculative(self, scorer: Scorer, order: list[int], pool: list[int], pool_score: Score,
@@ -225,8 +213,8 @@ class GreedySoup(SoupStrategy):
         list), then walks the real outcomes with ``keep``: the pool, the trajectory and the soup's
         score are exactly those of one candidate per step. The candidates off the path taken are
         scored too (they are in the scorer's history and cache, named by the outcome they assumed).
-        Candidates are built by the scorer from the ingredients (no running sum). d is read again
-        each round: remote workers may come and go.
+        Candidates are built by the scorer from the ingredients, as in one step at a time. d is read
+        again each round: remote workers may come and go.
         """
         n, step = len(order), 2  # step 1 seeded the pool; ``step``: the first step of this round
         while step <= n:
