@@ -6,6 +6,8 @@ that line and exits 1. Anything that is not a ``SoupError`` is a bug and keeps i
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "SoupError",
     "RecipeError",
@@ -14,6 +16,7 @@ __all__ = [
     "EvaluatorError",
     "HubError",
     "redact",
+    "printable",
     "os_error_line",
     "os_reason",
     "secrets",
@@ -70,6 +73,26 @@ def redact(text: str, *extra: str | None) -> str:
     for secret in sorted({*secrets(), *(e for e in extra if e and len(e) >= 4)}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+
+
+# C0 controls but newline and tab, DEL, C1 controls (0x9b is a CSI to some terminals), bidi overrides
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_LINE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {0x0a: "\\n", 0x09: "\\t", 0x0d: "\\r"}
+
+
+def printable(text: str, *, lines: bool = True) -> str:
+    """``text`` with control characters written as visible escapes (ESC -> ``\\x1b``, U+202E -> ``\\u202e``).
+
+    Used on text that came from files (names, sources, messages, metadata, soup.json fields) before it
+    reaches a terminal or a card: an escape sequence in a downloaded file must not clear the screen or
+    retitle the terminal. ``lines``: keep newlines and tabs (False escapes them too: one table cell).
+    """
+    def escape(m: re.Match) -> str:
+        c = ord(m.group())
+        return _NAMED.get(c) or (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+
+    return (_CONTROLS if lines else _LINE_CONTROLS).sub(escape, text)
 
 
 def os_error_line(e: OSError, what: str = "") -> str:

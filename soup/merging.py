@@ -238,12 +238,13 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                     pairs.update_config(tmp)  # an exact pair rule's rank_key
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, writer.files,
                                      selection, folder=True, spec=spec)
-                from soup.finish.card import render_model_card
+                from soup.finish.card import write_model_card
                 from soup.finish.report import write_plot
 
-                if manifest.plot is not None:
-                    write_plot(manifest, tmp / manifest.plot)
-                (tmp / "README.md").write_text(render_model_card(manifest))
+                # the plot and the card are cosmetic: a failure costs a warning line, never the soup
+                if manifest.plot is not None and not write_plot(manifest, tmp / manifest.plot, warn=warn):
+                    manifest = dataclasses.replace(manifest, plot=None)  # soup.json names no missing file
+                write_model_card(tmp, manifest, warn=warn)
                 for ck in cks:  # the soup is made of the bytes the ingredients held when opened
                     ck.verify("nothing was written")
                 write_manifest(tmp, manifest)  # last: its presence means the soup is complete

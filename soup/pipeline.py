@@ -28,7 +28,7 @@ from soup.errors import RecipeError
 from soup.io.manifest import Evaluation, EvaluatorInfo, Manifest, Method, Selection, Step, TestEvaluation, Trial, jsonable
 from soup.merging import merge
 from soup.options import MergeOptions, check_device, check_option_names
-from soup.engine.plan import build_plan
+from soup.engine.plan import build_plan, normalise_weights
 from soup.engine.output import OutputDir, checkpoint_paths, input_paths
 from soup.progress import Reporter, RichReporter
 from soup.engine.rules import Rule, parse_rules
@@ -211,7 +211,10 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
         reporter.step("testing the soup")
         test_score = test_scorer.score(choice.weights, f"{strategy.name} soup", groups=choice.groups)
     evaluation = _evaluation(choice, scorer, test_scorer, test_score)
-    result = SoupResult({c.label: w for c, w in zip(cks, choice.weights)},
+    shown = choice.weights  # as the merge applies them: normalised unless normalize=False
+    if merge_options.get("normalize", True) and sum(choice.weights) > 0 and min(choice.weights) >= 0:
+        shown = list(normalise_weights(choice.weights, len(cks)))
+    result = SoupResult({c.label: w for c, w in zip(cks, shown)},
                         {c.label: s for c, s in zip(cks, choice.scores)}, choice.trajectory,
                         choice.soup_score, test_score, test_scores)
 

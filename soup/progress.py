@@ -1,7 +1,8 @@
 """Progress on stderr with rich: a step line and a bar with bytes/s and ETA; silent when quiet.
 
 Messages carry user text (paths, tensor names, rule strings): they are printed literally, never
-read as rich markup (``[red]``) or emoji codes (``:fire:``), so they are passed as ``rich.text.Text``.
+read as rich markup (``[red]``) or emoji codes (``:fire:``), so they are passed as ``rich.text.Text``,
+with control characters escaped (``soup.errors.printable``: a name from a file may hold escape sequences).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from rich.text import Text
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
+from soup.errors import printable
+
 __all__ = ["Reporter", "RichReporter"]
 
 
@@ -25,7 +28,7 @@ class Reporter:
         """A new step starts (``evaluating ingredient 3/8 (ft-ocr)``)."""
 
     def warn(self, message: str) -> None:
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {printable(message)}", file=sys.stderr)
 
     @contextmanager
     def bytes_task(self, description: str, total: int) -> Iterator[callable]:
@@ -41,10 +44,10 @@ class RichReporter(Reporter):
         self.console = Console(stderr=True, emoji=False, highlight=False)
 
     def step(self, message: str) -> None:
-        self.console.print(Text.assemble(("soup", "bold"), " ", message))
+        self.console.print(Text.assemble(("soup", "bold"), " ", printable(message)))
 
     def warn(self, message: str) -> None:
-        self.console.print(Text.assemble(("warning:", "yellow"), " ", message))
+        self.console.print(Text.assemble(("warning:", "yellow"), " ", printable(message)))
 
     @contextmanager
     def bytes_task(self, description: str, total: int) -> Iterator[callable]:

@@ -18,6 +18,7 @@ from soup.adapters.peft_io import is_adapter
 from soup.errors import RecipeError
 from soup.io.ingredients import HubOptions
 from soup.pipeline import SoupResult, _adapter_cook, cook
+from soup.preflight import check_recipe, protected_paths
 from soup.progress import Reporter
 from soup.registry import has_queries, resolve_ingredients
 from soup.schedule.changes import Update, changes, counts, create_repo, evaluator_infos, read_previous
@@ -49,16 +50,15 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         pinned = resolve_ingredients(recipe, output=output)
         recipe = dataclasses.replace(recipe, ingredients=[p.spec() for p in pinned], labels=[p.label for p in pinned])
 
+    problems = check_recipe(recipe, output=output, cache=cache, storage=storage, overwrite=overwrite)
+    if problems:  # what `soup validate` lists, the first one raised before any work
+        raise problems[0]
     out = output if output is not None else recipe.output
-    if out is None:
-        raise RecipeError("output: required to run a recipe (or pass --output)")
     if recipe.merge_into is not None or recipe.rank is not None or any(map(is_adapter, recipe.ingredients)):
         return _adapter_recipe(recipe, out, overwrite=overwrite, progress=progress,
                                cache=cache if cache is not None else recipe.cache)
     chosen_cache = cache if cache is not None else recipe.cache
-    protect = [recipe.source] if recipe.source else []
-    if isinstance(chosen_cache, (str, Path)) and chosen_cache != "default" and "://" not in str(chosen_cache):
-        protect.append(Path(chosen_cache))
+    protect = protected_paths(recipe, chosen_cache)
     result = cook(
         make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
         evaluator=recipe.evaluator.name if recipe.evaluator else None,

@@ -134,7 +134,9 @@ def test_evaluator_failure_names_candidate_and_keeps_scores(five, tmp_path):
     assert res.weights["c"] == 1.0
 
 
-def test_running_sum_candidates_read_only_the_new_ingredient(five, monkeypatch):
+def test_greedy_candidates_are_the_exact_mean_of_every_member(five, monkeypatch):
+    """One construction: a candidate reads every member and is the soup's definition, bit for bit
+    (greedy's running sums, which read only the new ingredient but gave other bytes, are retired)."""
     paths, states = five
     from soup.engine import stream
 
@@ -158,11 +160,11 @@ def test_running_sum_candidates_read_only_the_new_ingredient(five, monkeypatch):
             return super().score(candidate)
 
     greedy_soup(paths, Capture(table), cache=None)
-    sd, read = built["abcde"]  # pool abce (4 members) + d: only d is read from disk, the pool is a sum
-    assert read == {"d", "pool-sum-of-4"}
+    sd, read = built["abcde"]  # pool abce (4 members) + d: every member is read
+    assert read == {"a", "b", "c", "d", "e"}
     ref = reference_mean(states, [0.2] * 5)
-    for k in ref:  # equal to the direct mean up to float32 rounding before the cast
-        assert torch.allclose(sd[k].float(), ref[k].float(), rtol=1e-2, atol=1e-2), k
+    for k in ref:
+        assert torch.equal(sd[k], ref[k]), k
 
 
 def test_greedy_sums_on_disk_same_choice(five):

@@ -350,9 +350,9 @@ def _soup(paths, output: OutputDir | None, opts: MergeOptions, *, weights, merge
                     config = _adapter_config(soup)
                     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
                 manifest = _adapter_manifest(soup, mode, base, opts, files, selection)
-                from soup.finish.card import render_model_card
+                from soup.finish.card import write_model_card
 
-                (tmp / "README.md").write_text(render_model_card(manifest))
+                write_model_card(tmp, manifest, warn=reporter.warn)  # a card that fails costs a warning
                 write_manifest(tmp, manifest)  # last: its presence means the soup is complete
                 path = output.commit()
     finally:

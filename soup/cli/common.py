@@ -60,8 +60,9 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 def _errors():
     """Run a command body: a SoupError or an environment fault becomes one line on stderr and exit 1;
     Ctrl-C, SIGTERM and SIGHUP unwind (temp folders and child processes cleaned up) and exit 128+N.
-    Every line is stripped of hub tokens."""
-    from soup.errors import os_error_line, redact
+    Every line is stripped of hub tokens and has its control characters escaped (a file name or a
+    server's message may carry terminal escape sequences)."""
+    from soup.errors import os_error_line, printable, redact
     from soup.signals import exit_code, graceful
 
     try:
@@ -70,12 +71,12 @@ def _errors():
     except SoupError as e:
         if _state["debug"]:
             raise
-        err.print(f"error: {redact(str(e))}")
+        err.print(f"error: {printable(redact(str(e)))}")
         raise typer.Exit(1) from None
     except OSError as e:  # disk full, read-only, permission denied, too many open files...
         if _state["debug"]:
             raise
-        err.print(f"error: {redact(os_error_line(e))}")
+        err.print(f"error: {printable(redact(os_error_line(e)))}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt as e:
         name = getattr(e, "args", None) and e.args[0] or "SIGINT"

@@ -135,18 +135,38 @@ def worker(
 
 
 @app.command()
-def validate(recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")]) -> None:
-    """Check a recipe: every error is printed with its field path; exit 1 if any."""
-    from soup.errors import RecipeError
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH",
+                                                   help="Override the recipe's output.")] = None,
+    cache: Cache = None,
+    no_cache: NoCache = False,
+    storage: Annotated[Optional[str], typer.Option(metavar="URL", help="The optuna storage URL soup run "
+                                                   "will get.")] = None,
+    endpoint: Endpoint = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Check a recipe as `soup run` does before it evaluates anything (same options): its fields, the
+    plug-ins and their arguments, the files they name, the ingredients (found and compatible, from
+    their headers), the cache and the output. Every problem is printed with its field path; exit 1 if any."""
+    from soup.errors import RecipeError, redact
+    from soup.preflight import check_recipe
     from soup.recipe import load_recipe
+    from soup.soups.cache import ScoreCache
 
     with _errors():
         try:
-            load_recipe(recipe)
+            r = load_recipe(recipe)
+            if endpoint:
+                r.endpoint = endpoint
+            problems = [str(p) for p in check_recipe(r, output=output, cache=ScoreCache(None) if no_cache else cache,
+                                                         storage=storage, overwrite=overwrite)]
         except RecipeError as e:
-            for line in getattr(e, "errors", [str(e)]):
-                err.print(line if line.startswith(str(recipe)) else f"{recipe}: {line}")
-            raise typer.Exit(1) from None
+            problems = getattr(e, "errors", [str(e)])
+        for line in problems:
+            err.print(redact(line if line.startswith(str(recipe)) else f"{recipe}: {line}"))
+        if problems:
+            raise typer.Exit(1)
     out.print(f"{recipe}: ok")
 
 

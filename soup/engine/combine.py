@@ -8,15 +8,16 @@ whole-tensor ops and keeps memory flat whatever the tensor's size:
     out  = acc.to(out_dtype)
 
 This exact sequence of IEEE operations is the definition of the soup, so a reference computed the
-same way over whole tensors is bit-identical whatever the block size. The accumulation dtype has at
-least twice the inputs' mantissa (``accumulation_dtype``): float32 for 16- and 8-bit inputs, float64
-when any input of the tensor is float32 or float64, so the mean of copies of one tensor is that
+same way over whole tensors is bit-identical whatever the block size. The accumulation dtype
+(``accumulation_dtype``) is float32 for 16- and 8-bit inputs and float64 when any input of the
+tensor is float32 or float64: at least twice the inputs' mantissa for 8- to 32-bit inputs (float64
+inputs are accumulated in their own precision), so the mean of copies of one tensor is that
 tensor (``x*w + x*w + x*w`` rounds back to ``x``), and near-identical inputs lose nothing either.
 ``accumulate`` float32 or float64 forces one dtype for every tensor.
 
 One exception, by definition: a tensor whose inputs are bit-identical in every ingredient read (a
 frozen vision tower) is written as those bytes (cast to the output dtype), when the weights sum to 1
-— the soup of identical tensors is that tensor, whatever the dtype. The inputs are compared block by
+(within 1e-6) — the soup of identical tensors is that tensor, whatever the dtype. The inputs are compared block by
 block before any math (``same_bits``: an 8-byte-wide ``torch.equal``), stopping at the first
 difference, so fine-tuned tensors cost one short comparison; the decision is per tensor, never per
 block, so the result does not depend on the block size.
@@ -32,7 +33,8 @@ holds them, or reported as an overflow of the mean. Every path is covered:
   bfloat16 ingredients with normalised weights cannot overflow and costs nothing extra.
 - ``take`` (take rules, one-hot weights such as a maximum soup with p=1): the written block, raw
   bytes of the ingredient or their cast, is tested.
-- ``copy`` is for integer and bool buffers only, which have no non-finite values.
+- ``copy`` is for integer and bool buffers only (taken from the first ingredient in the soup), which
+  have no non-finite values.
 
 On a CUDA device, a mean's inputs reach the GPU through pinned staging buffers and asynchronous
 copies overlapped with the math, and its output comes back the same way when the consumer wants
@@ -326,18 +328,19 @@ class Combiner:
                               f"(ingredient {self.labels[i]})")
 
     def _copy(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
-        x0 = views[0]
+        ref = job.source  # the first ingredient in the soup; the others are compared with it
+        x0 = views[ref]
         differs = []
         for start in range(0, job.numel, self.block):
             stop = min(start + self.block, job.numel)
-            for i in range(1, len(views)):
-                if i not in differs and not torch.equal(x0[start:stop], views[i][start:stop]):
+            for i in range(len(views)):
+                if i != ref and i not in differs and not torch.equal(x0[start:stop], views[i][start:stop]):
                     differs.append(i)
             yield x0[start:stop]
         if differs:
             who = ", ".join(self.labels[i] for i in differs)
-            msg = (f"tensor {job.name} ({job.out_dtype}, not a float) differs between {self.labels[0]} and "
-                   f"{who}; copied from {self.labels[0]}")
+            msg = (f"tensor {job.name} ({job.out_dtype}, not a float) differs between {self.labels[ref]} and "
+                   f"{who}; copied from {self.labels[ref]}")
             if self.strict:
                 raise IncompatibleIngredients(msg)
             self.warn(msg)

@@ -3,10 +3,17 @@
 Safety is a property of this mechanism, not of the commands that call it:
 
 - **Nothing the user owns is removed.** The destination may be replaced only if it is a previous
-  soup (a folder holding a ``soup.json`` written by soup), and only with ``overwrite``. It may not
-  be, contain or sit inside any input (ingredients, the recipe, the score cache), nor be the working
-  directory or one of its ancestors; symlinks and ``..`` are resolved before comparing. A folder
-  that is not a soup (and not empty) is refused even with ``overwrite``.
+  soup (a folder holding a ``soup.json`` written by soup), only with ``overwrite``, and only if
+  everything in it is soup's own (``foreign_files``): the shards its manifest lists (at their
+  recorded sizes), the index, ``soup.json``, the model card, the plot, an adapter's config and the
+  support files a soup copies (``soup.io.modelfiles``). Anything else (a user's notes, a link, a
+  folder) is named and the destination refused, untouched. It may not be, contain or sit inside any
+  input (ingredients, the recipe, the score cache), nor be the working directory or one of its
+  ancestors; symlinks and ``..`` are resolved before comparing. A folder that is not a soup (and
+  not empty) is refused even with ``overwrite``.
+- **Nothing is created through a dangling link.** An output path (or a folder on its way) that is a
+  symbolic link to something missing is refused: soup would otherwise create the link's target,
+  wherever it points (``check_place``).
 - **One writer per output.** A lock file beside the destination (``.NAME.soup-lock``, held with
   ``flock``, so the kernel releases it when its process dies, however it dies) is taken before any
   work; a second writer fails at once with a line naming the output. Whether the destination may be
@@ -29,9 +36,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from soup.errors import SoupError, os_reason
-from soup.io.manifest import read as read_manifest
+from soup.io.checkpoint import SAFETENSORS_INDEX
+from soup.io.manifest import MANIFEST, read as read_manifest
+from soup.io.modelfiles import SOUP_OWN, support_files
 
-__all__ = ["OutputDir", "is_soup", "checkpoint_paths", "input_paths"]
+__all__ = ["OutputDir", "is_soup", "foreign_files", "check_place", "checkpoint_paths", "input_paths"]
+
+# files every soup (or adapter soup) may write beside its shards and the support files it copies
+OWN_FILES = {MANIFEST, *SOUP_OWN, SAFETENSORS_INDEX, "adapter_config.json"}
 
 
 def is_soup(folder: Path) -> bool:
@@ -41,6 +53,81 @@ def is_soup(folder: Path) -> bool:
     except SoupError:  # none, unreadable, corrupt, not shaped like a soup's, or from a newer soup
         return False
     return True
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """What a previous soup's folder holds that soup did not write (relative paths, sorted).
+
+    Soup's own: the shards ``soup.json`` lists (at their recorded sizes), the safetensors index,
+    ``soup.json``, the model card, the plot, an adapter soup's config, and the support files a soup
+    copies from an ingredient (config, tokenizer, processor, chat templates, remote code:
+    ``soup.io.modelfiles.support_files``). Everything else is foreign: other files, links (soup writes
+    none), empty folders, sockets.
+
+    Raises:
+        SoupError: ``folder`` is not a soup (its ``soup.json`` is missing or unreadable).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    own = OWN_FILES | ({manifest.plot} if manifest.plot else set())
+    support = set(support_files(folder).files)
+    foreign: list[str] = []
+    for top, dirs, files in os.walk(folder):
+        here = Path(top)
+        rel_top = here.relative_to(folder).as_posix()
+        for name in dirs + files:
+            path = here / name
+            rel = name if rel_top == "." else f"{rel_top}/{name}"
+            if path.is_symlink():
+                foreign.append(rel)
+            elif path.is_dir():
+                if not any(path.iterdir()):
+                    foreign.append(rel + "/")
+            elif not path.is_file():
+                foreign.append(rel)
+            elif rel in manifest.files:
+                if path.stat().st_size != manifest.files[rel].size:
+                    foreign.append(rel)  # not the shard soup wrote
+            elif rel not in own and rel not in support:
+                foreign.append(rel)
+        dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
+    return sorted(foreign)
+
+
+def check_place(dest: str | Path, *, what: str = "output") -> Path:
+    """Refuse a destination soup must never create or replace: the filesystem root, the working
+    directory or one of its ancestors, a path under a file, or a path through a symbolic link to
+    something missing (soup would create the link's target). Returns the resolved path.
+
+    Raises:
+        SoupError: one line naming ``what`` and the given path.
+    """
+    given = Path(dest)
+    _check_links(given, what)
+    real = _real(dest)
+    cwd = _real(os.getcwd())
+    if real == Path(real.anchor):
+        raise SoupError(f"{what} {given}: is the root of the filesystem; choose a folder")
+    if real == cwd:
+        raise SoupError(f"{what} {given}: is the working directory; choose a new folder")
+    if cwd.is_relative_to(real):
+        raise SoupError(f"{what} {given}: contains the working directory ({cwd}); choose a new folder")
+    for parent in real.parents:  # the nearest existing folder on the way must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise SoupError(f"{what} {given}: {parent} is a file, not a folder")
+            break
+    return real
+
+
+def _check_links(given: Path, what: str) -> None:
+    """Refuse ``given`` if it, or a folder on its way, is a symbolic link whose target is missing."""
+    path = Path(os.path.abspath(given.expanduser()))
+    for p in (*reversed(path.parents), path):
+        if p.is_symlink() and not p.exists():
+            target = os.readlink(p)
+            raise SoupError(f"{what} {given}: {p} is a symbolic link to {target}, which does not exist; "
+                            "soup never creates a link's target: create it or give the real path")
 
 
 def checkpoint_paths(checkpoints: Iterable[object]) -> list[Path]:
@@ -118,16 +205,7 @@ class OutputDir:
                 raise SoupError(f"output {self.given}: is inside the {what}; choose another output folder")
 
     def _check_place(self) -> None:
-        cwd = _real(os.getcwd())
-        if self.dest == Path(self.dest.anchor):
-            raise SoupError(f"output {self.given}: is the root of the filesystem; choose an output folder")
-        if self.dest == cwd:
-            raise SoupError(f"output {self.given}: is the working directory; choose a new folder for the soup")
-        if cwd.is_relative_to(self.dest):
-            raise SoupError(f"output {self.given}: contains the working directory ({cwd}); "
-                            "choose a new folder for the soup")
-        if self.dest.parent.exists() and not self.dest.parent.is_dir():
-            raise SoupError(f"output {self.given}: {self.dest.parent} is a file, not a folder")
+        check_place(self.given)
 
     def _check_replaceable(self, *, at: str) -> None:
         dest = self.dest
@@ -144,6 +222,11 @@ class OutputDir:
             raise SoupError(f"output {self.given}: already exists"
                             + (" (it appeared while this soup was cooking)" if at == "commit" else "")
                             + " (pass --overwrite to replace it)")
+        foreign = foreign_files(dest)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise SoupError(f"output {self.given}: holds files soup did not write ({shown}); --overwrite only "
+                            "replaces soup's own files: move them out or choose another output folder")
 
     # --- lock -----------------------------------------------------------------------------------
 
@@ -164,7 +247,7 @@ class OutputDir:
             raise SoupError(f"output {self.given}: cannot create {self.dest.parent} ({os_reason(e)})") from None
         while True:
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as e:
                 raise SoupError(f"output {self.given}: cannot create the lock file {self.lock_path} "
                                 f"({os_reason(e)})") from None

@@ -6,8 +6,8 @@ is reported before any output exists. Each output tensor becomes one ``Job``:
 
 - ``mean``: weighted mean over ingredients (weights normalised to sum to 1 unless told otherwise);
 - ``take``: copied from one ingredient (a ``take`` rule, or a one-hot weight vector: no math at all);
-- ``copy``: a non-float tensor (integer/bool buffer) copied from the first ingredient after checking
-  it is equal in every ingredient;
+- ``copy``: a non-float tensor (integer/bool buffer) copied from the first ingredient with a non-zero
+  weight after checking it is equal in every ingredient;
 - ``method``: a merge method other than the weighted mean (``soup.methods``: TIES, DARE, SLERP...)
   over the ingredients with a non-zero weight, and the base model when the method uses one, with its
   parameters resolved for this tensor (filters, layer gradients).
@@ -140,8 +140,8 @@ def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | 
             continue
         floating = info.dtype.is_floating_point
         out = dtype if (dtype is not None and floating) else info.dtype
-        if not floating:
-            job = Job(name, info.shape, "copy", out, source=0)
+        if not floating:  # from the first ingredient in the soup (after checking the others agree)
+            job = Job(name, info.shape, "copy", out, source=next((i for i, x in enumerate(glob_w) if x), 0))
         elif rule is not None and rule.action == "take":
             job = Job(name, info.shape, "take", out, source=takes[rule])
         else:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from soup.errors import printable
 from soup.io.manifest import Manifest, Method, Scoring
 
-__all__ = ["render_model_card", "describe_method", "REFERENCES", "PLOT"]
+__all__ = ["render_model_card", "write_model_card", "describe_method", "REFERENCES", "PLOT", "MINIMAL_CARD"]
 
 SOUPS_PAPER = "https://arxiv.org/abs/2203.05482"
 POINTS_PAPER = "https://arxiv.org/abs/2409.04828"
@@ -30,6 +33,10 @@ REFERENCES = {
                   "model soups of fine-tunes for vision-language models",
 }
 PLOT = "soup_plot.png"  # the plot's file name in a soup folder
+# the card written when the full one cannot be rendered: soup.json still records everything
+MINIMAL_CARD = ("---\nlibrary_name: transformers\ntags:\n- merge\n- model-soup\n---\n\n# Model soup\n\n"
+                "A model soup made with `soup`: `soup.json` beside the weights records the ingredients, "
+                "their weights and scores, and the recipe.\n")
 
 
 def describe_method(method: Method, n_ingredients: int) -> str:
@@ -156,7 +163,21 @@ def render_model_card(manifest: Manifest, *, recipe_text: str | None = None) -> 
     else:
         lines.append("The pinned ingredient revisions above and `soup.json` in this repo record the whole soup.")
     lines.append("")
-    return "\n".join(lines)
+    return printable("\n".join(lines))  # names, sources and options came from files: no escape sequences
+
+
+def write_model_card(folder: Path, manifest: Manifest, *, warn: Callable[[str], None]) -> Path:
+    """Write ``folder/README.md``. A card that cannot be rendered costs ``warn`` one line and leaves
+    ``MINIMAL_CARD``, never the soup: hours of evaluation are not lost to a cosmetic step."""
+    try:
+        text = render_model_card(manifest)
+    except Exception as e:  # a bug, or a manifest field no sentence expected
+        first = str(e).splitlines()[0] if str(e) else ""
+        warn(f"model card not rendered ({type(e).__name__}: {first}): wrote a minimal README.md instead")
+        text = MINIMAL_CARD
+    path = folder / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def _evaluation(m: Manifest) -> list[str]:
@@ -201,7 +222,7 @@ def _best_single(m: Manifest):
 
 
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return printable(str(text).replace("|", "\\|").replace("\n", " "), lines=False)
 
 
 def _num(value: Any) -> str:

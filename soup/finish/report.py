@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from soup.errors import printable
 from soup.finish.card import describe_soup
 from soup.io.manifest import Manifest, Scoring, Trial
 
@@ -33,9 +34,9 @@ def _fmt(x: Any) -> str:
         return "-"
     if isinstance(x, bool):
         return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:.4f}"
-    return str(x)
+    if isinstance(x, float):  # 1e308 or 1e-300 as such, not 309 digits or 0.0000
+        return f"{x:.4f}" if x == 0 or 1e-4 <= abs(x) < 1e9 or not math.isfinite(x) else f"{x:.4g}"
+    return printable(str(x), lines=False)  # names and sources come from files: one inert cell
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -83,10 +84,12 @@ def format_report(manifest: Manifest | Mapping[str, Any] | Any, *, where: str | 
     lines.append("")
     if ev is not None and ev.soup_score is not None:
         lines.append(f"soup score: {_fmt(ev.soup_score)}")
+    elif ev is not None and ev.evaluator is not None:  # never a neighbour's score in its place
+        lines.append("soup score: not evaluated (the strategy did not score the soup it chose)")
     if ev is not None and ev.test is not None and ev.test.soup_score is not None:
         lines.append(f"soup test score: {_fmt(ev.test.soup_score)}")
     lines.append(f"{m.tensors} tensors, {m.total_size:,} bytes, {len(m.files)} file(s), dtype {m.dtype}")
-    return "\n".join(lines)
+    return printable("\n".join(lines))  # every field came from a soup.json, maybe a downloaded one
 
 
 def format_update(previous: Manifest | None, current: Manifest) -> str:
@@ -124,7 +127,7 @@ def format_update(previous: Manifest | None, current: Manifest) -> str:
         if before is not None and before.soup_score is not None and _evaluator_key(previous) == _evaluator_key(current):
             line += f" ({_delta(ev.soup_score - before.soup_score)})"
         parts.append(line)
-    return "; ".join(parts)
+    return printable("; ".join(parts), lines=False)
 
 
 def _identity(i: Any) -> str:
@@ -182,12 +185,17 @@ def score_limits(values: Sequence[float], keep: Sequence[float] = ()) -> tuple[f
 
     ``keep`` (the soup, the kept ingredients) is always inside. Of the rest, a value further from the
     median than 8 median absolute deviations is an outlier and left outside; the others are inside.
+    The limits stay within +-1.2e300 (matplotlib cannot put ticks on an axis reaching 1e308): a
+    larger score, even a kept one, is drawn on the edge with its value written.
 
     Returns:
         (low, high), padded by 10 % of the span.
     """
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    must = [v for v in keep if v is not None and math.isfinite(v)]
+    def clamp(v: float) -> float:  # differences of clamped values cannot overflow to inf
+        return max(-AXIS_LIMIT, min(AXIS_LIMIT, v))
+
+    vals = [clamp(v) for v in values if v is not None and math.isfinite(v)]
+    must = [clamp(v) for v in keep if v is not None and math.isfinite(v)]
     if not vals and not must:
         return 0.0, 1.0
     pool = vals + must
@@ -210,6 +218,7 @@ def _short(m: Manifest, t: Trial) -> str:
     return name if len(name) <= 18 else name[:17] + "…"
 
 
+AXIS_LIMIT = 1e300  # the largest score an axis reaches; beyond it a point sits on the edge
 # point style -> (marker, colour, legend text)
 STYLES = {
     "kept": ("o", "tab:green", "ingredient, in the soup"),
@@ -314,9 +323,11 @@ def make_figure(manifest: Manifest) -> Any:
         elif kind == "trajectory":
             pts = [(("+" if t.kept else "x ") + t.tried, t.score, "step kept" if t.kept else "step rejected")
                    for t in rec.trajectory]
-            kept = [(x, t.score) for x, t in enumerate(rec.trajectory) if t.kept]
+            kept = [(x, t.score) for x, t in enumerate(rec.trajectory) if t.kept and math.isfinite(t.score)]
             _panel(ax, f"{m.method.name} trajectory (candidate scores)", pts, [s for _, s in kept], None, "step")
-            ax.plot([x for x, _ in kept], [s for _, s in kept], color="tab:green", linewidth=1, alpha=0.5)
+            lo, hi = ax.get_ylim()  # an off-scale kept score: the line goes to the edge
+            ax.plot([x for x, _ in kept], [max(lo, min(hi, s)) for _, s in kept], color="tab:green", linewidth=1,
+                    alpha=0.5)
         else:
             scores = rec.ingredient_scores()
             pts = [(i.name, scores[i.name], _style(m, i.name)) for i in m.ingredients if i.name in scores]
@@ -325,13 +336,24 @@ def make_figure(manifest: Manifest) -> Any:
     return fig
 
 
-def write_plot(manifest: Manifest, path: Path) -> bool:
+def write_plot(manifest: Manifest, path: Path, *, warn: Callable[[str], None] | None = None) -> bool:
     """Write the PNG plot to ``path``; False (nothing written) when nothing was evaluated or
-    matplotlib is missing."""
+    matplotlib is missing.
+
+    With ``warn``, a failure to draw or save costs it one line and returns False (no file left),
+    never the soup; without, the failure is raised."""
     if not can_plot(manifest.evaluation):
         return False
-    fig = make_figure(manifest)
-    if fig is None:
+    try:
+        fig = make_figure(manifest)
+        if fig is None:
+            return False
+        fig.savefig(path, dpi=100)
+    except Exception as e:
+        if warn is None:
+            raise
+        path.unlink(missing_ok=True)  # no half-written PNG
+        first = str(e).splitlines()[0] if str(e) else ""
+        warn(f"plot not written ({type(e).__name__}: {first}); the soup is complete without it")
         return False
-    fig.savefig(path, dpi=100)
     return True

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    _refuse_special(path)
     if strip_prefix is not None and (not isinstance(strip_prefix, str) or not strip_prefix):
         raise CheckpointError(f"{path}: strip_prefix must be a non-empty string, got {strip_prefix!r}")
     root: Path | None = None
@@ -163,6 +165,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
     if path.is_dir():
         root = path
         for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE):
+            _refuse_special(path / name)
             if (path / name).is_file():
                 break
         else:
@@ -185,7 +188,9 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
     key = state_dict_key
     for file in files:
         if not file.is_file():
-            raise CheckpointError(f"{index_file}: names missing file {file.name}")
+            _refuse_special(file)
+            raise CheckpointError(f"{index_file}: names missing file {file.name}" if index_file is not None
+                                  else f"{file}: not a file")
         if file.suffix in TORCH_SUFFIXES:
             header, table, key = _read_torch_header(file, key)  # the key found in the first file, for all
         else:
@@ -242,6 +247,19 @@ def common_prefix(names) -> str | None:
     return f"{first.pop()}." if len(first) == 1 else None
 
 
+def _refuse_special(path: Path) -> None:
+    """A FIFO, device or socket (links followed) is refused by name before anything opens it: reading
+    a FIFO blocks forever, ``/dev/zero`` never ends."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # missing: the caller says so
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            raise CheckpointError(f"{path}: is {kind}, not a regular file: soup reads weights from files only")
+
+
 def _read_index(index: Path) -> dict[str, str]:
     try:
         data = json.loads(index.read_text())
@@ -284,22 +302,13 @@ def read_safetensors_header(file: Path) -> tuple[bytes, list[TensorInfo]]:
     except ValueError as e:
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
     data_start = 8 + n
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{file}: __metadata__ {_brief(meta)} is not a mapping of names to strings")
     table: list[TensorInfo] = []
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype_s, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            begin, end = int(begin), int(end)
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{file}: tensor {name}: malformed header entry {entry!r}") from None
-        if dtype_s not in DTYPES:
-            raise CheckpointError(f"{file}: tensor {name}: unknown dtype {dtype_s!r}")
-        info = TensorInfo(name, DTYPES[dtype_s], shape, file, data_start + begin)
-        if begin < 0 or end - begin != info.nbytes or any(d < 0 for d in shape):
-            raise CheckpointError(f"{file}: tensor {name}: data_offsets [{begin}, {end}] do not match "
-                                  f"dtype {dtype_s} and shape {list(shape)} ({info.nbytes} bytes)")
+        info = _header_entry(file, name, entry, data_start)
+        end = info.offset - data_start + info.nbytes
         if data_start + end > size:
             raise CheckpointError(f"{file}: tensor {name}: data ends at byte {data_start + end} but the file "
                                   f"has {size} bytes: truncated")
@@ -312,8 +321,40 @@ def read_safetensors_header(file: Path) -> tuple[bytes, list[TensorInfo]]:
             raise CheckpointError(f"{file}: tensor {info.name}: data_offsets {what}: corrupt header")
         pos += info.nbytes
     if pos != size:
-        raise CheckpointError(f"{file}: {size - pos} bytes after the last tensor: header offsets do not match the file")
+        last = f"tensor {table[-1].name}: " if table else ""
+        raise CheckpointError(f"{file}: {last}{size - pos} bytes after the last tensor: header offsets do not "
+                              "match the file")
     return head + raw, table
+
+
+def _header_entry(file: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+    """One header entry, typed as the safetensors library reads it: ``dtype`` a known name, ``shape`` a
+    list and ``data_offsets`` a pair of JSON integers in [0, 2**64) (not ``4.0``, ``"4"`` or ``true``),
+    the offsets spanning exactly shape x dtype bytes."""
+    def whole(v: Any) -> bool:
+        return type(v) is int and 0 <= v < 2**64
+
+    where = f"{file}: tensor {name}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(f"{where}: malformed header entry {_brief(entry)} (needs dtype, shape, data_offsets)")
+    dtype_s, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_s, str) or dtype_s not in DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {_brief(dtype_s)}")
+    if not isinstance(shape, list) or not all(whole(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {_brief(shape)} is not a list of whole numbers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets):
+        raise CheckpointError(f"{where}: data_offsets {_brief(offsets)} are not two whole numbers >= 0")
+    begin, end = offsets
+    info = TensorInfo(name, DTYPES[dtype_s], tuple(shape), file, data_start + begin)
+    if end - begin != info.nbytes:
+        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] do not match dtype {dtype_s} and shape "
+                              f"{shape} ({info.nbytes} bytes)")
+    return info
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)  # repr: control characters from the file are escaped
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _read_torch_header(file: Path, key: str | None) -> tuple[bytes, list[TensorInfo], str | None]:

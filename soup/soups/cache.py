@@ -31,7 +31,7 @@ from soup.errors import SoupError
 from soup.soups.evaluate import Score
 
 __all__ = ["ScoreCache", "default_cache_path", "candidate_key", "evaluator_key", "display_url", "db_file", "engine",
-           "ensure_table"]
+           "check_db_place", "ensure_table"]
 
 TABLE = "soup_scores"
 _LEGACY_TABLE = "scores"  # sqlite caches written before the table was named for sharing a database
@@ -124,6 +124,7 @@ class ScoreCache:
         self.url: str | None = None  # the printable location (password masked)
         if location is None:
             return
+        own = location == "default" and not os.environ.get("SOUP_CACHE")  # soup's own folder: created
         if location == "default":
             location = default_cache_path()
         text = str(location)
@@ -135,8 +136,9 @@ class ScoreCache:
             url = text
         self.url = str(self.path) if "://" not in text else display_url(text)
         try:
-            if self.path is not None:
+            if self.path is not None and own:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+            check_db_place(text, "score cache")
             self._engine = engine(url)
             ensure_table(self._engine, _scores, legacy=_LEGACY_TABLE)
         except OSError as e:
@@ -192,9 +194,32 @@ class ScoreCache:
             raise SoupError(f"score cache {self.url}: {_reason(e)}") from None
 
 
+def check_db_place(location: str | Path, what: str) -> None:
+    """Refuse an sqlite file that would be created where the user did not ask: in a folder that does
+    not exist (sqlite creates the file, soup used to create the folders too, hiding a typo) or
+    through a symbolic link to something missing. Database servers and existing files pass.
+
+    Raises:
+        SoupError: one line naming ``what`` (``score cache``, ``storage``) and the location.
+    """
+    path = db_file(location)
+    if path is None:
+        return
+    shown = display_url(str(location)) if "://" in str(location) else str(location)
+    if path.is_symlink() and not path.exists():
+        raise SoupError(f"{what} {shown}: {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                        "soup never creates a link's target")
+    folder = Path(os.path.abspath(path)).parent
+    if not folder.is_dir():
+        raise SoupError(f"{what} {shown}: the folder {folder} does not exist; soup creates no folder for a "
+                        "database it is given: create it or fix the path")
+
+
 def engine(url: str | sa.engine.URL) -> sa.engine.Engine:
     """An SQLAlchemy engine for soup's own tables: a busy timeout; sqlite files use the WAL journal
-    (readers never block the writer)."""
+    (readers never block the writer). An sqlite file's folder must exist (``check_db_place``)."""
+    if isinstance(url, str):
+        check_db_place(url, "database")
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return sa.create_engine(parsed, pool_pre_ping=True)

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from soup.soups.cache import display_url
+from soup.soups.cache import check_db_place, display_url
 from soup.errors import SoupError
 from soup.soups.evaluate import Score
 from soup.workers.settings import QueueSettings, _me, _now, _trial_id
@@ -25,6 +25,7 @@ def _open_storage(url: str, settings: QueueSettings | None = None, claims: _Clai
     import optuna
     from optuna.storages import RDBStorage
 
+    check_db_place(url, "storage")  # an sqlite file in a missing folder: refused, never created
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several processes on one file
