@@ -209,7 +209,8 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
     if test_scorer is not None:
         test_scores = {ck.label: s.value for ck, s in zip(cks, test_scorer.score_ingredients("testing ingredient"))}
         reporter.step("testing the soup")
-        test_score = test_scorer.score(choice.weights, f"{strategy.name} soup", groups=choice.groups)
+        test_score = test_scorer.score(choice.weights, f"{strategy.name} soup", groups=choice.groups,
+                                       method=choice.method)
     evaluation = _evaluation(choice, scorer, test_scorer, test_score)
     shown = choice.weights  # as the merge applies them: normalised unless normalize=False
     if merge_options.get("normalize", True) and sum(choice.weights) > 0 and min(choice.weights) >= 0:
@@ -219,6 +220,8 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
                         choice.soup_score, test_score, test_scores)
 
     rest = {k: v for k, v in merge_options.items() if k not in BYTES}
+    if choice.method is not None:  # the strategy chose the method too (search): the soup is made with it
+        options = (scorer or test_scorer).options_for(choice.method)
     # what soup.json records beside the engine's part; merge builds the manifest from it (plot, card too)
     selection = Selection(Method(strategy.name, getattr(strategy, "reference", None) or None, jsonable(strategy.options())),
                           evaluation, choice.kept, jsonable(dict(recipe)) if recipe else None)
@@ -343,14 +346,20 @@ def greedy_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec,
 
 def search_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, n_trials: int = 50,
                 sampler: str = "tpe", groups: Mapping[str, str] | None = None, timeout: float | None = None,
-                seed: int | None = 0, **options: Any) -> SoupResult:
+                seed: int | None = 0, methods: Sequence[str] | None = None,
+                params: Mapping[str, Sequence[float]] | None = None, **options: Any) -> SoupResult:
     """Weight search (optuna): the mixing weights of the best of ``n_trials`` trials, seeded with the best
-    single ingredient and the uniform soup; ``groups`` ({name: glob pattern}) get their own weights.
-    The study resumes from ``storage`` (default: an sqlite file beside ``out``). See ``soup.soups.search``."""
+    single ingredient and the uniform soup; ``groups`` ({name: glob pattern}) get their own weights;
+    ``methods`` (merge methods compared) and ``params`` ({method parameter: [low, high]}) are searched
+    with the weights (the run's ``method=``/``base=`` give the default method and the base; ``seed`` here
+    is the sampler's). The study resumes from ``storage`` (default: an sqlite file beside ``out``).
+    See ``soup.soups.search``."""
     from soup.soups.search import SearchSoup
 
     return cook(SearchSoup(n_trials=n_trials, sampler=sampler, groups=dict(groups) if isinstance(groups, Mapping) else groups,
-                           timeout=timeout, seed=seed), ingredients, evaluator=evaluator, **options)
+                           timeout=timeout, seed=seed, methods=list(methods) if methods is not None else None,
+                           params={k: list(v) for k, v in params.items()} if params is not None else None),
+                ingredients, evaluator=evaluator, **options)
 
 
 def _adapter_cook(strategy: SoupStrategy, adapters: Sequence[Any], *, evaluator, evaluator_args, out, labels,

@@ -229,3 +229,51 @@ def test_greedy_scores_the_bytes_it_writes_with_a_method(tmp_path):
     direct = soup.merge(fts, None, method={"name": "ties", "density": 0.5}, base=base,
                         weights=[1.0 if res.weights[f"ft{i}"] else 0.0 for i in range(4)]).state_dict
     assert _digest(direct) == written
+
+
+def test_search_chooses_among_methods_and_their_parameters_and_ships_what_it_scored(tmp_path):
+    """strategy search with methods [linear, ties] and density in [0.3, 1]: trials try both methods;
+    the soup written is the best trial's bytes, and soup.json names its method and density."""
+    base, _, fts, _ = _family(tmp_path)
+    seen = []
+
+    def evaluator(candidate):
+        sd = candidate.state_dict()
+        h = _digest(sd)
+        value = int(h[:8], 16) / 0xFFFFFFFF
+        seen.append((h, value))
+        return value
+
+    res = soup.search_soup(fts, evaluator, n_trials=10, methods=["linear", "ties"], params={"density": [0.3, 1.0]},
+                           method="linear", base=base, out=tmp_path / "soup", cache=None)
+    written = _digest(load_file(str(tmp_path / "soup" / "model.safetensors")))
+    assert written in {h for h, v in seen if v == res.soup_score.value}
+    m = soup.read_manifest(tmp_path / "soup")
+    chosen = m.merge_method
+    if chosen is None:  # a seed won: one ingredient alone, its own bytes
+        assert sum(1 for w in res.weights.values() if w) == 1
+    elif chosen["name"] == "ties":
+        assert 0.3 <= chosen["parameters"]["density"] <= 1.0
+    import optuna  # noqa: F401  the study holds both methods' trials
+    assert {"linear", "ties"} <= {t.get("method") for t in _trial_params(tmp_path)}
+
+
+def _trial_params(tmp_path):
+    import glob
+
+    import optuna
+
+    (db,) = glob.glob(str(tmp_path / ".soup.soup-study.sqlite"))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    (summary,) = optuna.study.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    return [t.params for t in study.trials]
+
+
+def test_search_refuses_a_method_parameter_no_method_has(tmp_path):
+    base, _, fts, _ = _family(tmp_path)
+    with pytest.raises(RecipeError, match="strategy.params.t: none of linear, ties has this parameter"):
+        soup.search_soup(fts, lambda c: 0.0, n_trials=2, methods=["linear", "ties"], params={"t": [0, 1]},
+                         method="linear", base=base, cache=None)
+    with pytest.raises(RecipeError, match="ties needs a base model"):
+        soup.search_soup(fts, lambda c: 0.0, n_trials=2, methods=["linear", "ties"], cache=None)

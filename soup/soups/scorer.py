@@ -11,6 +11,7 @@ score of the bytes the user ships, and the cache key (``key``) names everything 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from soup.soups.cache import ScoreCache, candidate_key, evaluator_key
 from soup.io.checkpoint import Checkpoint
 from soup.soups.evaluate import Candidate, Evaluator, Score, run_evaluator
 from soup.merging import merge
+from soup.methods.spec import method_spec
 from soup.progress import Reporter
 from soup.engine.rules import Rule
 from soup.engine.sinks import InPlaceSink
@@ -72,6 +74,7 @@ class Scorer:
         self.identity = self.evaluator.identity()
         self._ekey = evaluator_key(self.identity)
         self.records: list[dict[str, Any]] = []  # every evaluation, in order
+        self._methods: dict[str, Any] = {}  # a candidate's own method (search trials) -> its MethodSpec
         self._queue: Any = queue(self) if queue is not None else None  # shared with `soup worker` processes
 
     @property
@@ -93,45 +96,62 @@ class Scorer:
         """The run's options that change a candidate's bytes (non-default ones only)."""
         return _byte_options(self.options)
 
-    def key(self, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None) -> str:
-        args = merge_arguments(weights, self.options)
+    def options_for(self, method: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The run's options with a candidate's own merge method (``{name, PARAMETER: VALUE...}``, e.g. a
+        search trial's), checked once and kept; None: the run's method. The run's base and seed apply."""
+        if method is None:
+            return self.options
+        text = json.dumps(dict(method), sort_keys=True, default=str)
+        spec = self._methods.get(text)
+        if spec is None:
+            run = self.options.get("method")
+            spec = method_spec(dict(method), n=len(self.checkpoints), base=run.base if run is not None else None,
+                               seed=run.seed if run is not None else None)
+            self._methods[text] = spec
+        return dict(self.options, method=spec)
+
+    def key(self, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None,
+            method: Mapping[str, Any] | None = None) -> str:
+        args = merge_arguments(weights, self.options_for(method))
         return candidate_key([c.fingerprint for c in self.checkpoints], args["weights"],
                              rules=[r.to_dict() for r in self.rules_for(groups)], dtype=self.dtype,
                              extra=_byte_options(args))
 
-    def candidate(self, weights: Sequence[float], name: str,
-                  groups: Mapping[str, Sequence[float]] | None = None) -> Candidate:
+    def candidate(self, weights: Sequence[float], name: str, groups: Mapping[str, Sequence[float]] | None = None,
+                  method: Mapping[str, Any] | None = None) -> Candidate:
         """A candidate soup with these weights (one per ingredient; ``groups``: other weights for the
-        tensors matching each glob pattern), built lazily by the engine."""
+        tensors matching each glob pattern; ``method``: its own merge method), built lazily by the engine."""
         cks, w = self.checkpoints, list(weights)
-        common = dict(merge_arguments(w, self.options), rules=self.rules_for(groups), dtype=self.dtype,
+        common = dict(merge_arguments(w, self.options_for(method)), rules=self.rules_for(groups), dtype=self.dtype,
                       config_from=_first_nonzero(w))
-        return Candidate(name, self.key(w, groups),
+        return Candidate(name, self.key(w, groups, method),
                          state_dict_fn=lambda device: merge(cks, None, device=device, **common).state_dict,
                          load_fn=lambda target: merge(cks, target, device=_math_device(target), **common),
                          write_fn=lambda folder: _write(cks, folder, common),
                          weights={lab: x for lab, x in zip(self.labels, w) if x}, tmp_dir=self.scratch)
 
     def score(self, weights: Sequence[float], name: str, *, groups: Mapping[str, Sequence[float]] | None = None,
-              evaluator: int = 0, make: Callable[[], Candidate] | None = None) -> Score:
-        """Score the soup with ``weights`` (and per-pattern ``groups`` weights): from the cache, or
-        evaluated now (and stored); with a shared storage, by whichever worker takes it."""
+              method: Mapping[str, Any] | None = None, evaluator: int = 0,
+              make: Callable[[], Candidate] | None = None) -> Score:
+        """Score the soup with ``weights`` (and per-pattern ``groups`` weights, and its own ``method``):
+        from the cache, or evaluated now (and stored); with a shared storage, by whichever worker takes it."""
         if self._queue is not None:  # ``make`` is this process's shortcut; a worker builds the candidate itself
-            return self._queue.score_many([(weights, name, groups)], steps=[f"evaluating {name}"])[0]
-        score, cached = self._evaluate(weights, name, groups=groups, evaluator=evaluator, make=make)
+            return self._queue.score_many([(weights, name, groups, method)], steps=[f"evaluating {name}"])[0]
+        score, cached = self._evaluate(weights, name, groups=groups, method=method, evaluator=evaluator, make=make)
         self._record(name, weights, score, cached=cached)
         return score
 
     def _evaluate(self, weights: Sequence[float], name: str, *, groups: Mapping[str, Sequence[float]] | None = None,
-                  evaluator: int = 0, make: Callable[[], Candidate] | None = None) -> tuple[Score, bool]:
+                  method: Mapping[str, Any] | None = None, evaluator: int = 0,
+                  make: Callable[[], Candidate] | None = None) -> tuple[Score, bool]:
         """From the cache (True), or evaluated in this process now and stored (False); not recorded.
         ``soup.workers`` evaluates queued candidates with it."""
-        key = self.key(weights, groups)
+        key = self.key(weights, groups, method)
         hit = self.cache.get(self._ekey, key)
         if hit is not None:
             return hit, True
         ev = self.evaluators[evaluator]
-        with (make() if make is not None else self.candidate(weights, name, groups)) as cand:
+        with (make() if make is not None else self.candidate(weights, name, groups, method)) as cand:
             score = run_evaluator(ev, cand)
         self.verify("its score was not cached")  # a score never belongs to bytes that are gone
         self.cache.put(self._ekey, key, score, name=name, identity=self.identity)
@@ -152,7 +172,7 @@ class Scorer:
                                steps=[f"{what} {i + 1}/{n} ({self.labels[i]})" for i in range(n)])
 
     def score_many(self, candidates: Sequence[tuple], *, steps: Sequence[str] | None = None) -> list[Score]:
-        """Score independent candidates ``(weights, name)`` or ``(weights, name, groups)``,
+        """Score independent candidates ``(weights, name[, groups[, method]])``,
         concurrently over the devices (one evaluator each); results in the order given. The first
         failure propagates; scores finished before it stay in the cache."""
         steps = list(steps) if steps is not None else [f"evaluating {c[1]}" for c in candidates]
@@ -162,7 +182,8 @@ class Scorer:
             out = []
             for c, step in zip(candidates, steps):
                 self.reporter.step(step)
-                out.append(self.score(c[0], c[1], groups=c[2] if len(c) > 2 else None))
+                out.append(self.score(c[0], c[1], groups=c[2] if len(c) > 2 else None,
+                                      method=c[3] if len(c) > 3 else None))
             return out
         slots: list[int] = list(range(len(self.evaluators)))
         lock = threading.Lock()
@@ -173,7 +194,8 @@ class Scorer:
             try:
                 self.reporter.step(f"{steps[k]} on {self.devices[slot]}")
                 c = candidates[k]
-                return self.score(c[0], c[1], groups=c[2] if len(c) > 2 else None, evaluator=slot)
+                return self.score(c[0], c[1], groups=c[2] if len(c) > 2 else None,
+                                  method=c[3] if len(c) > 3 else None, evaluator=slot)
             finally:
                 with lock:
                     slots.append(slot)

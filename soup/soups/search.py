@@ -2,7 +2,11 @@
 
 Each trial suggests one weight in [0, 1] per ingredient for the ``global`` vector and, per entry of
 ``groups`` (``{name: glob pattern}``), one more vector for the tensors matching that pattern; each
-vector is normalised to sum to 1 (all zero: uniform). Candidates are scored by the evaluator in its
+vector is normalised to sum to 1 (all zero: uniform). With merge methods (``soup.methods``) a trial
+also chooses the method among ``methods`` (``[linear, ties, dare_ties]``: the recipe compares them)
+and the values of the method parameters named in ``params`` (``{density: [0.2, 1.0], lambda: [0.5,
+1.5]}``: each in its range, for the methods that have it), so weights, methods and their parameters
+are searched together; the run's ``method:`` (its base and seed) is the default and the base for all. Candidates are scored by the evaluator in its
 declared direction, ``scorer.parallelism`` at a time through optuna's ask/tell interface: the study
 lives here, the scorer spreads the evaluations over devices (or workers). The soup is the best
 trial's weights, written by the engine like any other soup.
@@ -56,6 +60,8 @@ class SearchSoup(SoupStrategy):
     sampler: str = "tpe"  # tpe | cmaes | gp | random
     groups: dict[str, str] | None = None  # group name -> glob pattern: those tensors get their own weights
     seed: int | None = 0  # the sampler's seed (None: not reproducible)
+    methods: list[str] | None = None  # merge methods to compare (default: the run's method)
+    params: dict[str, list[float]] | None = None  # method parameter -> [low, high] searched with the weights
 
     name: ClassVar[str] = "search"
     reference: ClassVar[str] = "https://arxiv.org/abs/1907.10902"
@@ -84,6 +90,55 @@ class SearchSoup(SoupStrategy):
                     raise RecipeError(f"strategy.groups.{k}: {v!r} must be a glob pattern")
             if len(set(self.groups.values())) < len(self.groups):
                 raise RecipeError("strategy.groups: two groups have the same pattern")
+        self._check_methods()
+
+    def _check_methods(self) -> None:
+        from soup.methods.registry import load_method
+
+        if self.methods is not None:
+            if not isinstance(self.methods, list) or not self.methods or not all(isinstance(m, str) for m in self.methods):
+                raise RecipeError(f"strategy.methods: {self.methods!r} must be a list of merge method names")
+            if len(set(self.methods)) < len(self.methods):
+                raise RecipeError("strategy.methods: a method is listed twice")
+            for m in self.methods:
+                try:
+                    load_method(m)
+                except RecipeError as e:
+                    raise RecipeError(f"strategy.methods: {e}") from None
+        if self.params is not None:
+            if not isinstance(self.params, dict) or not self.params:
+                raise RecipeError(f"strategy.params: {self.params!r} must be a mapping {{parameter: [low, high]}}")
+            for k, v in self.params.items():
+                ok = isinstance(v, list) and len(v) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+                if not ok or v[0] >= v[1]:
+                    raise RecipeError(f"strategy.params.{k}: {v!r} must be [low, high] with low < high")
+
+    def _method_names(self, scorer: Scorer) -> list[str] | None:
+        """The methods a trial chooses from, checked against the run before anything is evaluated."""
+        from soup.methods.registry import load_method
+
+        run = scorer.options.get("method") if isinstance(scorer, Scorer) else None
+        names = list(self.methods) if self.methods else ([run.name] if run is not None else None)
+        if self.params and not names:
+            raise RecipeError("strategy.params: method parameters are searched for a merge method: give the "
+                              "recipe a method: or the strategy methods: [...]")
+        for name in names or []:
+            m = load_method(name)
+            if m.needs_base and (run is None or run.base is None):
+                raise RecipeError(f"strategy.methods: {name} needs a base model (method: {{name: ..., base: PATH}})")
+        for p in self.params or {}:
+            if not any(p in load_method(n).parameters for n in names):
+                raise RecipeError(f"strategy.params.{p}: none of {', '.join(names)} has this parameter")
+        return names
+
+    def _method(self, params: Mapping[str, Any], names: list[str] | None) -> dict[str, Any] | None:
+        """A trial's merge method: its name and the searched parameter values it has."""
+        if not names:
+            return None
+        name = params.get("method", names[0])
+        chosen = {k.removeprefix("param."): v for k, v in params.items() if k.startswith("param.")}
+        return {"name": name, **chosen}
 
     def check(self, n: int) -> None:
         if self.sampler == "cmaes" and n * (1 + len(self.groups or {})) < 2:
@@ -94,6 +149,7 @@ class SearchSoup(SoupStrategy):
 
         self.check(n)
         self._check_groups(scorer)
+        names = self._method_names(scorer)  # before anything is evaluated
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
@@ -104,7 +160,7 @@ class SearchSoup(SoupStrategy):
                 try:
                     scores = scorer.score_ingredients()
                     self._seed(study, scorer, scores)
-                    self._run(study, storage, scorer, optuna.trial.TrialState)
+                    self._run(study, storage, scorer, optuna.trial.TrialState, names)
                     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 finally:
                     if storage is not None:
@@ -122,7 +178,8 @@ class SearchSoup(SoupStrategy):
         soup = Score(best.value, dict(best.user_attrs.get("metrics") or {"score": best.value}),
                      best.user_attrs.get("primary", "score"))
         kept = [weights[i] > 0 or any(g[i] > 0 for g in groups.values()) for i in range(n)]
-        return Choice(weights, [s.value for s in scores], trajectory, soup, kept, groups)
+        return Choice(weights, [s.value for s in scores], trajectory, soup, kept, groups,
+                      method=self._method(best.params, names))
 
     def _check_groups(self, scorer: Scorer) -> None:
         """Each group must weigh some tensor that the run's rules and the earlier groups leave to it."""
@@ -184,15 +241,16 @@ class SearchSoup(SoupStrategy):
     def _vectors(self) -> list[str]:
         return [GLOBAL, *(self.groups or {})]
 
-    def _run(self, study: Any, storage: Any, scorer: Scorer, TrialState: Any) -> None:
+    def _run(self, study: Any, storage: Any, scorer: Scorer, TrialState: Any, names: list[str] | None = None) -> None:
         """Ask, score and tell, ``scorer.parallelism`` trials at a time, until ``n_trials`` are COMPLETE
         and every enqueued trial has run (after ``timeout``: only the enqueued ones). A resumed study's
         finished trials join this run's history first when their scores are cached (free)."""
         start, labels, vectors = time.monotonic(), scorer.labels, self._vectors()
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             weights, groups = self._weights(t.params, labels)
-            if _cached(scorer, weights, groups) is not None:
-                scorer.score(weights, _name(t.number), groups=groups or None)
+            method = self._method(t.params, names)
+            if _cached(scorer, weights, groups, method) is not None:
+                scorer.score(weights, _name(t.number), groups=groups or None, method=method)
         while True:
             complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -208,11 +266,13 @@ class SearchSoup(SoupStrategy):
                     for v in vectors:
                         for lab in labels:
                             trial.suggest_float(f"{v}.{lab}", 0.0, 1.0)
-                candidates = [(*self._weights(t.params, labels), _name(t.number)) for t in batch]
+                    self._suggest_method(trial, names)
+                candidates = [(*self._weights(t.params, labels), _name(t.number), self._method(t.params, names))
+                              for t in batch]
                 with _heartbeat(storage, study.study_name, [t.number for t in batch]):
-                    results = scorer.score_many([(w, name, g or None) for w, g, name in candidates],
+                    results = scorer.score_many([(w, name, g or None, m) for w, g, name, m in candidates],
                                                 steps=[f"{name} ({complete + k + 1}/{self.n_trials})"
-                                                       for k, (_, _, name) in enumerate(candidates)])
+                                                       for k, (_, _, name, _) in enumerate(candidates)])
             except BaseException:  # the batch is retried first by the next run (finished scores are cached)
                 for t in batch:
                     try:
@@ -225,6 +285,18 @@ class SearchSoup(SoupStrategy):
                 t.set_user_attr("metrics", dict(s.metrics))
                 t.set_user_attr("primary", s.primary)
                 study.tell(t, s.value)
+
+    def _suggest_method(self, trial: Any, names: list[str] | None) -> None:
+        """The trial's method (when several are compared) and the searched parameters it has."""
+        from soup.methods.registry import load_method
+
+        if not names:
+            return
+        name = trial.suggest_categorical("method", names) if len(names) > 1 else names[0]
+        known = load_method(name).parameters
+        for p, (low, high) in (self.params or {}).items():
+            if p in known:
+                trial.suggest_float(f"param.{p}", float(low), float(high))
 
     def _weights(self, params: Mapping[str, float], labels: Sequence[str]) -> tuple[list[float], dict[str, list]]:
         """A trial's normalised global weights and per-pattern group weights (a group with the global
@@ -247,9 +319,10 @@ def _name(number: int) -> str:
     return f"search trial {number + 1}"
 
 
-def _cached(scorer: Scorer, weights: Sequence[float], groups: Mapping[str, list] | None = None) -> Score | None:
+def _cached(scorer: Scorer, weights: Sequence[float], groups: Mapping[str, list] | None = None,
+            method: Mapping[str, Any] | None = None) -> Score | None:
     """The score cache's entry for a soup: a peek, nothing is evaluated or recorded."""
-    return scorer.cache.get(evaluator_key(scorer.identity), scorer.key(weights, groups or None))
+    return scorer.cache.get(evaluator_key(scorer.identity), scorer.key(weights, groups or None, method))
 
 
 def _greedy_pool(scorer: Scorer, scores: Sequence[Score]) -> list[int] | None:

@@ -51,6 +51,7 @@ class Choice:
     soup_score: Score | None = None  # the chosen soup's score, when known
     kept: list[bool] | None = None  # greedy/maximum: which ingredients are in the soup
     groups: dict[str, list[float]] = field(default_factory=dict)  # glob pattern -> its own weights
+    method: dict[str, Any] | None = None  # the soup's own merge method when the strategy chose one (search)
 
 
 class SoupStrategy(ABC):

@@ -73,15 +73,15 @@ class EvaluationQueue:
         return value
 
     def score_many(self, candidates: Sequence[tuple], *, steps: Sequence[str] | None = None) -> list[Score]:
-        """Score ``(weights, name[, groups])`` candidates through the queue; results in the order given.
+        """Score ``(weights, name[, groups[, method]])`` candidates through the queue; results in the order given.
 
         Scores already in the cache (or COMPLETE in the queue from an earlier run) are not queued
         again. The first failure propagates; scores received before it stay in the cache. ``steps``
         (progress lines) are not printed here: each result is, with the worker that evaluated it.
         """
         sc, q = self.scorer, self.queue
-        items = [(list(c[0]), c[1], c[2] if len(c) > 2 else None) for c in candidates]
-        keys = [sc.key(w, g) for w, _, g in items]
+        items = [(list(c[0]), c[1], c[2] if len(c) > 2 else None, c[3] if len(c) > 3 else None) for c in candidates]
+        keys = [sc.key(w, g, m) for w, _, g, m in items]
         results: dict[str, tuple[Score, bool]] = {}
         for key in dict.fromkeys(keys):
             hit = sc.cache.get(sc._ekey, key)
@@ -99,7 +99,7 @@ class EvaluationQueue:
                 before = f" ({len(want) - queued} queued before)" if len(want) > queued else ""
                 sc.reporter.step(f"queued {queued} candidate(s) in study {q.name}{before}")
             self._wait(want, items, results)
-        for (w, name, _), key in zip(items, keys):
+        for (w, name, _, _), key in zip(items, keys):
             score, cached = results[key]
             sc._record(name, w, score, cached=cached)
         return [results[key][0] for key in keys]
@@ -111,7 +111,7 @@ class EvaluationQueue:
         return t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
 
     def _enqueue(self, key: str, weights: Sequence[float], name: str,
-                 groups: Mapping[str, Sequence[float]] | None) -> None:
+                 groups: Mapping[str, Sequence[float]] | None, method: Mapping[str, Any] | None = None) -> None:
         import optuna
         from optuna.distributions import FloatDistribution
         from optuna.trial import TrialState
@@ -119,7 +119,8 @@ class EvaluationQueue:
         params = {lab: float(w) for lab, w in zip(self.scorer.labels, weights)}
         dists = {lab: FloatDistribution(min(0.0, w), max(1.0, w)) for lab, w in params.items()}
         attrs = {"key": key, "name": name, "weights": [float(w) for w in weights],
-                 "groups": {p: [float(x) for x in g] for p, g in (groups or {}).items()}, "run": self.run_id}
+                 "groups": {p: [float(x) for x in g] for p, g in (groups or {}).items()}, "run": self.run_id,
+                 "method": dict(method) if method else None}
         self.queue.study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=params,
                                                              distributions=dists, user_attrs=attrs))
 

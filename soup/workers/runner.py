@@ -100,10 +100,11 @@ class _Runner:
         try:
             weights = [float(w) for w in attrs["weights"]]
             groups = attrs.get("groups") or None
-            if len(weights) != len(sc.checkpoints) or sc.key(weights, groups) != attrs["key"]:
+            method = attrs.get("method") or None
+            if len(weights) != len(sc.checkpoints) or sc.key(weights, groups, method) != attrs["key"]:
                 raise SoupError(f"{name}: this worker builds another candidate than the coordinator "
                                 f"(its ingredients, rules or dtype differ)")
-            score, cached = sc._evaluate(weights, name, groups=groups, evaluator=slot)
+            score, cached = sc._evaluate(weights, name, groups=groups, method=method, evaluator=slot)
         except Exception as e:  # the evaluator's failure: the coordinator reports it
             self.queue.fail(trial, redact(str(e)) or type(e).__name__)
             if not self.coordinator:
