@@ -277,3 +277,23 @@ def test_search_refuses_a_method_parameter_no_method_has(tmp_path):
                          method="linear", base=base, cache=None)
     with pytest.raises(RecipeError, match="ties needs a base model"):
         soup.search_soup(fts, lambda c: 0.0, n_trials=2, methods=["linear", "ties"], cache=None)
+
+
+def test_the_docs_methods_table_lists_every_method_with_its_parameters():
+    """docs/methods.md's table is the registry's: every method, its base, parameters and defaults."""
+    import re
+    from pathlib import Path
+
+    from soup.methods.registry import builtin_methods
+
+    text = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
+    table = re.search(r"<!-- methods-table.*?-->\n(.*?)\n<!-- /methods-table -->", text, re.S).group(1)
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines()[2:]}
+    assert set(rows) == set(builtin_methods())
+    for name, cls in builtin_methods().items():
+        row = rows[name]
+        assert row.split("|")[2].strip() == ("yes" if cls.needs_base else "no"), name
+        for p, spec in cls.parameters.items():
+            default = "required" if spec.default is None else repr(spec.default)
+            assert f"`{p}`{' (per model)' if spec.per_model else ''} = {default}" in row, (name, p)
+        assert cls.reference in row
