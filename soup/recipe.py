@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from soup.errors import RecipeError
+from soup.safeyaml import load_yaml
 from soup.io.ingredients import Ingredient
 from soup.methods.mergekit import from_mergekit, is_mergekit_config
 from soup.methods.spec import method_spec
@@ -50,7 +51,7 @@ __all__ = ["Recipe", "EvaluatorEntry", "load_recipe", "parse_recipe"]
 
 TOP_KEYS = {"ingredients", "strategy", "evaluator", "test", "rules", "dtype", "accumulate", "shard_size",
             "device", "devices", "config_from", "output", "push_to", "cache", "endpoint", "strict",
-            "tracking_uri", "publish", "lora_pairs", "merge_into", "rank", "method"}
+            "tracking_uri", "publish", "lora_pairs", "merge_into", "rank", "method", "normalize", "mixed_float"}
 PUSH_KEYS = {"repo", "revision", "private", "create_pr", "commit_message"}
 
 
@@ -85,21 +86,19 @@ class Recipe:
     merge_into: str | None = None  # PEFT adapter ingredients: the base checkpoint to merge their soup into
     rank: int | None = None  # PEFT adapter ingredients: a rank-R adapter by truncated SVD
     method: dict[str, Any] | None = None  # a merge method: {name, base (absolute), seed, parameters...}
+    normalize: bool = True  # weights scaled to sum to 1 (false: as given), as --no-normalize / normalize=
+    mixed_float: bool = False  # ingredients whose float dtypes differ, as mixed_float= in Python
     source: Path | None = None  # the recipe file
     raw: dict[str, Any] = field(default_factory=dict)  # as written, for the manifest
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file (RecipeError lists every error with its field path)."""
+    """Read and validate a recipe file (RecipeError lists every error with its field path).
+
+    The YAML is parsed with limits (``soup.safeyaml``: size, nesting depth, alias expansion)."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: cannot read the recipe ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        data = yaml.safe_load(text)
+        data = load_yaml(path)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f"{mark.line + 1}:{mark.column + 1}: " if mark is not None else ""
@@ -181,7 +180,7 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
                   output=_rel(base, output) if output else None, push_to=push, cache=cache,
                   endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=original,
                   tracking_uri=data.get("tracking_uri"), publish=publish, merge_into=merge_into, rank=rank,
-                  method=method)
+                  method=method, normalize=data.get("normalize", True), mixed_float=data.get("mixed_float", False))
 
 
 def _method(value: Any, n: int, base: Path, errors: list[str]) -> dict[str, Any] | None:
@@ -345,8 +344,10 @@ def _lora_pairs(value: Any, errors: list[str]) -> list[Rule]:
 
 
 def _merge_options(data: dict, n: int, errors: list[str]) -> None:
-    """dtype, accumulate, shard_size, device, strict, config_from: checked as the engine will."""
-    given = {k: data[k] for k in ("dtype", "accumulate", "shard_size", "device", "strict", "config_from") if k in data}
+    """dtype, accumulate, shard_size, device, strict, config_from, normalize, mixed_float: checked as the
+    engine will."""
+    given = {k: data[k] for k in ("dtype", "accumulate", "shard_size", "device", "strict", "config_from", "normalize",
+                                  "mixed_float") if k in data}
     _check(errors, MergeOptions, **given)
     config = given.get("config_from")
     if n and (type(config) is int or (isinstance(config, str) and config.isdigit())) and int(config) >= n:

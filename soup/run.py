@@ -69,7 +69,8 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         cache=chosen_cache, progress=progress, protect=protect, storage=storage, local_worker=local_worker,
         hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite, push_to=recipe.push_to,
         shard_size=recipe.shard_size, accumulate=recipe.accumulate, device=recipe.device,
-        config_from=recipe.config_from, strict=recipe.strict, method=recipe.method)
+        config_from=recipe.config_from, strict=recipe.strict, method=recipe.method, normalize=recipe.normalize,
+        mixed_float=recipe.mixed_float)
     if recipe.publish:  # registered in MLflow once the soup is complete at the output
         from soup.finish.report import format_update
 

@@ -135,7 +135,8 @@ def _local_scorer(r: Recipe, devices: Sequence[str] | None, cache: Any, reporter
     spec = method_spec(r.method, n=len(cks))  # the coordinator's candidates, byte for byte (soup.pipeline)
     if spec is not None and spec.base is not None:
         spec = dataclasses.replace(spec, base=resolve_all([spec.base], labels=["base"], hub=hub)[0])
-    options = {"accumulate": r.accumulate, "strict": r.strict, "method": spec}
+    options = {"accumulate": r.accumulate, "strict": r.strict, "method": spec, "normalize": r.normalize,
+               "mixed_float": r.mixed_float}
     scorer = Scorer(cks, evs, devices=devs or ["cpu"], cache=store, rules=parse_rules(r.rules), dtype=r.dtype,
                     reporter=reporter, options=options)
     return scorer, evs, store
