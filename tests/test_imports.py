@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # (stage, module globs): a module may import modules of its own stage or lower ones only; the first
 # matching glob names a module's stage
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("soup.errors", "soup.signals", "soup.progress", "soup.options", "soup.plugins")),
+    ("base", ("soup.errors", "soup.signals", "soup.progress", "soup.options", "soup.plugins", "soup.safeyaml")),
     ("io", ("soup.hub.specs", "soup.hub.errors", "soup.hub.download", "soup.io.checkpoint", "soup.io.manifest",
-            "soup.io.modelfiles", "soup.io.components", "soup.io.ingredients", "soup.io.jsonshape", "soup.io.evidence")),
+            "soup.io.modelfiles", "soup.io.components", "soup.io.ingredients", "soup.io.jsonshape", "soup.io.evidence",
+            "soup.io.safetensors_header")),
     ("methods", ("soup.methods", "soup.methods.*")),
     ("engine", ("soup.engine", "soup.engine.*")),
     ("parts", ("soup.adapters", "soup.adapters.lora", "soup.adapters.pairs", "soup.adapters.peft_io",

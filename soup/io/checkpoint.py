@@ -3,9 +3,10 @@
 A checkpoint is a local folder in Hugging Face layout (``model.safetensors``, sharded
 ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``, ``pytorch_model.bin`` or its
 sharded index) or a single ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` file. The tensor table
-(name, dtype, shape, file, byte offset) is built from headers only: safetensors headers are parsed
-and checked against the file size here; torch files (zip format) are opened with
-``torch.load(mmap=True, weights_only=True)``, so no tensor data is read and no pickled code runs.
+(name, dtype, shape, file, byte offset) is built from headers only: safetensors headers are checked
+as strictly as the safetensors library checks them (``soup.io.safetensors_header``); torch files (zip
+format) are opened with ``torch.load(mmap=True, weights_only=True)``, so no tensor data is read and no
+pickled code runs. FIFOs and device files are refused by name, never opened.
 Every problem is a CheckpointError naming the file (and tensor).
 
 Training frameworks wrap the weights: DeepSpeed saves ``{"module": ...}``, Lightning and mmengine
@@ -25,8 +26,6 @@ import hashlib
 import json
 import math
 import re
-import stat
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from soup.errors import CheckpointError
+from soup.io.safetensors_header import read_header, refuse_special
 
 __all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "DTYPES", "dtype_name", "parse_dtype",
            "load_torch_file", "common_prefix", "strip_names", "WRAPPER_KEYS", "WRAPPER_PREFIXES"]
@@ -46,6 +46,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
 _USER_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float64": torch.float64, "fp64": torch.float64}
@@ -54,7 +55,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-MAX_HEADER = 100_000_000  # the safetensors limit
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 WRAPPER_KEYS = ("state_dict", "module", "model")  # where training frameworks put the weights
 # name prefixes added by training wrappers: DDP/DeepSpeed, torch.compile, FSDP, Lightning Fabric
@@ -156,7 +156,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    _refuse_special(path)
+    refuse_special(path)
     if strip_prefix is not None and (not isinstance(strip_prefix, str) or not strip_prefix):
         raise CheckpointError(f"{path}: strip_prefix must be a non-empty string, got {strip_prefix!r}")
     root: Path | None = None
@@ -165,7 +165,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
     if path.is_dir():
         root = path
         for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE):
-            _refuse_special(path / name)
+            refuse_special(path / name)
             if (path / name).is_file():
                 break
         else:
@@ -188,7 +188,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
     key = state_dict_key
     for file in files:
         if not file.is_file():
-            _refuse_special(file)
+            refuse_special(file)
             raise CheckpointError(f"{index_file}: names missing file {file.name}" if index_file is not None
                                   else f"{file}: not a file")
         if file.suffix in TORCH_SUFFIXES:
@@ -247,19 +247,6 @@ def common_prefix(names) -> str | None:
     return f"{first.pop()}." if len(first) == 1 else None
 
 
-def _refuse_special(path: Path) -> None:
-    """A FIFO, device or socket (links followed) is refused by name before anything opens it: reading
-    a FIFO blocks forever, ``/dev/zero`` never ends."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return  # missing: the caller says so
-    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            raise CheckpointError(f"{path}: is {kind}, not a regular file: soup reads weights from files only")
-
-
 def _read_index(index: Path) -> dict[str, str]:
     try:
         data = json.loads(index.read_text())
@@ -281,80 +268,10 @@ def _read_header(file: Path) -> tuple[bytes, list[TensorInfo]]:
 
 
 def read_safetensors_header(file: Path) -> tuple[bytes, list[TensorInfo]]:
-    """Parse and check a safetensors header: dtypes known, offsets contiguous, inside the file."""
-    size = file.stat().st_size
-    with open(file, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated ({size} bytes, no safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise CheckpointError(f"{file}: header length {n} does not fit the file ({size} bytes): truncated or not safetensors")
-        raw = fh.read(n)
-    try:  # UTF-8 as the format requires: json.loads(bytes) would also accept UTF-16/32
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{file}: safetensors header is not valid UTF-8") from None
-    try:
-        header = json.loads(text)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except ValueError as e:
-        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
-    data_start = 8 + n
-    meta = header.pop("__metadata__", None)
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise CheckpointError(f"{file}: __metadata__ {_brief(meta)} is not a mapping of names to strings")
-    table: list[TensorInfo] = []
-    for name, entry in header.items():
-        info = _header_entry(file, name, entry, data_start)
-        end = info.offset - data_start + info.nbytes
-        if data_start + end > size:
-            raise CheckpointError(f"{file}: tensor {name}: data ends at byte {data_start + end} but the file "
-                                  f"has {size} bytes: truncated")
-        table.append(info)
-    table.sort(key=lambda t: t.offset)
-    pos = data_start
-    for info in table:
-        if info.offset != pos:
-            what = "overlaps the previous tensor" if info.offset < pos else "leaves a gap before it"
-            raise CheckpointError(f"{file}: tensor {info.name}: data_offsets {what}: corrupt header")
-        pos += info.nbytes
-    if pos != size:
-        last = f"tensor {table[-1].name}: " if table else ""
-        raise CheckpointError(f"{file}: {last}{size - pos} bytes after the last tensor: header offsets do not "
-                              "match the file")
-    return head + raw, table
-
-
-def _header_entry(file: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
-    """One header entry, typed as the safetensors library reads it: ``dtype`` a known name, ``shape`` a
-    list and ``data_offsets`` a pair of JSON integers in [0, 2**64) (not ``4.0``, ``"4"`` or ``true``),
-    the offsets spanning exactly shape x dtype bytes."""
-    def whole(v: Any) -> bool:
-        return type(v) is int and 0 <= v < 2**64
-
-    where = f"{file}: tensor {name}"
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise CheckpointError(f"{where}: malformed header entry {_brief(entry)} (needs dtype, shape, data_offsets)")
-    dtype_s, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype_s, str) or dtype_s not in DTYPES:
-        raise CheckpointError(f"{where}: unknown dtype {_brief(dtype_s)}")
-    if not isinstance(shape, list) or not all(whole(d) for d in shape):
-        raise CheckpointError(f"{where}: shape {_brief(shape)} is not a list of whole numbers >= 0")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets):
-        raise CheckpointError(f"{where}: data_offsets {_brief(offsets)} are not two whole numbers >= 0")
-    begin, end = offsets
-    info = TensorInfo(name, DTYPES[dtype_s], tuple(shape), file, data_start + begin)
-    if end - begin != info.nbytes:
-        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] do not match dtype {dtype_s} and shape "
-                              f"{shape} ({info.nbytes} bytes)")
-    return info
-
-
-def _brief(value: Any) -> str:
-    text = repr(value)  # repr: control characters from the file are escaped
-    return text if len(text) <= 60 else text[:57] + "..."
+    """Parse and check a safetensors header (``soup.io.safetensors_header``: typed like the safetensors
+    library, dtypes known, offsets contiguous, inside the file)."""
+    head, entries = read_header(file, _ITEMSIZE)
+    return head, [TensorInfo(e.name, DTYPES[e.dtype], e.shape, file, e.offset) for e in entries]
 
 
 def _read_torch_header(file: Path, key: str | None) -> tuple[bytes, list[TensorInfo], str | None]:
