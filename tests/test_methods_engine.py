@@ -297,3 +297,34 @@ def test_the_docs_methods_table_lists_every_method_with_its_parameters():
             default = "required" if spec.default is None else repr(spec.default)
             assert f"`{p}`{' (per model)' if spec.per_model else ''} = {default}" in row, (name, p)
         assert cls.reference in row
+
+
+MERGEKIT_CONFIGS = {  # one config of each kind: (method parameters, per-model parameters, models used)
+    "linear": ({}, {"weight": 1.0}, 3), "task_arithmetic": ({"lambda": 0.8}, {"weight": 0.5}, 3),
+    "ties": ({"normalize": True}, {"density": 0.5, "weight": 1.0}, 3),
+    "dare_ties": ({}, {"density": 0.6, "weight": 1.0}, 3), "dare_linear": ({}, {"density": 0.6, "weight": 0.5}, 3),
+    "breadcrumbs": ({}, {"density": 0.8, "gamma": 0.05, "weight": 1.0}, 3),
+    "breadcrumbs_ties": ({}, {"density": 0.8, "gamma": 0.05, "weight": 1.0}, 3),
+    "della": ({}, {"density": 0.5, "epsilon": 0.1, "weight": 1.0}, 3),
+    "della_linear": ({}, {"density": 0.5, "epsilon": 0.1, "weight": 1.0}, 3),
+    "sce": ({"select_topk": 0.5}, {}, 3), "model_stock": ({}, {}, 3), "slerp": ({"t": 0.3}, {}, 1),
+    "nuslerp": ({}, {"weight": 0.5}, 2), "multislerp": ({}, {"weight": 1.0}, 3), "karcher": ({}, {}, 3),
+    "nearswap": ({"t": 0.001}, {}, 1), "arcee_fusion": ({}, {}, 1), "ram": ({}, {}, 3),
+    "ramplus_tl": ({}, {}, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MERGEKIT_CONFIGS))
+def test_a_mergekit_config_of_each_kind_makes_the_tensors_of_the_python_api(tmp_path, name):
+    """Each method's mergekit YAML (``soup run config.yml``) gives the bytes of ``soup.merge(method=...)``,
+    whose values the method tests check against the definitions."""
+    base, _, fts, _ = _family(tmp_path)
+    glob, per_model, n = MERGEKIT_CONFIGS[name]
+    config = {"merge_method": name, "base_model": "base", "parameters": glob,
+              "models": [{"model": f"ft{i}", "parameters": per_model} for i in range(n)]}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    method = {"name": name, **glob, **({"models": [per_model] * n} if per_model else {})}
+    direct = soup.merge(fts[:n], None, method=method, base=base).state_dict
+    assert _digest(load_file(str(tmp_path / "out" / "model.safetensors"))) == _digest(direct)

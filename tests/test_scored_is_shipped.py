@@ -69,13 +69,19 @@ def _written(path) -> str:
     return digest(load_file(str(path / "model.safetensors")))
 
 
-OPTIONS = [{}, {"accumulate": "float32"}, {"accumulate": "float64"}, {"strict": True},
-           {"method": {"name": "ties", "density": 0.5}}, {"method": {"name": "dare_linear", "density": 0.7}}]
+STRATEGIES = ["average", "maximum", "greedy-1", "greedy-3", "search"]
+FP32, BF16 = torch.float32, torch.bfloat16
+# every strategy with the defaults and with a merge method, on both dtypes; every other option where it
+# matters (accumulation of fp32 inputs; strict and a seeded method on bf16) with one and three evaluators
+CASES = ([(s, d, {}) for s in STRATEGIES for d in (FP32, BF16)]
+         + [(s, d, {"method": {"name": "ties", "density": 0.5}}) for s in STRATEGIES for d in (FP32, BF16)]
+         + [(s, FP32, {"accumulate": a}) for s in ("average", "greedy-1", "greedy-3") for a in ("float32", "float64")]
+         + [(s, BF16, o) for s in ("maximum", "greedy-1", "greedy-3")
+            for o in ({"strict": True}, {"method": {"name": "dare_linear", "density": 0.7}})])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "default")
-@pytest.mark.parametrize("strategy", ["average", "maximum", "greedy-1", "greedy-3", "search"])
+@pytest.mark.parametrize("strategy, dtype, options", CASES,
+                         ids=[f"{s}-{str(d)[6:]}-{'-'.join(map(str, o.values())) or 'default'}" for s, d, o in CASES])
 def test_the_score_reported_is_the_score_of_the_bytes_written(tmp_path, family, dtype, options, strategy):
     base, paths = family(dtype)
     if "method" in options:

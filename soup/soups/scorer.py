@@ -236,16 +236,17 @@ def merge_arguments(weights: Sequence[float], options: Mapping[str, Any]) -> dic
     """``merge``'s weights and byte-changing options for a strategy's choice: the one construction of
     a candidate and of the final soup (``soup.pipeline`` merges the chosen soup with these too).
 
-    With a merge method other than the mean, a soup of one ingredient is that ingredient (ingredients
-    are scored as themselves), and the weights are scaled so the largest is 1: mergekit's convention
-    (each member's task vector at full weight; methods that normalise are unaffected by the scale).
+    With a merge method other than the mean, a soup of one ingredient among several is that ingredient
+    (ingredients are scored as themselves; a run of a single ingredient applies the method to it, as
+    slerp of one model with the base does), and the weights are scaled so the largest is 1: mergekit's
+    convention (each member's task vector at full weight; methods that normalise are unaffected).
     """
     w = [float(x) for x in weights]
     args = {k: v for k, v in options.items() if k != "method" and v is not None}
     method = options.get("method")
     if method is None or method.is_linear:
         return dict(args, weights=w, method=method)
-    if sum(1 for x in w if x) <= 1:
+    if len(w) > 1 and sum(1 for x in w if x) <= 1:
         return dict(args, weights=w, method=None)
     top = max(w)
     return dict(args, weights=[x / top for x in w], method=method)
@@ -255,7 +256,7 @@ def _byte_options(args: Mapping[str, Any]) -> dict[str, Any] | None:
     """What of ``merge_arguments`` goes into a candidate's cache key besides weights, rules and dtype
     (only what differs from the defaults, so keys of plain means stay as they were)."""
     extra = {}
-    for k, default in (("accumulate", "auto"), ("normalize", True), ("mixed_float", False)):
+    for k, default in (("accumulate", "auto"), ("normalize", True), ("mixed_float", False), ("vocab", "union")):
         if k in args and args[k] != default:
             extra[k] = args[k]
     method = args.get("method")
