@@ -450,7 +450,7 @@ def test_arcee_fusion(shape):
 
 
 def test_kth_smallest_matches_sort():
-    from soup.methods.geometry import kth_smallest
+    from soup.methods.select import kth_smallest
 
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.float64):

@@ -22,7 +22,7 @@ from soup.methods.dare_ties import DareTies
 from soup.methods.della import Della
 from soup.methods.della_linear import DellaLinear
 from soup.methods.sce import SCE
-from soup.methods.sparsify import ExactSums, kth_largest
+from soup.methods.select import ExactSums, kth_largest
 from soup.methods.task_arithmetic import TaskArithmetic
 from soup.methods.ties import Ties
 

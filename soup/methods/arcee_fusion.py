@@ -9,7 +9,8 @@ import torch
 
 from soup.errors import RecipeError
 from soup.methods.base import At, MergeMethod, TensorInput, TensorParams
-from soup.methods.geometry import group_count, group_index, kth_smallest
+from soup.methods.geometry import group_count, group_index
+from soup.methods.select import kth_smallest
 
 PROB_EPS = 1e-8  # added to the softmax probabilities before the KL divergence
 QUANTILES = (1, 2, 3)  # quartiles, in quarters

@@ -10,8 +10,6 @@ tensor's size:
 - ``gram`` accumulates, in float64, the dot products of a few vectors per group (norms and cosines) over
   one pass of ``tensor.blocks()``; ``task_vectors`` gives it the models' deltas from the base.
 - ``spherical_coefficients`` turns cosines into slerp's two coefficients.
-- ``kth_smallest`` finds exact order statistics (quantiles) of a value defined per element in a few passes
-  (radix selection on the float's bits, 16 bits a pass), with O(1) state.
 - ``combine`` sums coefficient x row in a fixed order, so a block's output does not depend on how the
   tensor was split.
 """
@@ -19,7 +17,7 @@ tensor's size:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +33,6 @@ __all__ = [
     "task_vectors",
     "spherical_coefficients",
     "combine",
-    "kth_smallest",
 ]
 
 
@@ -142,65 +139,3 @@ def combine(coefs: Iterable[torch.Tensor | float], rows: Iterable[torch.Tensor])
     if acc is None:
         raise ValueError("combine: nothing to combine")
     return acc
-
-
-_SHIFT = 16
-_RADIX = 1 << _SHIFT
-
-
-def _sortable(v: torch.Tensor) -> torch.Tensor:
-    """Signed int64 keys ordered as the floats are (float32 or float64 values)."""
-    if v.dtype == torch.float32:
-        bits = v.contiguous().view(torch.int32).to(torch.int64)
-        mask = (1 << 31) - 1
-    elif v.dtype == torch.float64:
-        bits = v.contiguous().view(torch.int64)
-        mask = (1 << 63) - 1
-    else:
-        raise TypeError(f"kth_smallest: float32 or float64 values, not {v.dtype}")
-    return torch.where(bits < 0, bits ^ mask, bits)
-
-
-def _unsortable(key: int, dtype: torch.dtype) -> torch.Tensor:
-    bits_dtype, width = (torch.int32, 32) if dtype == torch.float32 else (torch.int64, 64)
-    mask = (1 << (width - 1)) - 1
-    bits = key ^ mask if key < 0 else key
-    return torch.tensor([bits], dtype=bits_dtype).view(dtype)[0]
-
-
-def kth_smallest(values: Callable[[], Iterator[torch.Tensor]], ks: Sequence[int],
-                 dtype: torch.dtype) -> list[torch.Tensor]:
-    """The exact k-th smallest (0-based) of the values, for each k in ``ks``, as 0-d tensors of ``dtype``.
-
-    ``values()`` starts a pass and yields the values block by block (float32 or float64, 1-D). Radix
-    selection on the values' bits, 16 bits a pass: 2 passes for float32, 4 for float64, whatever the number
-    of values; state: one 65,536-bin histogram per distinct prefix (at most one per k). Equal to
-    ``sorted(all values)[k]`` (NaNs aside).
-    """
-    width = 32 if dtype == torch.float32 else 64
-    shifts = list(range(width - _SHIFT, -1, -_SHIFT))
-    prefix: list[int | None] = [None] * len(ks)  # key >> (shift + 16) of the k-th value, once known
-    rank = [int(k) for k in ks]
-    for shift in shifts:
-        wanted = list(dict.fromkeys(prefix))  # one histogram per distinct prefix
-        hists: dict[int | None, torch.Tensor] = {}
-        for v in values():
-            key = _sortable(v.reshape(-1))
-            high = key >> (shift + _SHIFT) if shift + _SHIFT < 64 else None
-            digit = (key >> shift) & (_RADIX - 1) if shift + _SHIFT < width else (key >> shift) + _RADIX // 2
-            for p in wanted:
-                d = digit if p is None else digit[high == p]
-                if p not in hists:
-                    hists[p] = torch.zeros(_RADIX, dtype=torch.int64, device=d.device)
-                hists[p].scatter_add_(0, d, torch.ones_like(d))
-        for t in range(len(ks)):
-            cum = torch.cumsum(hists[prefix[t]], 0).cpu()
-            if rank[t] < 0 or rank[t] >= int(cum[-1]):
-                raise ValueError(f"kth_smallest: rank {ks[t]} out of range")
-            d = int(torch.searchsorted(cum, torch.tensor(rank[t]), right=True))
-            rank[t] -= int(cum[d - 1]) if d else 0
-            if prefix[t] is None:  # the top digit is signed
-                prefix[t] = d - _RADIX // 2
-            else:
-                prefix[t] = prefix[t] * _RADIX + d
-    return [_unsortable(p, dtype) for p in prefix]

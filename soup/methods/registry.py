@@ -15,7 +15,7 @@ from soup.plugins import load_plugin_class, plugin_names
 __all__ = ["load_method", "method_names", "builtin_methods", "GROUP"]
 
 GROUP = "soup.methods"
-_NOT_METHODS = {"base", "registry", "params", "spec", "mergekit", "sparsify", "geometry"}  # helpers, not methods
+_NOT_METHODS = {"base", "registry", "params", "spec", "mergekit", "sparsify", "geometry", "select"}  # helpers, not methods
 
 
 @lru_cache(maxsize=1)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from soup.methods.base import At, MergeMethod, Param, TensorInput, TensorParams
-from soup.methods.sparsify import ExactSums, consensus, deltas, kth_largest, row_sum
+from soup.methods.select import ExactSums, kth_largest
+from soup.methods.sparsify import consensus, deltas, row_sum
 
 __all__ = ["SCE", "variance"]
 

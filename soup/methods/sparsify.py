@@ -7,21 +7,20 @@ sum, optionally divide by the sum of the weights that took part, scale by ``lamb
 base back. This module holds the pieces, written once:
 
 - ``deltas``: the task vectors of a block, in the work dtype.
-- ``kth_largest``: the exact k-th largest value of non-negative float32/float64 data streamed in
-  blocks (radix select on the IEEE bit pattern), with O(targets x 65536) state.
-- ``ExactSums``: order-independent exact sums of non-negative values streamed in blocks, so that
-  whole-tensor norms (and therefore the output bytes) do not depend on the block split.
 - ``magnitude_bounds`` / ``outlier_bounds``: which magnitude ranks TIES and breadcrumbs keep.
 - ``dare_keep`` and ``della_keep``: the random masks, drawn from the counter-based ``uniform``.
 - ``l1_factor``: mergekit's ``rescale`` (match the L1 norm of the delta before masking).
 - ``consensus``: TIES sign election ("sum" method: the sign of the summed weighted deltas).
 - ``combine``: weight, elect, sum, normalise, scale, add the base.
 - ``TaskVectorMerge``: the generic method the per-name classes configure.
+
+Magnitude thresholds (``kth_largest``) and L1 norms (``ExactSums``) come exact and independent of the
+block split from ``soup.methods.select``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,17 +28,12 @@ import torch
 
 from soup.errors import RecipeError
 from soup.methods.base import At, MergeMethod, Param, TensorInput, TensorParams, uniform
+from soup.methods.select import ExactSums, kth_largest
 
 __all__ = [
-    "deltas", "kth_largest", "ExactSums", "magnitude_bounds", "outlier_bounds", "dare_keep",
-    "della_keep", "l1_factor", "consensus", "combine", "row_sum", "TaskVectorMerge",
-    "task_vector_parameters", "L1_EPS",
+    "deltas", "magnitude_bounds", "outlier_bounds", "dare_keep", "della_keep", "l1_factor", "consensus",
+    "combine", "row_sum", "TaskVectorMerge", "task_vector_parameters", "L1_EPS",
 ]
-
-_DIGIT = 16
-_BINS = 1 << _DIGIT
-_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
-_WIDTH = {torch.float32: 32, torch.float64: 64}
 
 L1_EPS = 1e-7
 """mergekit's tolerance: no L1 rescale when the norm before or after masking is below it."""
@@ -62,147 +56,7 @@ def row_sum(rows: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-# --- exact k-th largest by radix select -------------------------------------------------------
-
-def _bits(values: torch.Tensor) -> torch.Tensor:
-    """The IEEE bit patterns of non-negative float32/float64 values as int64 (they order alike)."""
-    if values.dtype not in _INT:
-        raise TypeError(f"radix select needs float32 or float64 values, not {values.dtype}")
-    return values.contiguous().view(_INT[values.dtype]).to(torch.int64)
-
-
-def _pick(counts: torch.Tensor, rank: int) -> tuple[int, int]:
-    """The digit holding the ``rank``-th largest (1-based) of a histogram, and the rank within it."""
-    at_least = counts.flip(0).cumsum(0)  # at_least[j]: how many have a digit >= _BINS - 1 - j
-    j = int(torch.searchsorted(at_least, torch.tensor([rank], dtype=at_least.dtype))[0])
-    digit = _BINS - 1 - j
-    above = int(at_least[j]) - int(counts[digit])
-    return digit, rank - above
-
-
-Targets = Sequence[tuple[int, int]]
-
-
-def kth_largest(passes: Callable[[], Iterable[torch.Tensor]], dtype: torch.dtype,
-                targets: Targets | Callable[[list[int]], Targets]) -> list[float]:
-    """Exact k-th largest values of non-negative data streamed in blocks, one per target.
-
-    ``passes()`` starts a pass over the data and yields blocks of shape (rows, block) in ``dtype``
-    (float32 or float64; all values >= 0, -0.0 counts as 0). ``targets``: ``(row, k)`` pairs, k
-    1-based (``1 <= k <=`` the row's length), or a function of the rows' counts of non-zero values
-    returning them (read after the first pass, for a k that depends on it).
-
-    Radix select on the bit patterns (non-negative IEEE floats order like their integer patterns),
-    16 bits a pass, high digits first: pass 1 a 65536-bin histogram of the top 16 bits per row, then
-    for each target a histogram of the next 16 bits of the values whose higher bits match the prefix
-    chosen so far. float32: 2 passes; float64: 4 passes. State: one (65536,) int64 histogram per
-    target (per row in pass 1), whatever the data's length; the result is exact.
-    """
-    shifts = list(range(_WIDTH[dtype] - _DIGIT, -1, -_DIGIT))
-    # pass 1: histograms of the top digit per row, and the count of zeros per row
-    hist: torch.Tensor | None = None
-    zeros: torch.Tensor | None = None
-    lengths: torch.Tensor | None = None
-    for vals in passes():
-        if vals.dtype != dtype:
-            raise TypeError(f"radix select: a block in {vals.dtype}, expected {dtype}")
-        rows = vals.shape[0]
-        if hist is None:
-            device = vals.device
-            hist = torch.zeros(rows * _BINS, dtype=torch.int64, device=device)
-            zeros = torch.zeros(rows, dtype=torch.int64, device=device)
-            lengths = torch.zeros(rows, dtype=torch.int64, device=device)
-        bits = _bits(vals)
-        top = (bits >> shifts[0]) + torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1) * _BINS
-        top = top.reshape(-1)
-        hist.index_add_(0, top, torch.ones_like(top))  # integer counts: exact, order-free
-        zeros += (bits == 0).sum(dim=1)
-        lengths += bits.shape[1]
-    if hist is None:
-        return []
-    rows = zeros.shape[0]
-    nonzero = [int(v) for v in (lengths - zeros).tolist()]
-    lengths = lengths.tolist()
-    resolved = list(targets(nonzero) if callable(targets) else targets)
-    for row, k in resolved:
-        if not 1 <= k <= lengths[row]:
-            raise ValueError(f"radix select: k={k} out of range for a row of {lengths[row]}")
-    hist = hist.view(rows, _BINS).cpu()
-    prefixes: list[int] = []
-    ranks: list[int] = []
-    for row, k in resolved:
-        digit, rank = _pick(hist[row], k)
-        prefixes.append(digit)
-        ranks.append(rank)
-    del hist
-    # later passes: the next digit among the values that share the prefix chosen so far
-    for shift in shifts[1:]:
-        if not resolved:
-            break
-        counts = torch.zeros(len(resolved) * _BINS, dtype=torch.int64, device=device)
-        for vals in passes():
-            bits = _bits(vals)
-            picked = []
-            for t, (row, _) in enumerate(resolved):
-                b = bits[row]
-                b = b[(b >> (shift + _DIGIT)) == prefixes[t]]
-                picked.append(((b >> shift) & (_BINS - 1)) + t * _BINS)
-            idx = torch.cat(picked)
-            counts.index_add_(0, idx, torch.ones_like(idx))
-        counts = counts.view(len(resolved), _BINS).cpu()
-        for t in range(len(resolved)):
-            digit, ranks[t] = _pick(counts[t], ranks[t])
-            prefixes[t] = (prefixes[t] << _DIGIT) | digit
-    out = torch.tensor(prefixes, dtype=torch.int64).to(_INT[dtype]).view(dtype)
-    return [float(v) for v in out.tolist()]
-
-
-# --- exact sums ---------------------------------------------------------------------------------
-
-class ExactSums:
-    """Exact sums per row of non-negative values streamed in blocks, whatever their order or split.
-
-    Each value, as float64 (float32 converts exactly), is ``m * 2**(e - 1075)`` with a 53-bit integer
-    m; the halves of m are added into int64 buckets per (row, exponent), which is exact and
-    order-free (capacity: 2**36 values per bucket). ``totals()`` adds the buckets with Python
-    integers and rounds once, so the result is the correctly rounded sum.
-    """
-
-    _E = 2048
-
-    def __init__(self, rows: int):
-        self.rows = rows
-        self.hi: torch.Tensor | None = None
-        self.lo: torch.Tensor | None = None
-
-    def add(self, values: torch.Tensor) -> None:
-        """Add a (rows, block) block of non-negative finite values."""
-        if self.hi is None:
-            self.hi = torch.zeros(self.rows * self._E, dtype=torch.int64, device=values.device)
-            self.lo = torch.zeros(self.rows * self._E, dtype=torch.int64, device=values.device)
-        bits = values.to(torch.float64).contiguous().view(torch.int64)
-        e = (bits >> 52) & 0x7FF
-        m = (bits & ((1 << 52) - 1)) | ((e > 0).to(torch.int64) << 52)
-        idx = (e + torch.arange(self.rows, dtype=torch.int64, device=bits.device).unsqueeze(1) * self._E)
-        idx = idx.reshape(-1)
-        self.hi.index_add_(0, idx, (m >> 26).reshape(-1))
-        self.lo.index_add_(0, idx, (m & ((1 << 26) - 1)).reshape(-1))
-
-    def totals(self) -> list[float]:
-        if self.hi is None:
-            return [0.0] * self.rows
-        out = []
-        hi = self.hi.view(self.rows, self._E).tolist()
-        lo = self.lo.view(self.rows, self._E).tolist()
-        for r in range(self.rows):
-            total = 0
-            for e in range(self._E):
-                if hi[r][e] or lo[r][e]:
-                    # value * 2**1074 = m << (max(e, 1) - 1), exactly
-                    total += ((hi[r][e] << 26) + lo[r][e]) << (max(e, 1) - 1)
-            out.append(total / (1 << 1074))  # int / int: correctly rounded
-        return out
-
+# --- L1 rescale ---------------------------------------------------------------------------------
 
 def l1_factor(before: float, after: float) -> float:
     """mergekit's L1 rescale of a masked delta: ``before / after`` unless either is below 1e-7."""
