@@ -35,6 +35,8 @@ from soup.signals import graceful
 from soup.engine.sinks import InPlaceSink, MemorySink
 from soup.engine.writer import ShardWriter, copy_aux_files, write_manifest
 from soup.io.manifest import FileEntry, IngredientEntry, Manifest, Method, Selection
+from soup.io.vocab import plan_vocab
+from soup.io.vocab_files import write_vocab
 
 __all__ = ["merge", "MergeResult", "soup_version"]
 
@@ -102,7 +104,9 @@ def merge(
             for 32-bit; or "float32", "float64" for every tensor), ``shard_size``
             ("5GB"), ``device`` ("cpu", "cuda"), ``strict`` (differing integer buffers are an
             error), ``config_from`` (ingredient whose config/tokenizer files are copied),
-            ``normalize``, ``mixed_float``. Checked before anything is read.
+            ``normalize``, ``mixed_float``, ``vocab`` (ingredients with different vocabularies:
+            ``union``, ``first`` or an ingredient's index or name; see ``soup.io.vocab``). Checked
+            before anything is read.
 
     Returns:
         MergeResult with the output path and manifest (or the state dict).
@@ -163,8 +167,9 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
     cks = resolve_all(specs, labels=labels, hub=hub)
     if output is not None:
         output.protect(checkpoint_paths(cks))  # hub snapshots and link targets, known only now
+    vocab = plan_vocab(cks, opts.vocab, n=len(cks) - with_base)  # differing vocabularies: rows by token
     plan = build_plan(cks, weights=weights, rules=rule_list, dtype=out_dtype, normalize=opts.normalize,
-                      mixed_float=opts.mixed_float, method=spec, base=with_base)
+                      mixed_float=opts.mixed_float, method=spec, base=with_base, vocab=vocab)
     source = _config_source(cks, config_from, base=with_base)
     accumulate = _accumulation_used(cks, plan, accumulate)  # recorded in soup.json
     sink = (into if isinstance(into, InPlaceSink) else InPlaceSink(into)) if into is not None \
@@ -213,7 +218,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
 
             def read_ahead(order: Sequence[Job]) -> Prefetcher:
                 """Background reads of the inputs, in the order the jobs will be run (soup.engine.prefetch)."""
-                return Prefetcher(plan_ranges(cks, [j for j in order if j.kind not in PAIR_KINDS]),
+                return Prefetcher(plan_ranges(cks, [j for j in order if j.kind not in PAIR_KINDS and j.rows is None]),
                                   threads=min(4, max(2, len(cks))))
 
             if sink is not None:
@@ -233,6 +238,8 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                     writer.write(produce)
                 if source is not None and source.root is not None:
                     copy_aux_files(source.root, tmp, dtype=out_dtype, warn=warn)
+                    if vocab is not None:  # the soup's tokenizer and vocab_size (soup.io.vocab_files)
+                        write_vocab(vocab, tmp, source.root, warn=warn)
                 if pairs is not None:
                     pairs.report()
                     pairs.update_config(tmp)  # an exact pair rule's rank_key

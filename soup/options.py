@@ -49,11 +49,12 @@ class MergeOptions:
     config_from: int | str = 0  # ingredient (index or label) whose config/tokenizer files are copied
     normalize: bool = True  # scale weights to sum to 1
     mixed_float: bool = False  # allow float dtypes to differ between ingredients
+    vocab: int | str = "union"  # differing vocabularies: union, first or an ingredient (soup.io.vocab)
 
     def __post_init__(self) -> None:
         problems = []
         for check in (self._dtype, self._accumulate, self._shard_size, self._device, self._flags,
-                      self._config_from):
+                      self._config_from, self._vocab):
             try:
                 check()
             except RecipeError as e:
@@ -120,6 +121,11 @@ class MergeOptions:
         c = self.config_from
         if isinstance(c, bool) or not isinstance(c, (int, str)) or (isinstance(c, int) and c < 0) or c == "":
             raise RecipeError(f"config_from: {c!r} must be an ingredient index (0, 1, ...) or name")
+
+    def _vocab(self) -> None:  # an ingredient's name is checked against the labels by soup.io.vocab
+        v = self.vocab
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and v < 0) or v == "":
+            raise RecipeError(f"vocab: {v!r} must be union, first, an ingredient index (0, 1, ...) or name")
 
 
 def parse_size(size: Any, *, where: str = "shard_size") -> int:

@@ -29,6 +29,7 @@ from soup.io.manifest import Evaluation, EvaluatorInfo, Manifest, Method, Select
 from soup.merging import merge
 from soup.options import MergeOptions, check_device, check_option_names
 from soup.engine.plan import build_plan, normalise_weights
+from soup.io.vocab import plan_vocab
 from soup.engine.output import OutputDir, checkpoint_paths, input_paths
 from soup.progress import Reporter, RichReporter
 from soup.engine.rules import Rule, parse_rules
@@ -244,8 +245,8 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
 
 
 MERGE_THROUGH = ("accumulate", "shard_size", "device", "strict", "config_from", "normalize", "mixed_float",
-                 "overwrite", "method", "base", "seed")  # merge options that cook passes on to ``merge``
-BYTES = ("accumulate", "normalize", "mixed_float", "strict", "method")  # those every candidate gets too
+                 "overwrite", "method", "base", "seed", "vocab")  # merge options that cook passes on to ``merge``
+BYTES = ("accumulate", "normalize", "mixed_float", "strict", "method", "vocab")  # those every candidate gets too
 
 
 def _check_options(strategy: SoupStrategy, dtype: str | None, devices: Sequence[str] | None,
@@ -278,8 +279,9 @@ def _check_plan(strategy: SoupStrategy, cks: Sequence[Any], rules: Sequence[Any]
     spec = merge_options.get("method")
     with_base = spec is not None and spec.base is not None
     opts.check_config_from([c.label for c in cks], base=with_base)
-    build_plan(cks + ([spec.base] if with_base else []), rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize,
-               mixed_float=opts.mixed_float, method=spec, base=with_base)
+    every = cks + ([spec.base] if with_base else [])
+    build_plan(every, rules=rules, dtype=opts.torch_dtype, normalize=opts.normalize, mixed_float=opts.mixed_float,
+               method=spec, base=with_base, vocab=plan_vocab(every, opts.vocab, n=len(cks)))
 
 
 def _db_files(storage: str | None, cache: Any) -> list[Path]:
@@ -339,9 +341,14 @@ def average_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec
 
 
 def greedy_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, tie: str = ">=",
-                tolerance: float = 0.0, sums: str = "auto", **options: Any) -> SoupResult:
-    """Greedy soup (POINTS Algorithm 1): add ingredients best-first while the held-out score improves."""
-    return cook(GreedySoup(tie=tie, tolerance=tolerance, sums=sums), ingredients, evaluator=evaluator, **options)
+                tolerance: float = 0.0, sums: str = "auto", racing: bool | Mapping[str, Any] = True,
+                **options: Any) -> SoupResult:
+    """Greedy soup (POINTS Algorithm 1): add ingredients best-first while the held-out score improves.
+    ``racing``: each keep decision raced on shared examples when the evaluator gives per-example scores
+    (True: ``{delta: 0.05, batch: 64, min_examples: 128}``; a mapping overrides some; False: off; see
+    ``soup.soups.racing``)."""
+    return cook(GreedySoup(tie=tie, tolerance=tolerance, sums=sums, racing=racing), ingredients,
+                evaluator=evaluator, **options)
 
 
 def search_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, n_trials: int = 50,

@@ -51,7 +51,8 @@ __all__ = ["Recipe", "EvaluatorEntry", "load_recipe", "parse_recipe"]
 
 TOP_KEYS = {"ingredients", "strategy", "evaluator", "test", "rules", "dtype", "accumulate", "shard_size",
             "device", "devices", "config_from", "output", "push_to", "cache", "endpoint", "strict",
-            "tracking_uri", "publish", "lora_pairs", "merge_into", "rank", "method", "normalize", "mixed_float"}
+            "tracking_uri", "publish", "lora_pairs", "merge_into", "rank", "method", "normalize", "mixed_float",
+            "vocab"}
 PUSH_KEYS = {"repo", "revision", "private", "create_pr", "commit_message"}
 
 
@@ -88,6 +89,7 @@ class Recipe:
     method: dict[str, Any] | None = None  # a merge method: {name, base (absolute), seed, parameters...}
     normalize: bool = True  # weights scaled to sum to 1 (false: as given), as --no-normalize / normalize=
     mixed_float: bool = False  # ingredients whose float dtypes differ, as mixed_float= in Python
+    vocab: int | str = "union"  # differing vocabularies: union, first or an ingredient, as --vocab (soup.io.vocab)
     source: Path | None = None  # the recipe file
     raw: dict[str, Any] = field(default_factory=dict)  # as written, for the manifest
 
@@ -180,7 +182,8 @@ def parse_recipe(data: Any, *, base: Path | None = None, source: Path | None = N
                   output=_rel(base, output) if output else None, push_to=push, cache=cache,
                   endpoint=data.get("endpoint"), strict=data.get("strict", False), source=source, raw=original,
                   tracking_uri=data.get("tracking_uri"), publish=publish, merge_into=merge_into, rank=rank,
-                  method=method, normalize=data.get("normalize", True), mixed_float=data.get("mixed_float", False))
+                  method=method, normalize=data.get("normalize", True), mixed_float=data.get("mixed_float", False),
+                  vocab=data.get("vocab", "union"))
 
 
 def _method(value: Any, n: int, base: Path, errors: list[str]) -> dict[str, Any] | None:
@@ -344,14 +347,15 @@ def _lora_pairs(value: Any, errors: list[str]) -> list[Rule]:
 
 
 def _merge_options(data: dict, n: int, errors: list[str]) -> None:
-    """dtype, accumulate, shard_size, device, strict, config_from, normalize, mixed_float: checked as the
-    engine will."""
+    """dtype, accumulate, shard_size, device, strict, config_from, normalize, mixed_float, vocab: checked
+    as the engine will."""
     given = {k: data[k] for k in ("dtype", "accumulate", "shard_size", "device", "strict", "config_from", "normalize",
-                                  "mixed_float") if k in data}
+                                  "mixed_float", "vocab") if k in data}
     _check(errors, MergeOptions, **given)
-    config = given.get("config_from")
-    if n and (type(config) is int or (isinstance(config, str) and config.isdigit())) and int(config) >= n:
-        errors.append(f"config_from: index {config} out of range (0..{n - 1})")
+    for key in ("config_from", "vocab"):  # an ingredient by index
+        value = given.get(key)
+        if n and (type(value) is int or (isinstance(value, str) and value.isdigit())) and int(value) >= n:
+            errors.append(f"{key}: index {value} out of range (0..{n - 1})")
 
 
 def _evaluator(value: Any, where: str, base: Path, errors: list[str]) -> EvaluatorEntry | None:

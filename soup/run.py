@@ -70,7 +70,7 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite, push_to=recipe.push_to,
         shard_size=recipe.shard_size, accumulate=recipe.accumulate, device=recipe.device,
         config_from=recipe.config_from, strict=recipe.strict, method=recipe.method, normalize=recipe.normalize,
-        mixed_float=recipe.mixed_float)
+        mixed_float=recipe.mixed_float, vocab=recipe.vocab)
     if recipe.publish:  # registered in MLflow once the soup is complete at the output
         from soup.finish.report import format_update
 
@@ -150,13 +150,18 @@ def _adapter_recipe(recipe: Any, out: str | Path, *, overwrite: bool, progress: 
 
 
 def run_if_changed(recipe: Any, *, cache: Any = None, progress: Any = False,
-                   output: str | Path | None = None, **options: Any) -> Update:
+                   output: str | Path | None = None, replace_corrupt: bool = False, **options: Any) -> Update:
     """Re-soup ``recipe`` only if its ingredients, the recipe or the evaluators changed since the
     published soup; publish one new commit/version saying what changed. ``options`` go to
     ``run_recipe`` (``storage``, ``local_worker``).
 
+    ``replace_corrupt``: a published soup whose ``soup.json`` cannot be read (on the hub, in MLflow or at
+    the output) is replaced by a new soup instead of stopping the run; a local one is first moved aside
+    (renamed ``<output>.unreadable-<time>``, nothing deleted).
+
     Raises:
-        SoupError: a registry or the hub cannot be read, the evaluator fails, another run published first.
+        SoupError: a registry or the hub cannot be read, the evaluator fails, another run published first,
+            or the published soup.json cannot be read (without ``replace_corrupt``).
     """
     out = Path(output) if output is not None else recipe.output
     if out is None:
@@ -167,12 +172,20 @@ def run_if_changed(recipe: Any, *, cache: Any = None, progress: Any = False,
                           "request never updates; push to a branch instead")
     pinned = resolve_ingredients(recipe, pin_fixed=True, output=out)  # before anything is evaluated
     infos = evaluator_infos(recipe)
-    prev = read_previous(recipe, output=out)
+    prev = read_previous(recipe, output=out, replace_corrupt=replace_corrupt)
     reasons = changes(recipe, pinned, infos, prev.manifest)
     if reasons and push and prev.head is None:  # a first soup: create the repo, read its head, look again
         create_repo(push, recipe.endpoint)
-        prev = read_previous(recipe, output=out)
+        prev = read_previous(recipe, output=out, replace_corrupt=replace_corrupt)
         reasons = changes(recipe, pinned, infos, prev.manifest)
+    if prev.unreadable is not None:
+        reasons = [f"unreadable soup.json at {prev.where} ({prev.unreadable})"]
+        if not push and not recipe.publish:  # the local soup: kept aside, never deleted
+            import time
+
+            aside = out.with_name(f"{out.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            out.rename(aside)
+            reasons.append(f"moved it to {aside}")
     if not reasons:
         return Update(False, f"up to date: {prev.where}", previous=prev.where)
     if push:

@@ -22,7 +22,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("soup.errors", "soup.signals", "soup.progress", "soup.options", "soup.plugins", "soup.safeyaml")),
     ("io", ("soup.hub.specs", "soup.hub.errors", "soup.hub.download", "soup.io.checkpoint", "soup.io.manifest",
             "soup.io.modelfiles", "soup.io.components", "soup.io.ingredients", "soup.io.jsonshape", "soup.io.evidence",
-            "soup.io.safetensors_header")),
+            "soup.io.safetensors_header", "soup.io.vocab", "soup.io.vocab_files")),
     ("methods", ("soup.methods", "soup.methods.*")),
     ("engine", ("soup.engine", "soup.engine.*")),
     ("parts", ("soup.adapters", "soup.adapters.lora", "soup.adapters.pairs", "soup.adapters.peft_io",

@@ -54,6 +54,7 @@ from soup.engine.apply import method_blocks
 from soup.errors import CheckpointError, IncompatibleIngredients
 from soup.engine.plan import Job
 from soup.engine.staging import CudaStaging
+from soup.engine.vocab import row_blocks
 
 __all__ = ["Combiner", "BLOCK_ELEMENTS", "accumulation_dtype", "same_bits"]
 
@@ -122,7 +123,12 @@ class Combiner:
 
     def blocks(self, job: Job, views: Sequence[torch.Tensor | None]) -> Iterator[torch.Tensor]:
         """Yield the output of ``job`` as consecutive 1-D blocks; ``views[i]`` is ingredient i's flat tensor."""
-        if job.kind == "mean":
+        if job.rows is not None:  # vocabulary-indexed: rows gathered by token (soup.engine.vocab)
+            work = self.acc_dtype([views[i].dtype for i in job.reads(len(views))])
+            host = torch.device("cpu") if self.host_output else None
+            yield from row_blocks(job, views, work=work, step=self._step(work), device=self.device,
+                                  out_buf=lambda dt, k: self._out_buf(dt, k, host), where=self.where, labels=self.labels)
+        elif job.kind == "mean":
             yield from self._mean(job, views)
         elif job.kind == "method":
             srcs = job.reads(len(views))

@@ -12,18 +12,23 @@ is reported before any output exists. Each output tensor becomes one ``Job``:
   over the ingredients with a non-zero weight, and the base model when the method uses one, with its
   parameters resolved for this tensor (filters, layer gradients).
 
+Vocabulary-indexed tensors (embeddings, output head) of ingredients whose vocabularies differ carry
+the soup's vocabulary (``Job.rows``, a ``soup.io.vocab.VocabPlan``): their rows are gathered by token
+(``soup.engine.vocab``), a take becoming the one-hot mean; their row counts may differ.
+
 With a method the base model is the last checkpoint (``base``); it takes no weight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from soup.io.checkpoint import Checkpoint
+from soup.io.vocab import VocabPlan
 from soup.errors import IncompatibleIngredients, RecipeError
 from soup.options import check_weights
 from soup.engine.rules import Rule, match_rule
@@ -43,6 +48,8 @@ class Job:
     method: Any = None  # method: the MergeMethod
     params: Any = None  # method: its TensorParams for this tensor
     base: int | None = None  # method: the base model's checkpoint index, when the method reads it
+    rows: VocabPlan | None = None  # vocabulary-indexed: the soup's vocabulary; rows gathered by token
+    also: tuple[int, ...] = ()  # rows: zero-weight ingredients read for rows no source holds
 
     @property
     def numel(self) -> int:
@@ -66,7 +73,8 @@ class Job:
         and for a copy (integer buffers) every checkpoint, to check they agree."""
         if self.kind == "copy":
             return range(n)
-        return self.sources() + ([self.base] if self.kind == "method" and self.base is not None else [])
+        return self.sources() + list(self.also) + ([self.base] if self.kind == "method" and self.base is not None
+                                                   else [])
 
 
 @dataclass
@@ -99,7 +107,7 @@ def normalise_weights(weights: Sequence[float] | None, n: int, *, normalize: boo
 def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | None = None,
                rules: Sequence[Rule] = (), dtype: torch.dtype | None = None,
                normalize: bool = True, mixed_float: bool = False, method: MethodSpec | None = None,
-               base: bool = False) -> Plan:
+               base: bool = False, vocab: VocabPlan | None = None) -> Plan:
     """Check compatibility and plan every tensor.
 
     Raises:
@@ -109,11 +117,13 @@ def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | 
     With ``mixed_float``, float dtypes may differ between ingredients; the output takes the first's.
     With ``method`` (a merge method other than the plain weighted mean) the weights are the method's
     per-model ``weight`` (default 1 each, used as given: the method's own ``normalize`` decides) and
-    ``base`` says the last checkpoint is the base model.
+    ``base`` says the last checkpoint is the base model. ``vocab`` (``soup.io.vocab.plan_vocab``): the
+    soup's vocabulary, when the ingredients' differ.
     """
     if not checkpoints:
         raise RecipeError("no ingredients given")
-    check_compatible(checkpoints, allow_float_mix=dtype is not None or mixed_float)
+    check_compatible(checkpoints, allow_float_mix=dtype is not None or mixed_float,
+                     rows=vocab.names if vocab is not None else ())
     n = len(checkpoints)
     n_ing = n - 1 if base else n  # the base model, last, takes no weight
     with_method = method is not None and not method.is_linear
@@ -159,6 +169,8 @@ def build_plan(checkpoints: Sequence[Checkpoint], *, weights: Sequence[float] | 
                 job = Job(name, info.shape, "take", out, source=nonzero[0])
             else:
                 job = Job(name, info.shape, "mean", out, weights=w)
+        if vocab is not None and name in vocab.names and floating:
+            job = _by_token(job, vocab, n, n_ing)
         jobs.append(job)
         input_bytes += sum(checkpoints[i].tensors[name].nbytes for i in job.reads(n))
     if dropped and not jobs:
@@ -185,6 +197,13 @@ def _method_weights(method: MethodSpec, name: str, w: tuple[float, ...], n_ing: 
     return got
 
 
+def _by_token(job: Job, vocab: VocabPlan, n: int, n_ing: int) -> Job:
+    """A vocabulary-indexed tensor's job: the soup's rows, gathered by token (a take is the one-hot mean)."""
+    w = job.weights if job.kind in ("mean", "method") else tuple(float(i == job.source) for i in range(n))
+    return replace(job, kind="method" if job.kind == "method" else "mean", weights=w, rows=vocab,
+                   shape=(vocab.rows, *job.shape[1:]), also=vocab.also(w, n_ing, job.base))
+
+
 def _index(rule: Rule, labels: dict[str, int], n: int) -> int:
     ing = rule.ingredient
     if isinstance(ing, int):
@@ -196,8 +215,10 @@ def _index(rule: Rule, labels: dict[str, int], n: int) -> int:
     raise RecipeError(f"rule {rule}: no ingredient named {ing!r} (have: {', '.join(labels)})")
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint], *, allow_float_mix: bool = False) -> None:
-    """Same tensor names, shapes and dtypes in every ingredient, or IncompatibleIngredients."""
+def check_compatible(checkpoints: Sequence[Checkpoint], *, allow_float_mix: bool = False,
+                     rows: Container[str] = ()) -> None:
+    """Same tensor names, shapes and dtypes in every ingredient, or IncompatibleIngredients; the
+    tensors named in ``rows`` (vocabulary-indexed) may differ in their first dimension."""
     first = checkpoints[0]
     for other in checkpoints[1:]:
         missing = [k for k in first.tensors if k not in other.tensors]
@@ -209,7 +230,7 @@ def check_compatible(checkpoints: Sequence[Checkpoint], *, allow_float_mix: bool
                                           f"({count} tensor name(s) differ)")
         for name, a in first.tensors.items():
             b = other.tensors[name]
-            if a.shape != b.shape:
+            if a.shape != b.shape and not (name in rows and a.shape[1:] == b.shape[1:]):
                 raise IncompatibleIngredients(f"tensor {name}: shape {list(a.shape)} in {first.label} but "
                                               f"{list(b.shape)} in {other.label}")
             if a.dtype != b.dtype:

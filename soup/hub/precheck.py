@@ -75,6 +75,9 @@ def precheck(specs: Sequence[IngredientSpec], *, labels: Sequence[str | None] | 
     known = [c for c in cks if c is not None]
     if len(known) >= 2:
         from soup.engine.plan import check_compatible
+        from soup.io.vocab import vocab_indexed_by_name
 
-        check_compatible(known, allow_float_mix=allow_float_mix)
+        # embeddings and heads may differ in rows (added tokens): matched by token once the tokenizers are here
+        check_compatible(known, allow_float_mix=allow_float_mix,
+                         rows={k for k in known[0].tensors if vocab_indexed_by_name(k)})
     return [ck if ck is not None and not is_hub(s) else s for s, ck in zip(specs, cks)]
