@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import json
 import os
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from soup.errors import EvaluatorError
+from soup.signals import child_process
 from soup.soups.evaluate import Candidate, Evaluator
 
 __all__ = ["CommandEvaluator", "lookup_key"]
@@ -156,16 +158,19 @@ class CommandEvaluator(Evaluator):
 
     def _run(self, argv: list[str], env: dict[str, str], cwd: str | None) -> tuple[str, str]:
         """Run ``argv``; return (stdout, stderr tail) or raise on failure. Never waits past timeout."""
-        timeout = self.args["timeout"]
         posix = os.name == "posix"
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, cwd=cwd,
-                                    start_new_session=posix)  # own process group, killed as one
-        except FileNotFoundError as e:
-            raise EvaluatorError(f"command not found: {argv[0]!r} ({e.strerror})") from e
-        except OSError as e:
-            raise EvaluatorError(f"cannot start command {argv[0]!r}: {e}") from e
+        with contextlib.ExitStack() as stack:
+            try:  # own process group (killed as one), and it dies with soup even if soup is SIGKILLed
+                proc = stack.enter_context(child_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                         stderr=subprocess.PIPE, env=env, cwd=cwd))
+            except FileNotFoundError as e:
+                raise EvaluatorError(f"command not found: {argv[0]!r} ({e.strerror})") from e
+            except OSError as e:
+                raise EvaluatorError(f"cannot start command {argv[0]!r}: {e}") from e
+            return self._wait(proc, argv, posix)
+
+    def _wait(self, proc: subprocess.Popen, argv: list[str], posix: bool) -> tuple[str, str]:
+        timeout = self.args["timeout"]
         out_chunks: list[bytes] = []
         err_lines: collections.deque[bytes] = collections.deque(maxlen=_TAIL_LINES)
         echo = self.args["echo"]

@@ -19,6 +19,10 @@ Data (``data=``), one example per record:
 Prompt tokens get the label -100. The loss is ``sum of token losses / number of scored tokens`` over
 the whole data set (not a mean of batch means); ``perplexity = exp(loss)``.
 
+Per-example scores (racing, docs/racing.md): example ``i`` is the ``i``-th sequence scored, its score the
+mean loss of its scored tokens (lower is better), known once a first candidate is scored. The perplexity
+is not their mean, so a race that uses every example is decided on ``score``.
+
 Example::
 
     ev = PerplexityEvaluator(data="val.jsonl", model="base-model/", max_length=512)
@@ -30,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +113,7 @@ def _record(row: Any, where: str) -> Record:
 
 
 class PerplexityEvaluator(Evaluator):
-    """Mean token cross-entropy of each candidate on ``data``; lower is better.
+    """Perplexity of each candidate on ``data`` (exp of the mean token cross-entropy); lower is better.
 
     Args:
         data: the data file (``.txt``, ``.jsonl``, ``.json``; see the module docstring).
@@ -128,7 +132,8 @@ class PerplexityEvaluator(Evaluator):
         strict: refuse checkpoint tensors the model does not have (missing weights are always
             refused, except ones tied to a loaded weight, such as a tied ``lm_head``).
         trust_remote_code: passed to ``transformers``.
-        primary: ``"loss"`` or ``"perplexity"`` (same ranking).
+        primary: the score used for selection and reported as the soup's: ``"perplexity"`` (default;
+            the evaluator is named after it) or ``"loss"`` (the mean token loss; same ranking).
 
     Returns (from ``score``): ``{"loss", "perplexity", "tokens"}``.
 
@@ -140,19 +145,37 @@ class PerplexityEvaluator(Evaluator):
     name = "perplexity"
     version = "1"
     direction = "minimize"
-    primary = "loss"
+    primary = "perplexity"
 
     def __init__(self, *, data: str | Path, model: str | Path | None = None,
                  tokenizer: str | Path | None = None, max_length: int = 1024, batch_size: int = 8,
                  max_samples: int | None = None, device: str = "auto", dtype: str = "auto",
                  documents: str = "lines", auto_class: str = "AutoModelForCausalLM",
                  strict: bool = True, trust_remote_code: bool = False,
-                 primary: str = "loss") -> None:
+                 primary: str = "perplexity") -> None:
         super().__init__(data=str(data), model=None if model is None else str(model),
                          tokenizer=None if tokenizer is None else str(tokenizer),
                          max_length=max_length, batch_size=batch_size, max_samples=max_samples,
                          device=device, dtype=dtype, documents=documents, auto_class=auto_class,
                          strict=strict, trust_remote_code=trust_remote_code, primary=primary)
+        self.validate(data=data, max_length=max_length, batch_size=batch_size, max_samples=max_samples,
+                      documents=documents, dtype=dtype, primary=primary)
+        self._records = load_records(data, documents=documents)
+        if documents == "lines" and max_samples is not None:
+            self._records = self._records[:max_samples]
+        if not self._records:
+            raise EvaluatorError(f"perplexity: no records in {data}")
+        self._data_sha256 = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+        self._model: Any = None  # the resident model
+        self._tokenizer: Any = None
+        self._batches: list[tuple[Any, Any, Any]] | None = None  # (input_ids, attention, labels)
+        self._device: str | None = None
+
+    @classmethod
+    def validate(cls, *, data: str | Path, max_length: int = 1024, batch_size: int = 8,
+                 max_samples: int | None = None, documents: str = "lines", dtype: str = "auto",
+                 primary: str = "perplexity", **_: Any) -> None:
+        """The argument values and the data file's presence, checked before any work (see ``Evaluator``)."""
         if primary not in ("loss", "perplexity"):
             raise EvaluatorError(f"perplexity: primary must be 'loss' or 'perplexity', got {primary!r}")
         if not (isinstance(max_length, int) and max_length >= 2):
@@ -165,16 +188,8 @@ class PerplexityEvaluator(Evaluator):
             raise EvaluatorError(f"perplexity: documents must be 'lines' or 'whole', got {documents!r}")
         if dtype != "auto" and dtype not in DTYPES:
             raise EvaluatorError(f"perplexity: unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
-        self._records = load_records(data, documents=documents)
-        if documents == "lines" and max_samples is not None:
-            self._records = self._records[:max_samples]
-        if not self._records:
-            raise EvaluatorError(f"perplexity: no records in {data}")
-        self._data_sha256 = hashlib.sha256(Path(data).read_bytes()).hexdigest()
-        self._model: Any = None  # the resident model
-        self._tokenizer: Any = None
-        self._batches: list[tuple[Any, Any, Any]] | None = None  # (input_ids, attention, labels)
-        self._device: str | None = None
+        if not Path(data).is_file():
+            raise EvaluatorError(f"perplexity data file not found: {data}")
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -223,9 +238,38 @@ class PerplexityEvaluator(Evaluator):
         ppl = math.exp(loss_mean) if loss_mean < 700 else math.inf
         return {"loss": loss_mean, "perplexity": ppl, "tokens": float(n_tokens)}
 
+    def examples(self) -> int | None:
+        """How many sequences are scored (per-example scores); None before the first ``score``."""
+        seqs = getattr(self, "_seqs", None)
+        return len(seqs) if seqs and self._model is not None else None
+
+    def score_examples(self, candidate: Candidate, indices: Sequence[int]) -> list[float]:
+        """The mean token loss of each sequence in ``indices`` (see the module docstring)."""
+        import torch
+
+        if self._model is None:
+            self._build(candidate)
+        key = candidate.key
+        if getattr(self, "_loaded_key", None) != key or key.startswith("memory:"):
+            self._load_weights(candidate)
+        out: list[float] = []
+        with torch.inference_mode():
+            for start in range(0, len(indices), self.args["batch_size"]):
+                group = [self._seqs[i] for i in indices[start:start + self.args["batch_size"]]]
+                input_ids, attention, labels = (t.to(self._device) for t in _pad(group, self._pad_id))
+                logits = self._model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+                targets = labels[:, 1:]  # (b, t-1)
+                scored = targets != -100
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2),
+                                                         targets.clamp(min=0), reduction="none")  # (b, t-1)
+                sums = (loss * scored).double().sum(1)
+                out += (sums / scored.sum(1).clamp(min=1)).tolist()
+        return out
+
     def close(self) -> None:
         """Free the resident model, its batches and, on cuda, the cached GPU memory."""
         device, self._model, self._batches, self._tokenizer = self._device, None, None, None
+        self._loaded_key = None
         release(device)
 
     # --- building -------------------------------------------------------------------------------
@@ -260,8 +304,6 @@ class PerplexityEvaluator(Evaluator):
         self._model, self._device = model, device
 
     def _make_batches(self, tokenizer: Any, device: str) -> list[tuple[Any, Any, Any]]:
-        import torch
-
         max_length = self.args["max_length"]
         seqs: list[tuple[list[int], list[int]]] = []
         for record in self._records:
@@ -279,19 +321,12 @@ class PerplexityEvaluator(Evaluator):
             raise EvaluatorError(f"perplexity: no token to score in {self.args['data']} "
                                  f"(responses empty or truncated away by max_length={max_length})")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._seqs, self._pad_id = seqs, pad  # per-example scores: example i is seqs[i]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # little padding
         batches = []
         for start in range(0, len(order), self.args["batch_size"]):
             group = [seqs[i] for i in order[start:start + self.args["batch_size"]]]
-            width = max(len(ids) for ids, _ in group)
-            input_ids = torch.full((len(group), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(group), width), dtype=torch.long)
-            labels = torch.full((len(group), width), -100, dtype=torch.long)
-            for row, (ids, lab) in enumerate(group):  # right padding
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
-                labels[row, :len(lab)] = torch.tensor(lab)
-            batches.append((input_ids.to(device), attention.to(device), labels.to(device)))
+            batches.append(tuple(t.to(device) for t in _pad(group, pad)))  # right padding
         return batches
 
     # --- weights --------------------------------------------------------------------------------
@@ -301,10 +336,27 @@ class PerplexityEvaluator(Evaluator):
         weights); a missing weight or a shape that differs is an error naming the tensor."""
         from soup.errors import IncompatibleIngredients
 
+        self._loaded_key = None  # a failed load leaves the model half-written
         try:
             candidate.load_into(self._model, strict=self.args["strict"])
         except IncompatibleIngredients as e:
             raise EvaluatorError(f"perplexity: {candidate.name} does not fit the model: {e}") from e
+        self._loaded_key = candidate.key  # per-example batches of one candidate load it once
+
+
+def _pad(group: list[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any, Any]:
+    """``(input_ids, attention, labels)`` of sequences, right-padded to the longest (CPU tensors)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in group)
+    input_ids = torch.full((len(group), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(group), width), dtype=torch.long)
+    labels = torch.full((len(group), width), -100, dtype=torch.long)
+    for row, (ids, lab) in enumerate(group):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+        labels[row, :len(lab)] = torch.tensor(lab)
+    return input_ids, attention, labels
 
 
 def _encode(tokenizer: Any, record: Record) -> tuple[list[int], list[int]]:

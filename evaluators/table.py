@@ -139,6 +139,12 @@ class TableEvaluator(Evaluator):
                 self._table.setdefault(soup_label([p.strip() for p in name.split("+")]), row)
         self._sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
+    @classmethod
+    def validate(cls, *, path: str | Path, **_: Any) -> None:
+        """The table file is there, checked before any work (see ``Evaluator.validate``)."""
+        if not Path(path).is_file():
+            raise EvaluatorError(f"score table not found: {path}")
+
     def identity(self) -> dict[str, Any]:
         """Name, version, arguments, plus the table file's sha256."""
         ident = super().identity()

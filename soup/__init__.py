@@ -25,6 +25,7 @@ _LAZY = {
     "SoupStrategy": "soups.strategies", "Choice": "soups.strategies", "make_strategy": "soups.strategies",
     "worker": "workers", "WorkerResult": "workers",
     "watch": "schedule.watch", "Update": "schedule.changes",
+    "push": "hub", "HubOptions": "hub",  # `soup push` in Python: a finished soup folder to a hub repo, one commit
 }
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
     "Evaluator", "Candidate", "Score", "load_evaluator",
     "SoupStrategy", "Choice", "make_strategy",
     "worker", "WorkerResult",
-    "run_recipe", "watch", "Update",
+    "run_recipe", "watch", "Update", "push", "HubOptions",
     "SoupError", "RecipeError", "CheckpointError", "IncompatibleIngredients", "EvaluatorError", "HubError",
     "__version__",
 ]

@@ -317,7 +317,8 @@ def _evaluation(choice: Choice, scorer: Scorer | None, test: Scorer | None,
 
 
 def _history(scorer: Scorer) -> list[Trial]:
-    return [Trial(r["candidate"], dict(r["weights"]), r["score"], dict(r.get("metrics") or {}), bool(r["cached"]))
+    return [Trial(r["candidate"], dict(r["weights"]), r["score"], dict(r.get("metrics") or {}), bool(r["cached"]),
+                  examples=r.get("examples"), of=r.get("of"), stopped=r.get("stopped"))
             for r in scorer.records]
 
 
@@ -328,9 +329,10 @@ def _step(k: int, t: Mapping[str, Any]) -> Step:
 
 
 def maximum_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, p: int = 1,
-                 **options: Any) -> SoupResult:
-    """Maximum soup (POINTS Eq. 4): the uniform average of the top-``p`` ingredients by score."""
-    return cook(MaximumSoup(p=p), ingredients, evaluator=evaluator, **options)
+                 racing: bool | Mapping[str, Any] = True, **options: Any) -> SoupResult:
+    """Maximum soup (POINTS Eq. 4): the uniform average of the top-``p`` ingredients by score; ``racing``:
+    the ranking raced on shared examples when the evaluator gives per-example scores (see ``greedy_soup``)."""
+    return cook(MaximumSoup(p=p, racing=racing), ingredients, evaluator=evaluator, **options)
 
 
 def average_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec | None = None, *,

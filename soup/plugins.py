@@ -25,7 +25,7 @@ from typing import Any
 
 from soup.errors import SoupError
 
-__all__ = ["load_plugin_class", "plugin_names", "load_attr"]
+__all__ = ["load_plugin_class", "plugin_names", "load_attr", "check_arguments"]
 
 
 def plugin_names(group: str, builtins: Mapping[str, type] | None = None) -> list[str]:
@@ -65,6 +65,25 @@ def load_plugin_class(spec: str | type, *, group: str, base: type, kind: str,
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise error(f"{kind} {spec!r} is not a subclass of soup.{base.__name__}")
     return cls
+
+
+def check_arguments(cls: type, args: Mapping[str, Any], *, what: str, error: type[SoupError] = SoupError) -> None:
+    """Keyword arguments checked against ``cls.__init__`` before it runs: an unknown name (the closest
+    suggested, the accepted ones listed) or a missing required one is one line; ``**kwargs`` takes any."""
+    import difflib
+    import inspect
+
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    named = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    accepted = sorted(p.name for p in named)
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        for name in (n for n in args if n not in accepted):
+            close = difflib.get_close_matches(str(name), accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise error(f"{what}: unknown argument {name!r}{hint}; accepted: {', '.join(accepted) or 'none'}")
+    missing = [p.name for p in named if p.default is p.empty and p.name not in args]
+    if missing:
+        raise error(f"{what}: argument {missing[0]!r} is required")
 
 
 def _load_entry_point(ep: Any, spec: str, kind: str, error: type[SoupError]) -> Any:

@@ -56,3 +56,4 @@ class RichReporter(Reporter):
                       console=self.console, transient=False) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n: bar.advance(task, n)
+            bar.update(task, completed=total)  # done: a bar that finishes at 100% (the bytes counted may differ)

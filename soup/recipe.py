@@ -93,6 +93,13 @@ class Recipe:
     source: Path | None = None  # the recipe file
     raw: dict[str, Any] = field(default_factory=dict)  # as written, for the manifest
 
+    def merge_options(self) -> dict[str, Any]:
+        """The merge options ``cook`` gets from this recipe: one construction for ``soup run`` and for
+        the checks ``soup validate`` shares with it (``soup.preflight``)."""
+        return dict(shard_size=self.shard_size, accumulate=self.accumulate, device=self.device,
+                    config_from=self.config_from, strict=self.strict, method=self.method, normalize=self.normalize,
+                    mixed_float=self.mixed_float, vocab=self.vocab)
+
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (RecipeError lists every error with its field path).

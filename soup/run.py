@@ -68,9 +68,7 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         out=out, labels=recipe.labels, rules=recipe.rules, dtype=recipe.dtype, devices=recipe.devices,
         cache=chosen_cache, progress=progress, protect=protect, storage=storage, local_worker=local_worker,
         hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite, push_to=recipe.push_to,
-        shard_size=recipe.shard_size, accumulate=recipe.accumulate, device=recipe.device,
-        config_from=recipe.config_from, strict=recipe.strict, method=recipe.method, normalize=recipe.normalize,
-        mixed_float=recipe.mixed_float, vocab=recipe.vocab)
+        **recipe.merge_options())
     if recipe.publish:  # registered in MLflow once the soup is complete at the output
         from soup.finish.report import format_update
 

@@ -4,8 +4,14 @@ reference mean (the soup's definition), and a hub-compatible HTTP server on 127.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# third-party progress bars and chatter off for the whole session, set before those libraries are imported
+# (huggingface_hub, tqdm and transformers read them once): test output shows results, not bars
+os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+                  TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
 
 import pytest
 import torch

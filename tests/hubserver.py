@@ -107,18 +107,19 @@ class HubStore:
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded through /lfs-upload
         self.collections: dict[str, list[str]] = {}  # slug (owner/title-id) -> model repo ids, in order
         self.requests: list[tuple[str, str, int]] = []  # (method, route, status), in order
-        self._faults: dict[str, list[int]] = {}  # route -> statuses to answer with, next first
+        self._faults: dict[str, list[tuple[int, dict]]] = {}  # route -> (status, headers) to answer with, next first
         self._secret = secrets.token_bytes(16)
         self._counter = itertools.count()
         self.lock = threading.RLock()
 
     # ---- test knobs -------------------------------------------------------------------------
-    def fail_next(self, route: str, *, times: int = 1, status: int = 500) -> None:
-        """Answer the next ``times`` requests to ``route`` (e.g. "commit", "info") with ``status``."""
+    def fail_next(self, route: str, *, times: int = 1, status: int = 500, headers: dict | None = None) -> None:
+        """Answer the next ``times`` requests to ``route`` (e.g. "commit", "info") with ``status`` (and
+        ``headers``, e.g. ``{"Retry-After": "1"}``)."""
         with self.lock:
-            self._faults.setdefault(route, []).extend([status] * times)
+            self._faults.setdefault(route, []).extend([(status, dict(headers or {}))] * times)
 
-    def take_fault(self, route: str) -> int | None:
+    def take_fault(self, route: str) -> tuple[int, dict] | None:
         with self.lock:
             queue = self._faults.get(route)
             return queue.pop(0) if queue else None
@@ -290,8 +291,8 @@ class HubHandler(BaseHTTPRequestHandler):
                     break
             else:
                 raise HubHTTPError(404, f"no route for {method} {raw_path}")
-            if (status := self.store.take_fault(name)) is not None:
-                raise HubHTTPError(status, f"injected fault on {name}")
+            if (fault := self.store.take_fault(name)) is not None:
+                raise HubHTTPError(fault[0], f"injected fault on {name}", headers=fault[1])
             if self.store.token is not None and name not in NO_AUTH:
                 if self.headers.get("Authorization") != f"Bearer {self.store.token}":
                     raise HubHTTPError(401, "Invalid credentials in Authorization header")

@@ -16,7 +16,9 @@ pytest.importorskip("sklearn")
 from safetensors.torch import load_file  # noqa: E402
 
 from soup.demo import (  # noqa: E402
-    INGREDIENTS, MODEL_TYPE, DigitsAccuracy, accuracy, build_ingredients, format_rows, load_model, run_demo)
+    INGREDIENTS, MODEL_TYPE, DigitsAccuracy, accuracy, build_ingredients, format_markdown, format_rows, load_model,
+    run_demo)
+from soup.progress import Reporter  # noqa: E402
 from soup.errors import EvaluatorError  # noqa: E402
 from soup.soups.evaluate import Candidate, run_evaluator  # noqa: E402
 
@@ -83,7 +85,10 @@ def test_soup_outcome_with_the_real_strategies(built: dict[int, list[Path]], tmp
             link = out / f"ingredients-seed{seed}" / p.name
             if not link.exists():
                 link.symlink_to(p)
-        row = run_demo(out, seed=seed, cache=None)
+        steps = _Steps()
+        row = run_demo(out, seed=seed, cache=None, progress=steps)
+        named = [s for s in steps.lines if s.startswith(f"seed {seed}: the ")]
+        assert [s.split(" soup")[0] for s in named] == [f"seed {seed}: the {k}" for k in ("greedy", "maximum", "average")]
         sds = {p.name: _sd(p) for p in paths}
         test = {n: accuracy(sd, "test", seed) for n, sd in sds.items()}
         assert row["maximum_test"] == test[row["best"]]  # maximum soup (p=1) is the best ingredient
@@ -92,11 +97,36 @@ def test_soup_outcome_with_the_real_strategies(built: dict[int, list[Path]], tmp
         assert accuracy(soup_sd, "test", seed) == row["greedy_test"]  # the written soup is the one scored
         rows.append(row)
     print("\n" + format_rows(rows))
+    documented, where = documented_table()
+    assert format_markdown(rows) == documented, (
+        f"{where}: the demo's table is not what `soup demo --seeds 5 --markdown` prints now:\n{format_markdown(rows)}")
     greedy_ge_best = sum(r["greedy_test"] >= r["best_test"] for r in rows)
     avg_lt_greedy = sum(r["average_test"] < r["greedy_test"] for r in rows)
     # measured on seeds 0-4: greedy >= best single 5/5 (strictly better 5/5); average < greedy 5/5
     assert greedy_ge_best >= 4, rows
     assert avg_lt_greedy == len(SEEDS), rows
+
+
+class _Steps(Reporter):
+    """A reporter that keeps the step lines (the demo's named phases)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def step(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def documented_table() -> tuple[str, Path]:
+    """The five-seed table the documentation shows (README.md, else docs/demo.md), and where it is."""
+    root = Path(__file__).resolve().parents[1]
+    for page in (root / "README.md", root / "docs" / "demo.md"):
+        lines = page.read_text().splitlines() if page.exists() else []
+        start = next((i for i, line in enumerate(lines) if line.startswith("| seed | best single")), None)
+        if start is not None:
+            end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+            return "\n".join(lines[start:end]), page
+    raise AssertionError("no demo table (| seed | best single ...) in README.md or docs/demo.md")
 
 
 def test_demo_without_scikit_learn_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

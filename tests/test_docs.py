@@ -179,7 +179,7 @@ def check_soup_args(args: list[str]) -> list[str]:
     sub = CLI.commands.get(name)
     if sub is None:
         return problems + [f"no subcommand {name!r} (soup has {', '.join(sorted(CLI.commands))})"]
-    known = _options(sub)
+    known = _options(sub) | {"--debug"}  # the app's flag, accepted after the subcommand too (soup.cli.common)
     for word in args[i + 1:]:
         if word == "--":
             break

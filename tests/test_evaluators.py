@@ -506,7 +506,7 @@ def test_load_evaluator_by_entry_point_names(tmp_path):
     (tmp_path / "t.csv").write_text("candidate,score\nx,1\n")
     assert isinstance(load_evaluator("table", path=str(tmp_path / "t.csv")), TableEvaluator)
     assert isinstance(load_evaluator("command", cmd="true"), CommandEvaluator)
-    with pytest.raises(EvaluatorError, match="bad arguments"):
+    with pytest.raises(EvaluatorError, match="evaluator table: unknown argument 'colour'; accepted: direction, path"):
         load_evaluator("table", path=str(tmp_path / "t.csv"), colour="red")
 
 

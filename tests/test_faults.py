@@ -37,40 +37,58 @@ def _one_error_line(res) -> str:
 # --- non-finite values and overflow, on every path that writes tensors -----------------------------
 
 
-def _pair(tmp_path, dtype=torch.float32, norm=None):
-    """Two ingredients; ``norm`` (if given) fills ing0's model.norm.weight (ing1 gets the same)."""
+def _pair(tmp_path, dtype=torch.float32, norm=None, norms=None):
+    """Two ingredients; ``norm`` (if given) fills both ingredients' model.norm.weight (``norms``: one value each)."""
     paths = []
     for i in range(2):
         st = make_state(i, dtype, big=2000)
-        if norm is not None:
-            st["model.norm.weight"] = torch.full((24,), norm, dtype=dtype)
+        if norm is not None or norms is not None:
+            st["model.norm.weight"] = torch.full((24,), norm if norms is None else norms[i], dtype=dtype)
         paths.append(write_checkpoint(tmp_path / f"ing{i}", st))
     return paths
 
 
-def test_mean_overflowing_the_output_dtype_is_an_error(tmp_path):
-    a, b = _pair(tmp_path, norm=1e6)  # fine in float32, inf in float16
+@pytest.fixture
+def cast_checks(monkeypatch):
+    """Counts the overflow checks of a mean's cast that found an overflow (``Combiner._cast_overflow``):
+    ingredients that differ are averaged, so the check itself is reached, not the shortcut that writes
+    a tensor identical in every ingredient as it is (and reports its overflow in the same words)."""
+    calls = []
+    check = Combiner._cast_overflow
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0].name)
+        return check(self, *args, **kwargs)
+
+    monkeypatch.setattr(Combiner, "_cast_overflow", counted)
+    return calls
+
+
+def test_mean_overflowing_the_output_dtype_is_an_error(tmp_path, cast_checks):
+    a, b = _pair(tmp_path, norms=(1e6, 2e6))  # fine in float32; their mean is inf in float16
     res = runner.invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "out"), "--dtype", "float16", "-q"])
     line = _one_error_line(res)
     assert ("tensor model.norm.weight: the weighted mean overflows float16 (max 65504) at flat index 0 "
-            "(value 1e+06)") in line
-    assert not (tmp_path / "out").exists()
+            "(value 1.5e+06)") in line
+    assert cast_checks == ["model.norm.weight"] and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_bfloat16_cast_rounding_up_to_inf_is_caught(fused):
+def test_bfloat16_cast_rounding_up_to_inf_is_caught(fused, cast_checks):
     if fused and kernel.load() is None:
         pytest.skip("no C compiler here: no fused kernel")
     # finite in float32, but above bfloat16's max + half an ulp: the cast rounds it to inf
-    xs = [torch.full((1000,), 3.4e38), torch.full((1000,), 3.4e38)]
+    xs = [torch.full((1000,), 3.4e38), torch.full((1000,), 3.398e38)]
     xs[0][:500] = 1.0
-    xs[1][:500] = 1.0
+    xs[1][:500] = 2.0
     comb = Combiner(["a", "b"], where=lambda i, name: f"file{i}")
     if not fused:
         comb._fused = None
     assert (comb._fused is not None) == fused
-    with pytest.raises(CheckpointError, match=r"tensor t: the weighted mean overflows bfloat16 .* at flat index 500 "):
+    with pytest.raises(CheckpointError, match=r"tensor t: the weighted mean overflows bfloat16 .* at flat index 500 "
+                                              r"\(value 3\.399e\+38\)"):
         list(comb.blocks(Job("t", (1000,), "mean", torch.bfloat16, weights=(0.5, 0.5)), xs))
+    assert cast_checks == ["t"]
 
 
 def test_mean_overflowing_the_accumulator_names_the_weights():

@@ -225,8 +225,8 @@ def test_staged_non_finite_input_names_the_ingredient(host_output):
 
 
 def test_staged_cast_overflow_is_caught():
-    xs = [torch.full((3_000,), 3.4e38), torch.full((3_000,), 3.4e38)]
-    xs[0][:2_500] = xs[1][:2_500] = 1.0
+    xs = [torch.full((3_000,), 3.4e38), torch.full((3_000,), 3.398e38)]  # different: the mean is computed
+    xs[0][:2_500], xs[1][:2_500] = 1.0, 2.0
     comb = Combiner(["a", "b"], where=lambda i, name: f"file{i}", block=1000, host_output=True)
     _simulated(comb)
     with pytest.raises(CheckpointError, match=r"tensor t: the weighted mean overflows bfloat16 .* at flat index 2500 "):

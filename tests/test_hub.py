@@ -96,7 +96,9 @@ def test_parse_hub_spec():
     assert parse_hub_spec("hf://owner/na.me-2@refs/pr/3") == ("owner/na.me-2", "refs/pr/3")
     assert parse_hub_spec("./local/folder") is None
     assert parse_hub_spec("owner/name") is None
-    for bad in ("hf://justname", "hf://owner/name@", "hf://a/b/c", "hf://"):
+    assert parse_hub_spec("hf://gpt2") == ("gpt2", None)  # the hub's canonical models have no owner
+    assert parse_hub_spec("hf://gpt2@main") == ("gpt2", "main")
+    for bad in ("hf://owner/name@", "hf://a/b/c", "hf://", "hf://-x", "hf://a/"):
         with pytest.raises(HubError, match="invalid hub spec"):
             parse_hub_spec(bad)
 

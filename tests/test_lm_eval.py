@@ -218,7 +218,7 @@ def test_metric_not_reported_and_lower_is_better(world):
 
 
 def test_bad_arguments_are_refused_before_any_work(world, tmp_path):
-    with pytest.raises(EvaluatorError, match="bad arguments"):
+    with pytest.raises(EvaluatorError, match="evaluator lm-eval: argument 'metric' is required"):
         load_evaluator("lm-eval", tasks="soup_tiny_mc", include_path=str(world["tasks"]))  # no metric
     for bad, match in [({"limit": 0}, "limit"), ({"batch_size": "big"}, "batch_size"),
                        ({"num_fewshot": -1}, "num_fewshot"), ({"dtype": "int3"}, "unknown dtype"),

@@ -93,9 +93,12 @@ def test_push_unauthorized_is_one_line_and_keeps_output(auth_hub, tmp_path, monk
     assert TOKEN not in res.output
 
 
-def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
-    """Shards above the LFS threshold are pre-uploaded with the digest the writer computed."""
+@pytest.mark.parametrize("uploads", ["as they come", "after the rename"])
+def test_lfs_shards_reuse_the_writer_sha256(tmp_path, uploads):
+    """Shards above the LFS threshold are pre-uploaded with the digest the writer computed, once each,
+    even when every pre-upload starts only after the merge renamed its temporary folder into place."""
     import hashlib
+    import threading
 
     from hubserver import running_hub
     from soup import merge
@@ -104,9 +107,18 @@ def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
     a = write_checkpoint(tmp_path / "a", make_state(1, big=20_000))
     b = write_checkpoint(tmp_path / "b", make_state(2, big=20_000))
     given = {}
+    renamed = threading.Event()
     with running_hub(lfs_threshold=2000) as store:  # the shards are LFS files, the small ones are not
         up = ShardUploader("acme/lfs", endpoint=store.url)
         up.start()
+        if uploads == "after the rename":  # the worst order the threads can take, made certain
+            preupload = up.api.preupload_lfs_files
+
+            def late(*args, **kwargs):
+                assert renamed.wait(30)
+                return preupload(*args, **kwargs)
+
+            up.api.preupload_lfs_files = late
 
         def on_shard(path, sha256):
             up.shard_done(path, sha256)
@@ -114,7 +126,10 @@ def test_lfs_shards_reuse_the_writer_sha256(tmp_path):
             given[path.name] = (sha256, op.upload_info.is_hashed and op.upload_info.sha256.hex())
 
         res = merge([a, b], tmp_path / "out", shard_size="20KB", on_shard=on_shard)
+        renamed.set()
+        assert (res.path / "soup.json").is_file()  # renamed into place before any pre-upload ran
         up.finish(res.path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]  # the kept links are gone
         remote = store.files("acme/lfs", "main")
         batches = [r for _, r, _ in store.requests].count("lfs_batch")
         assert batches == len(given), store.requests  # one LFS batch per pre-upload; the commit reuses them, none of its own

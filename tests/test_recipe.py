@@ -97,7 +97,7 @@ def _recipe(tmp_path, n, name="r.yaml", strategy="greedy"):
 def test_run_report_and_cache(tmp_path):
     states = _kitchen(tmp_path, 3)
     recipe = _recipe(tmp_path, 3)
-    res = runner.invoke(app, ["run", str(recipe), "-q"])
+    res = runner.invoke(app, ["run", str(recipe)])
     assert res.exit_code == 0, res.output
     # singles: ft0 (|0-0.6|), ft1 (0.4), ft2 (1.4): best ft1, then ft0: mean 0.5 -> 0.1 kept; then ft2: mean 1 -> 0.4 no
     calls = (tmp_path / "calls.log").read_text().split("\n")[:-1]

@@ -379,6 +379,7 @@ def _adapter_manifest(soup: _Soup, mode: str, base, opts: MergeOptions, files, c
     options: dict[str, Any] = {"output": {"concat": "adapter (rank concatenation, exact)",
                                           "svd": "adapter (truncated SVD)",
                                           "merge": "full weights W0 + sum w_i s_i B_i A_i"}[mode]}
+    options["base_model"] = soup.ads[0].config.get("base_model_name_or_path")  # the adapters' (checked: one)
     if base is not None:
         options["merge_into"] = {"source": base.source, "fingerprint": base.fingerprint}
     if soup.rank is not None:

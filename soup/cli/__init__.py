@@ -9,6 +9,9 @@ stderr, results to stdout. Exit codes: 0 success, 1 a soup error (one line, no t
 from __future__ import annotations
 
 from soup.cli import merging, recipes  # noqa: F401 (registers the subcommands)
-from soup.cli.common import app, main
+from soup.cli.common import SoupCommand, app, main
+
+for _command in app.registered_commands:  # soup's usage and help layout for every subcommand
+    _command.cls = SoupCommand
 
 __all__ = ["app", "main"]

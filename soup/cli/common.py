@@ -1,7 +1,9 @@
 """The ``soup`` app, the options several subcommands share, and how errors become exit codes.
 
-Progress goes to stderr, results to stdout. Exit codes: 0 success, 1 a soup error (one line, no
-traceback unless ``--debug`` or ``SOUP_DEBUG=1``), 2 usage error, 130 interrupted.
+Progress goes to stderr, results to stdout. Exit codes: 0 success, 1 a soup error (one ``error:`` line,
+no traceback unless ``--debug`` or ``SOUP_DEBUG=1``), 2 a usage error (one ``error:`` line too, naming
+the option), 130 interrupted. ``--debug`` and ``-q`` go before or after the subcommand; help is plain
+text with upper-case metavars, readable at 80 columns.
 """
 
 from __future__ import annotations
@@ -13,10 +15,101 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from soup.errors import SoupError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+_FLAGS = ("--debug",)  # the app's own flags, accepted after the subcommand too
+_QUIET = ("-q", "--quiet")  # the subcommands' own flag, accepted before the subcommand too
+
+
+class SoupCommand(TyperCommand):
+    """typer's command with click's plain layout: upper-case metavars (``--weights WEIGHTS``), usage
+    ``soup merge [OPTIONS] INGREDIENTS...`` and arguments listed without a type column. Every subcommand
+    gets it (``soup.cli`` sets it on the registered commands: typer has no app-wide command class)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and not getattr(param, "is_flag", False) and param.name:
+                dots = "..." if param.param_type_name == "argument" and param.nargs != 1 else ""
+                param.metavar = param.name.upper() + dots
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(param.metavar if param.required else f"[{param.metavar}]")
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        args = [(p.metavar, p.help or "") for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        opts = [rv for p in self.get_params(ctx) if p.param_type_name == "option"
+                if (rv := p.get_help_record(ctx)) is not None]
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class SoupGroup(TyperGroup):
+    """typer's group with the habits of its neighbours (``hf``, ``git``): ``--debug`` anywhere and ``-q``
+    before the subcommand too, and a usage error as one ``error:`` line naming the option (exit 2), like
+    a soup error's (exit 1)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _arrange(list(args), self.commands))
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        except typer.TyperException as e:  # click's usage errors (typer's copy of click)
+            from soup.errors import printable
+
+            if type(e).__name__ == "NoArgsIsHelpError":  # `soup` alone: the help, as typer prints it
+                err.print(e.format_message())
+            else:
+                err.print(f"error: {printable(_usage_line(e))}")
+            sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _arrange(args: list[str], commands) -> list[str]:
+    """``--debug`` after the subcommand moved before it (the app's flag); ``-q`` before it moved after it
+    (the subcommand's flag, where it has one). Nothing after ``--`` moves."""
+    at = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if at is None or args[at] not in commands:
+        return args
+    before, name, after = args[:at], args[at], args[at + 1:]
+    end = after.index("--") if "--" in after else len(after)
+    flags = [a for a in after[:end] if a in _FLAGS]
+    after = [a for a in after[:end] if a not in _FLAGS] + after[end:]
+    quiet = [a for a in before if a in _QUIET] if any(p.name == "quiet" for p in commands[name].params) else []
+    before = [a for a in before if a not in quiet]
+    return before + flags + [name] + quiet + after
+
+
+def _usage_line(e) -> str:
+    """A usage error in soup's words: ``--weights: 'a' is not a number (see: soup merge --help)``."""
+    text = e.format_message()
+    if isinstance(e, typer.BadParameter) and type(e).__name__ == "BadParameter":  # not MissingParameter
+        hint = e.param_hint
+        if hint is None and e.param is not None:
+            hint = " / ".join(e.param.opts) if getattr(e.param, "opts", None) else e.param.name
+        hint = " / ".join(hint) if isinstance(hint, (list, tuple)) else hint
+        if hint:
+            text = f"{hint.replace(chr(39), '')}: {e.message}"
+    ctx = getattr(e, "ctx", None)
+    return f"{text} (see: {ctx.command_path if ctx is not None else 'soup'} --help)"
+
+
+app = typer.Typer(name="soup", cls=SoupGroup, no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False, rich_markup_mode=None,
                   help="Model soups: merge fine-tuned checkpoints by weighted averaging, "
                        "driven by evaluation scores.")
 # user text (paths, rule strings such as take:-1 or :fire:) is printed literally: no markup, no emoji
@@ -50,10 +143,22 @@ Devices = Annotated[Optional[str], typer.Option(help="Evaluate on these devices 
                                                 "cuda:0,cuda:1 (overrides the recipe's devices).")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from soup.merging import soup_version
+
+        out.print(f"soup {soup_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
-    if debug:
-        _state["debug"] = True
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also after the "
+                                              "subcommand, or SOUP_DEBUG=1).")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (as the subcommand's "
+                                              "-q).")] = False,
+          version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                                help="Print soup's version and exit.")] = False) -> None:
+    _state["debug"] = debug or os.environ.get("SOUP_DEBUG", "") not in ("", "0")  # read at each command
 
 
 @contextmanager

@@ -31,6 +31,10 @@ def merge(
                                                       "Repeatable.")] = None,
     config_from: Annotated[str, typer.Option(help="Ingredient (index or name) whose config, tokenizer and "
                                              "processor files are copied.")] = "0",
+    vocab: Annotated[str, typer.Option(help="Ingredients with different vocabularies (added tokens): union "
+                                       "(every token, the first ingredient's ids kept), first, or an ingredient's "
+                                       "index or name (its vocabulary). Embedding and head rows are souped by token.")
+                     ] = "union",
     strict: Annotated[bool, typer.Option(help="Differing integer/bool buffers are an error, not a warning.")] = False,
     lora_pair: Annotated[Optional[list[str]], typer.Option(
         "--lora-pair", help="'A_PATTERN=B_PATTERN': LoRA pairs inside full checkpoints (e.g. "
@@ -74,6 +78,9 @@ def merge(
     from soup.hub.publisher import Publisher
 
     w = _weights(weights)
+    if w is not None and len(w) != len(ingredients):  # the engine's check, in the option's name
+        with _errors():
+            raise SoupError(f"--weights: {len(w)} weights given for {len(ingredients)} ingredients")
     target = {"repo": push_to, "revision": revision, "private": private, "create_pr": create_pr,
               "commit_message": commit_message} if push_to else None
     from soup.adapters.peft_io import is_adapter
@@ -93,6 +100,12 @@ def merge(
         raise typer.BadParameter("a method parameter needs --method NAME", param_hint="--set")
     with _errors():
         chosen = {"name": method, **params} if method is not None else None
+        recipe = _recipe(ingredients, output, w, normalize=not no_normalize, dtype=dtype, accumulate=accumulate,
+                         shard_size=shard_size, device=device, rules=rule or [], strict=strict,
+                         config_from=config_from, vocab=vocab, method=chosen, base=base, seed=seed,
+                         lora_pairs=[{"a": p.pattern, "b": p.partner, "mode": p.mode, "rank_key": p.rank_key}
+                                     for p in pair_rules], key=state_dict_key, strip_prefix=strip_prefix,
+                         push_to=target, endpoint=endpoint)
         publisher = Publisher(target, endpoint=endpoint)
         try:
             publisher.start()
@@ -100,9 +113,11 @@ def merge(
                                output, weights=w, normalize=not no_normalize, dtype=dtype,
                                accumulate=accumulate, shard_size=shard_size, device=device,
                                rules=[*pair_rules, *(rule or ())],
-                               strict=strict, config_from=config_from, overwrite=overwrite, progress=not quiet,
+                               strict=strict, config_from=config_from, vocab=vocab, overwrite=overwrite,
+                               progress=not quiet,
                                hub=HubOptions(endpoint=endpoint), on_shard=publisher.on_shard,
-                               method=chosen, base=base, seed=seed)
+                               method=chosen, base=base, seed=seed,
+                               selection=_selection(recipe, w, chosen, n=len(ingredients), base=base, seed=seed))
             m = result.manifest
             out.print(f"{result.path}\t{m.tensors} tensors\t{human_bytes(m.total_size)}\t"
                       f"{len(m.files)} shard(s)\t{result.seconds:.1f}s")
@@ -110,6 +125,54 @@ def merge(
                 _print_push(publisher.finish(result.path))
         finally:
             publisher.close()
+
+
+def _recipe(ingredients: list[str], output: Path, weights, *, normalize: bool, dtype, accumulate: str,
+            shard_size: str, device: str, rules: list[str], strict: bool, config_from: str, vocab: str, method,
+            base, seed, lora_pairs: list[dict], key, strip_prefix, push_to, endpoint) -> dict:
+    """The recipe equivalent to this ``soup merge`` (recorded in soup.json, shown on the card): ``soup run``
+    of it makes the same bytes. Local paths absolute; options only where they differ from the defaults."""
+    import os
+
+    def local(spec: str) -> str:
+        return spec if spec.startswith("hf://") else os.path.abspath(spec)
+
+    items = [local(s) if key is None and strip_prefix is None else
+             {"path": local(s), **({"key": key} if key else {}), **({"strip_prefix": strip_prefix} if strip_prefix else {})}
+             for s in ingredients]
+    recipe: dict = {"ingredients": items, "strategy": {"name": "average", "weights": list(weights)}
+                    if weights is not None else "average"}
+    if method is not None:
+        recipe["method"] = {**method, **({"base": local(base)} if base is not None else {}),
+                            **({"seed": seed} if seed is not None else {})}
+    if lora_pairs:
+        recipe["lora_pairs"] = [{k: v for k, v in p.items() if v is not None} for p in lora_pairs]
+    if rules:
+        recipe["rules"] = list(rules)
+    given = {"dtype": dtype, "accumulate": accumulate, "shard_size": shard_size, "device": device, "strict": strict,
+             "config_from": config_from, "vocab": vocab, "normalize": normalize}
+    defaults = {"dtype": None, "accumulate": "auto", "shard_size": "5GB", "device": "cpu", "strict": False,
+                "config_from": "0", "vocab": "union", "normalize": True}
+    recipe.update({k: v for k, v in given.items() if v != defaults[k]})
+    recipe["output"] = os.path.abspath(output)
+    if push_to:
+        recipe["push_to"] = {k: v for k, v in push_to.items() if v not in (None, False)}
+    if endpoint:
+        recipe["endpoint"] = endpoint
+    return recipe
+
+
+def _selection(recipe: dict, weights, method, *, n: int, base, seed):
+    """What ``soup.merge`` records beside the engine's part: the method it would name itself (a merge
+    method, else an average or a weighted one), and the equivalent recipe."""
+    from soup.io.manifest import Method, Selection
+    from soup.methods.spec import method_spec
+
+    spec = method_spec(method, n=n, base=base, seed=seed)
+    if spec is not None and not spec.is_linear:
+        return Selection(Method(spec.name, spec.method.reference or None), recipe=recipe)
+    uniform = weights is None or all(abs(x - weights[0]) < 1e-12 for x in weights)
+    return Selection(Method("average" if uniform else "weighted", "https://arxiv.org/abs/2203.05482"), recipe=recipe)
 
 
 def _method_params(items: list[str]) -> dict:

@@ -33,7 +33,13 @@ def run(
                                              "or the evaluator changed since the published soup (hub head, MLflow "
                                              "version or local output): else print 'up to date: ...' and write "
                                              "nothing. Replaces only a previous soup.")] = False,
-    quiet: Quiet = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr; print only the "
+                                        "output path (with --if-changed: the one line saying what happened).")] = False,
+    racing: Annotated[Optional[bool], typer.Option("--racing/--no-racing", show_default=False,
+                                                   help="Race candidates on shared examples and stop each decision "
+                                                        "once it is clear (the strategy's racing option; default: "
+                                                        "the recipe's, on for evaluators with per-example "
+                                                        "scores).")] = None,
 ) -> None:
     """Cook the soup a recipe describes: evaluate, choose weights, merge, report (and push)."""
     from soup.run import describe_recipe, run_recipe
@@ -42,6 +48,8 @@ def run(
 
     with _errors():
         r = load_recipe(recipe)
+        if racing is not None:
+            _set_racing(r, racing)
         if devices:
             r.devices = [d.strip() for d in devices.split(",") if d.strip()]
         if endpoint:
@@ -58,13 +66,16 @@ def run(
         if if_changed:
             update = run_recipe(r, cache=chosen, progress=not quiet, output=output, storage=storage,
                                 local_worker=local_worker, if_changed=True)
-            if update.result is not None:
+            if update.result is not None and not quiet:
                 _print_result(update.result, format_report)
-            out.print(update.line)
+            out.print(update.line)  # -q: this one line per run (a cron log)
             return
         result = run_recipe(r, overwrite=overwrite, cache=chosen, progress=not quiet, output=output,
                             storage=storage, local_worker=local_worker)
-        _print_result(result, format_report)
+        if quiet:  # -q: only where the soup is (the report: soup report PATH)
+            out.print(str(result.path))
+        else:
+            _print_result(result, format_report)
 
 
 @app.command()
@@ -96,6 +107,24 @@ def watch(
             chosen = ScoreCache(None)
         run_watch(recipe, every=every, max_ticks=max_ticks, webhook=webhook, webhook_secret=webhook_secret,
                   log_json=log_json, cache=chosen, output=output, endpoint=endpoint)
+
+
+def _set_racing(recipe, racing: bool) -> None:
+    """``--racing`` / ``--no-racing`` into the recipe's strategy options (checked with them when the
+    strategy is built, before any work); ``--racing`` keeps the recipe's racing settings if it has some."""
+    import inspect
+
+    from soup.errors import RecipeError
+    from soup.soups.strategies import load_strategy
+
+    params = inspect.signature(load_strategy(recipe.strategy)).parameters
+    if "racing" not in params:
+        if racing:
+            raise RecipeError(f"--racing: strategy {recipe.strategy} does not race its evaluations")
+        return
+    current = recipe.strategy_options.get("racing", True)
+    recipe.strategy_options = dict(recipe.strategy_options,
+                                   racing=(current if isinstance(current, dict) else True) if racing else False)
 
 
 def _print_result(result, format_report) -> None:
@@ -149,7 +178,7 @@ def validate(
     """Check a recipe as `soup run` does before it evaluates anything (same options): its fields, the
     plug-ins and their arguments, the files they name, the ingredients (found and compatible, from
     their headers), the cache and the output. Every problem is printed with its field path; exit 1 if any."""
-    from soup.errors import RecipeError, redact
+    from soup.errors import RecipeError, printable, redact
     from soup.preflight import check_recipe
     from soup.recipe import load_recipe
     from soup.soups.cache import ScoreCache
@@ -164,7 +193,7 @@ def validate(
         except RecipeError as e:
             problems = getattr(e, "errors", [str(e)])
         for line in problems:
-            err.print(redact(line if line.startswith(str(recipe)) else f"{recipe}: {line}"))
+            err.print(printable(redact(line if line.startswith(str(recipe)) else f"{recipe}: {line}")))
         if problems:
             raise typer.Exit(1)
     out.print(f"{recipe}: ok")
@@ -189,17 +218,22 @@ def report(
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for ingredients, soups and the score cache.")] = Path("soup-demo"),
     seeds: Annotated[int, typer.Option(help="How many seeds (0..N-1) to run.")] = 1,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table in Markdown, as the "
+                                           "documentation shows it.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run the built-in example: digit classifiers fine-tuned from one start (one on noisy labels), souped
     three ways (maximum, average, greedy) on CPU in seconds; prints test accuracies."""
     try:
-        from soup.demo import format_rows, run_demo
+        from soup.demo import format_markdown, format_rows, run_demo
     except ImportError as e:  # the demo extra (scikit-learn) is missing: its message says what to install
         err.print(f"error: {e}")
         raise typer.Exit(1) from None
     with _errors():
         rows = [run_demo(output, seed=s, progress=not quiet) for s in range(seeds)]
+    if markdown:  # the table alone, to paste
+        out.print(format_markdown(rows))
+        return
     out.print(format_rows(rows))
     out.print(f"greedy soup written to {rows[-1]['path']} (see: soup report {rows[-1]['path']})")
 

@@ -17,8 +17,8 @@ without it raises an ``ImportError`` that says so.
 
 from soup.demo.evaluator import DigitsAccuracy, accuracy
 from soup.demo.model import MODEL_TYPE, DigitsMLP, load_model
-from soup.demo.run import format_rows, run_demo
+from soup.demo.run import format_markdown, format_rows, run_demo
 from soup.demo.train import INGREDIENTS, build_ingredients
 
 __all__ = ["DigitsAccuracy", "DigitsMLP", "INGREDIENTS", "MODEL_TYPE", "accuracy", "build_ingredients",
-           "format_rows", "load_model", "run_demo"]
+           "format_markdown", "format_rows", "load_model", "run_demo"]

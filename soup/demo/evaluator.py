@@ -4,14 +4,14 @@ soups use (validation split to choose, test split to report).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from soup.errors import EvaluatorError
-from soup.soups.evaluate import Candidate, Evaluator
+from soup.soups.evaluate import Candidate, Evaluator, mean_score
 from soup.demo.data import split as data_split
 from soup.demo.model import DigitsMLP
 
@@ -32,10 +32,15 @@ class DigitsAccuracy(Evaluator):
     Args (keyword, from the recipe):
         split: ``"val"`` (for choosing a soup) or ``"test"`` (for reporting); default ``"val"``.
         seed: the seed the ingredients were built with, so that the splits agree; default 0.
+
+    Per-example scores (racing): example ``i`` of the split scores 1.0 when classified right, else 0.0;
+    the accuracy is their mean.
     """
 
     name = "digits-accuracy"
     direction = "maximize"
+    example_range = (0.0, 1.0)
+    score_is_mean = True
 
     def __init__(self, **args: Any) -> None:
         super().__init__(**args)
@@ -48,10 +53,22 @@ class DigitsAccuracy(Evaluator):
         self._model = DigitsMLP().eval()  # resident, reloaded per candidate
 
     def score(self, candidate: Candidate) -> float:
+        return mean_score(self.score_examples(candidate, range(len(self._y))))
+
+    def examples(self) -> int:
+        return len(self._y)
+
+    def score_examples(self, candidate: Candidate, indices: Sequence[int]) -> list[float]:
         self._model.load_state_dict(candidate.state_dict("cpu"))
-        return _accuracy(self._model, self._x, self._y)
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return _correct(self._model, self._x[idx], self._y[idx])
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """1.0 per example classified right, 0.0 per example classified wrong."""
+    with torch.no_grad():
+        return (model(x).argmax(-1) == y).double().tolist()
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(-1) == y).float().mean().item()
+    return mean_score(_correct(model, x, y))

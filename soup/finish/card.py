@@ -17,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import ModelCardData
 
 from soup.errors import printable
 from soup.io.manifest import Manifest, Method, Scoring
 
-__all__ = ["render_model_card", "write_model_card", "describe_method", "REFERENCES", "PLOT", "MINIMAL_CARD"]
+__all__ = ["render_model_card", "write_model_card", "front_matter", "describe_method", "REFERENCES", "PLOT",
+           "MINIMAL_CARD"]
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")  # owner/name, or a canonical name
 
 SOUPS_PAPER = "https://arxiv.org/abs/2203.05482"
 POINTS_PAPER = "https://arxiv.org/abs/2409.04828"
@@ -112,14 +116,7 @@ def render_model_card(manifest: Manifest, *, recipe_text: str | None = None) -> 
     """
     m, name = manifest, manifest.method.name
     ingredients, ev = m.ingredients, m.evaluation
-    repos = list(dict.fromkeys(i.repo for i in ingredients if i.repo))
-    meta: dict[str, Any] = {}
-    if repos:
-        meta["base_model"] = repos
-        meta["base_model_relation"] = "merge"
-    meta["library_name"] = "transformers"
-    meta["tags"] = ["merge", "model-soup", "soup-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "custom")]
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    front = front_matter(m).to_yaml() + "\n"
 
     in_soup = [i for i in ingredients if i.kept is not False and i.weight != 0]
     lines = [f"---\n{front}---", "", f"# Model soup ({_cell(name)})", "",
@@ -178,6 +175,26 @@ def write_model_card(folder: Path, manifest: Manifest, *, warn: Callable[[str], 
     path = folder / "README.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def front_matter(m: Manifest) -> ModelCardData:
+    """The card's metadata for the hub (``huggingface_hub.ModelCardData``): an adapter soup is a PEFT
+    adapter of its adapters' base model (``base_model_relation: adapter``); any other soup is a merge of
+    the hub repos of the ingredients actually in it (weight not 0, kept; a merge method's base model too),
+    so the hub's model tree never shows a parent the soup dropped."""
+    tags = ["merge", "model-soup", "soup-" + (re.sub(r"[^a-z0-9]+", "-", m.method.name.lower()).strip("-") or "custom")]
+    options = m.method.options or {}
+    adapter = options if m.method.name.startswith("adapter-") else options.get("adapter")
+    if isinstance(adapter, dict) and "merge_into" not in adapter:  # the soup is an adapter (concat or SVD)
+        base = adapter.get("base_model")
+        hub_id = isinstance(base, str) and HUB_ID.match(base) is not None
+        return ModelCardData(library_name="peft", base_model=base if hub_id else None,
+                             base_model_relation="adapter" if hub_id else None, tags=tags)
+    base_name = (m.merge_method or {}).get("base")
+    repos = list(dict.fromkeys(i.repo for i in m.ingredients if i.repo and (
+        (i.weight != 0 and i.kept is not False) or i.name == base_name)))
+    return ModelCardData(library_name="transformers", base_model=repos or None,
+                         base_model_relation="merge" if repos else None, tags=tags)
 
 
 def _evaluation(m: Manifest) -> list[str]:

@@ -72,8 +72,11 @@ def format_report(manifest: Manifest | Mapping[str, Any] | Any, *, where: str | 
     for title, rec in (("evaluations, in order", ev), ("test evaluations, in order", ev.test if ev else None)):
         if rec is not None and rec.history:
             lines += ["", f"{title}:"]
-            lines += _table(["#", "kind", "candidate", "score", "cached", "weights"],
-                            [[k, _kind(m, t), t.candidate, t.score, t.cached, _weights(t)]
+            raced = any(t.of is not None for t in rec.history)  # racing: examples used, why it stopped
+            head = ["#", "kind", "candidate", "score", "cached"] + (["examples"] if raced else []) + ["weights"]
+            lines += _table(head,
+                            [[k, _kind(m, t), t.candidate, t.score, t.cached]
+                             + ([_examples(t)] if raced else []) + [_weights(t)]
                              for k, t in enumerate(rec.history, start=1)])
     if ev is not None and ev.trajectory:
         pools = any(t.pool for t in ev.trajectory)  # greedy's pools; other strategies have none
@@ -272,6 +275,12 @@ def _panel(ax: Any, title: str, points: list[tuple[str, float, str]], keep: Sequ
     ax.legend(handles=handles, fontsize=6, loc="best", framealpha=0.8)
 
 
+def _examples(t: Trial) -> str:
+    """``128/2000 separated``: the examples an evaluation used, of a full evaluation's, and why it stopped
+    (a ``separated`` score is the mean over those examples only, not the candidate's score)."""
+    return "" if t.of is None else f"{t.examples}/{t.of} {t.stopped or ''}".strip()
+
+
 def _style(m: Manifest, label: str) -> str:
     kept = {i.name: i.kept for i in m.ingredients}.get(label)
     return "kept" if kept else ("left out" if kept is False else "ingredient")
@@ -280,6 +289,8 @@ def _style(m: Manifest, label: str) -> str:
 def _history_points(m: Manifest, rec: Scoring) -> list[tuple[str, float, str]]:
     pts = []
     for t in rec.history:
+        if t.partial:  # a race stopped early: a mean over some examples, not a score to plot among scores
+            continue
         if m.is_soup_trial(t):
             pts.append((_short(m, t), t.score, "soup"))
         elif t.ingredient is not None:
@@ -317,6 +328,7 @@ def make_figure(manifest: Manifest) -> Any:
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (kind, rec) in zip(axes, panels):
         who = f"{rec.evaluator.name if rec.evaluator else '?'}" + (f", {rec.direction}" if rec.direction else "")
+        ax.set_ylabel(_metric_label(rec), fontsize=8)
         if kind == "validation":
             _panel(ax, f"validation: every evaluation, in order ({who})", _history_points(m, rec), _keep(m, rec),
                    rec.soup_score, "evaluation")
@@ -334,6 +346,15 @@ def make_figure(manifest: Manifest) -> Any:
             _panel(ax, f"held-out test, reported only ({who})", pts, _keep(m, rec), rec.soup_score, "ingredient")
     fig.tight_layout()
     return fig
+
+
+def _metric_label(rec: Scoring) -> str:
+    """The y axis: what the scores are (the evaluator's primary metric) and which way is better."""
+    metric = (rec.evaluator.primary if rec.evaluator is not None else None) or "score"
+    if metric == "score" and rec.evaluator is not None:
+        metric = f"{rec.evaluator.name} score"
+    better = {"minimize": " (lower is better)", "maximize": " (higher is better)"}.get(rec.direction or "", "")
+    return metric + better
 
 
 def write_plot(manifest: Manifest, path: Path, *, warn: Callable[[str], None] | None = None) -> bool:

@@ -19,11 +19,13 @@ __all__ = ["HUB_PREFIX", "check_repo_id", "hub_cache_dir", "hub_endpoint", "is_o
 
 HUB_PREFIX = "hf://"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+MODEL_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")  # gpt2: a canonical model
 SHA = re.compile(r"^[0-9a-f]{40}$")  # a full commit sha: already pinned
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None] | None:
-    """``"hf://owner/name@revision"`` -> ``("owner/name", "revision")``; None for a non-hub spec.
+    """``"hf://owner/name@revision"`` -> ``("owner/name", "revision")``; None for a non-hub spec. A model
+    without an owner (``hf://gpt2``: the hub's canonical models) is ``("gpt2", revision)``.
 
     Args:
         spec: an ingredient or output spec; only ``hf://`` specs are hub specs.
@@ -33,13 +35,14 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None] | None:
         start with ``hf://``.
 
     Raises:
-        HubError: ``spec`` starts with ``hf://`` but is not ``hf://owner/name[@revision]``.
+        HubError: ``spec`` starts with ``hf://`` but is not ``hf://[owner/]name[@revision]``.
     """
     if not isinstance(spec, str) or not spec.startswith(HUB_PREFIX):
         return None
     repo_id, at, revision = spec[len(HUB_PREFIX):].partition("@")
-    if not REPO_ID.match(repo_id) or (at and not revision.strip()):
-        raise HubError(f"hub: invalid hub spec {spec!r}: expected hf://owner/name or hf://owner/name@revision")
+    if not MODEL_ID.match(repo_id) or (at and not revision.strip()):
+        raise HubError(f"hub: invalid hub spec {spec!r}: expected hf://owner/name, hf://name (a canonical model) "
+                       "or either @revision")
     return repo_id, (revision if at else None)
 
 

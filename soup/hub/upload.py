@@ -13,7 +13,10 @@ A push only ever reads the local folder. Transient failures are retried (``error
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,8 +96,11 @@ class ShardUploader:
         result = up.finish(final_folder)  # wait, then ONE commit with every file of the folder
 
     A shard is matched in ``finish`` by its file name, so the folder may have been renamed in
-    between; a shard whose final file differs (size or mtime), whose pre-upload failed, or that was
-    too small for LFS is simply uploaded by the commit. ``shard_done`` never raises for upload
+    between: each shard is pre-uploaded from a hard link the uploader keeps in a folder beside the
+    shard's (``FOLDER.upload-*``, removed by ``close``), a path that stays valid when a merge renames its
+    temporary folder into place at once, without waiting for the uploads. A shard whose final file
+    differs (size or mtime), whose pre-upload failed, or that was too small for LFS is simply uploaded
+    by the commit. ``shard_done`` never raises for upload
     problems: the merge goes on and ``finish`` reports them.
 
     Args:
@@ -129,6 +135,7 @@ class ShardUploader:
         self.remote_files: set[str] = set()  # files at ``parent``
         self._shards: dict[str, tuple[CommitOperationAdd, tuple[int, int], Future]] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._kept: Path | None = None  # the hard links shards are pre-uploaded from
 
     def start(self) -> None:
         """Create the repo if needed, create the branch if missing, and read its head.
@@ -164,7 +171,7 @@ class ShardUploader:
             raise RuntimeError("ShardUploader.shard_done() called before start()")
         path = Path(path)
         stat = path.stat()
-        op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(self._keep(path)))
         if sha256 is not None:
             try:  # huggingface_hub hashes lazily (public UploadInfo.sha256 setter): give it the writer's digest
                 op.upload_info.sha256 = bytes.fromhex(sha256)
@@ -214,10 +221,13 @@ class ShardUploader:
         return PushResult(repo_url=self.repo_url, commit=info.oid, commit_url=info.commit_url, pr_url=info.pr_url)
 
     def close(self) -> None:
-        """Stop the background pool (pending pre-uploads are cancelled); safe to call twice."""
+        """Stop the background pool (pending pre-uploads are cancelled), remove the kept links; safe to call twice."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._kept is not None:
+            shutil.rmtree(self._kept, ignore_errors=True)
+            self._kept = None
 
     def __enter__(self) -> ShardUploader:
         return self
@@ -232,6 +242,20 @@ class ShardUploader:
     def _head(self) -> str | None:
         refs = self._call(lambda: self.api.list_repo_refs(self.repo_id))
         return next((b.target_commit for b in refs.branches if b.name == self.branch), None)
+
+    def _keep(self, path: Path) -> Path:
+        """A hard link to ``path`` that outlives a rename of its folder (same inode: same size and mtime);
+        ``path`` itself where no link can be made (then a pre-upload may miss a renamed shard, which
+        the commit uploads)."""
+        try:
+            if self._kept is None:
+                self._kept = Path(tempfile.mkdtemp(prefix=f"{path.parent.name}.upload-", dir=path.parent.parent))
+            link = self._kept / path.name
+            link.unlink(missing_ok=True)  # a shard written again
+            os.link(path, link)
+            return link
+        except OSError:
+            return path
 
     def _preupload(self, op: CommitOperationAdd) -> None:
         # LFS-sized files are hashed and uploaded now; free_memory drops the file reference, so the

@@ -298,7 +298,12 @@ def read_torch_weights(file: Path, key: str | None = None) -> tuple[dict[str, to
     try:
         obj = torch.load(file, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        raise CheckpointError(f"{file}: {_torch_load_error(e)}") from None
+        line = _torch_load_error(e)
+        if "Weights only load failed" in str(e):  # torch's advice (weights_only=False) is not for soup's users
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            line = (f"refused: unpickling it would call {found.group(1) if found else 'code'}, which weights_only "
+                    "loading does not allow (soup never runs code from a checkpoint)")
+        raise CheckpointError(f"{file}: {line}") from None
     state, key = _unwrap(obj, file, key)
     for k, v in state.items():
         if v.dtype not in _NAMES:

@@ -57,6 +57,16 @@ class Trial:
     score: float  # the primary metric
     metrics: dict[str, float] = field(default_factory=dict)  # every metric the evaluator returned
     cached: bool = False  # read from the score cache, not evaluated in this run
+    # evaluators with per-example scores (racing, soup.soups.racing); None otherwise:
+    examples: int | None = None  # examples this evaluation used (a race: each side; 0: from the cache)
+    of: int | None = None  # examples a full evaluation uses
+    stopped: str | None = None  # why it stopped: separated | exhausted | full | cached
+
+    @property
+    def partial(self) -> bool:
+        """True when ``score`` is over fewer examples than a full evaluation (a race stopped early): the
+        mean of the per-example scores used, not the candidate's score."""
+        return self.stopped == "separated"
 
     @property
     def ingredient(self) -> str | None:
@@ -92,7 +102,7 @@ class Scoring:
         """Ingredient label -> its score alone, from the history (the first evaluation of each)."""
         out: dict[str, float] = {}
         for t in self.history:
-            if t.ingredient is not None:
+            if t.ingredient is not None and not t.partial:
                 out.setdefault(t.ingredient, t.score)
         return out
 
@@ -120,9 +130,16 @@ def scoring_dict(s: Scoring) -> dict[str, Any]:
         "direction": s.direction,
         "soup_score": s.soup_score,
         "soup_metrics": s.soup_metrics,
-        "history": [{"candidate": t.candidate, "weights": t.weights, "score": t.score, "metrics": t.metrics,
-                     "cached": t.cached} for t in s.history],
+        "history": [_trial_dict(t) for t in s.history],
     }
+
+
+def _trial_dict(t: Trial) -> dict[str, Any]:
+    d = {"candidate": t.candidate, "weights": t.weights, "score": t.score, "metrics": t.metrics, "cached": t.cached}
+    for key in ("examples", "of", "stopped"):  # optional: written only when known
+        if getattr(t, key) is not None:
+            d[key] = getattr(t, key)
+    return d
 
 
 def evaluation_dict(ev: Evaluation) -> dict[str, Any]:
@@ -156,7 +173,10 @@ def read_scoring(r: Reader, d: Mapping[str, Any], path: str) -> dict[str, Any]:
                              weights=r.numbers(t, "weights", f"{where}.weights") or {},
                              score=r.get(t, "score", float, f"{where}.score", required=True),
                              metrics=r.numbers(t, "metrics", f"{where}.metrics") or {},
-                             cached=bool(r.get(t, "cached", bool, f"{where}.cached"))))
+                             cached=bool(r.get(t, "cached", bool, f"{where}.cached")),
+                             examples=r.get(t, "examples", int, f"{where}.examples"),
+                             of=r.get(t, "of", int, f"{where}.of"),
+                             stopped=r.get(t, "stopped", str, f"{where}.stopped")))
     return dict(evaluator=evaluator, direction=direction, soup_score=r.get(d, "soup_score", float, f"{path}soup_score"),
                 soup_metrics=r.numbers(d, "soup_metrics", f"{path}soup_metrics"), history=history)
 

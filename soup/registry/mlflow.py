@@ -97,6 +97,11 @@ def client(uri: str) -> Any:
     """An ``MlflowClient`` for ``uri`` (a one-line error when mlflow is not installed)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is soup's progress
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is soup's results
+    # every request bounded (mlflow's defaults: 120 s per request, 7 retries with backoff up to 120 s, some
+    # 15 minutes against a server that never answers); mlflow's retry layer is the only one (soup adds none)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     import logging
 
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to..."
@@ -195,9 +200,13 @@ def download(uri: str, model: str, version: str) -> Path:
 # ---- publishing soups as versions, and reading the latest back --------------------------------------
 
 
-def latest_soup(name: str, uri: str) -> tuple[str | None, Any]:
+def latest_soup(name: str, uri: str, *, on_unreadable: Any = None) -> tuple[str | None, Any]:
     """``(version, Manifest)`` of the newest version of registered model ``name`` (``(None, None)``
-    when it has none; the manifest is None when that version holds no soup.json)."""
+    when it has none; the manifest is None when that version holds no soup.json).
+
+    A soup.json that cannot be read is a ``SoupError`` naming ``models:/NAME/N``; given
+    ``on_unreadable(folder, version)`` (which may raise its own error), that is called with the
+    downloaded copy instead and the manifest is None."""
     import tempfile
 
     import mlflow.artifacts
@@ -216,7 +225,15 @@ def latest_soup(name: str, uri: str) -> tuple[str | None, Any]:
             return str(mv.version), None
         with tempfile.TemporaryDirectory(prefix="soup-mlflow-") as tmp:
             mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{MANIFEST}", dst_path=tmp, tracking_uri=uri)
-            return str(mv.version), read(tmp)
+            try:
+                return str(mv.version), read(tmp)
+            except SoupError as e:
+                if on_unreadable is None:
+                    reason = str(e).replace(f"{Path(tmp) / MANIFEST}: ", "")
+                    raise SoupError(f"models:/{name}/{mv.version}: the published soup.json cannot be read "
+                                    f"({reason})") from None
+                on_unreadable(Path(tmp), str(mv.version))
+                return str(mv.version), None
     except SoupError:
         raise
     except Exception as err:

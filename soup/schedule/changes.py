@@ -4,7 +4,10 @@
    commit sha, local checkpoints to their fingerprint) by the caller (``soup.run``);
 2. ``read_previous`` reads the previous soup's ``soup.json`` from where the soup is published: the hub
    repo's head when ``push_to`` is set (only soup.json is downloaded), else the MLflow soup model's
-   latest version (``publish: {mlflow: NAME}``), else the local output;
+   latest version (``publish: {mlflow: NAME}``), else the local output. A published ``soup.json`` that
+   cannot be read is one error naming where it is published (``acme/soup@<sha>``, ``models:/NAME/N``
+   or the output folder); with ``replace_corrupt`` it counts as no previous soup (``Previous.unreadable``
+   says why), so the run publishes a new one over it;
 3. ``changes`` lists why a new soup is needed (pinned ingredients, the recipe, the evaluators'
    identities); empty: up to date.
 
@@ -13,6 +16,7 @@ Reads only; nothing here cooks or publishes (``soup.run`` does, on top of this a
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from soup.errors import SoupError
-from soup.io.manifest import Manifest, jsonable
+from soup.io.manifest import MANIFEST, SCHEMA_VERSION, Manifest, jsonable, read
 from soup.registry import Pinned
 
 __all__ = ["Previous", "Update", "read_previous", "create_repo", "evaluator_infos", "changes", "counts"]
@@ -30,9 +34,10 @@ __all__ = ["Previous", "Update", "read_previous", "create_repo", "evaluator_info
 class Previous:
     """The soup published last, and where it was read."""
 
-    manifest: Manifest | None  # None: there is none yet
+    manifest: Manifest | None  # None: there is none yet (or it is unreadable and is being replaced)
     where: str  # acme/soup@<sha>, models:/NAME/N, or the output folder
     head: str | None = None  # hub: the branch head it was read at (the next commit's parent)
+    unreadable: str | None = None  # why its soup.json could not be read (read with replace_corrupt)
 
 
 @dataclass
@@ -49,34 +54,70 @@ class Update:
     result: Any = None  # the SoupResult, when a soup was made
 
 
-def read_previous(recipe: Any, *, output: str | Path | None = None) -> Previous:
+def read_previous(recipe: Any, *, output: str | Path | None = None, replace_corrupt: bool = False) -> Previous:
     """The published soup: the hub repo's head (push_to), else the MLflow soup model's latest version
-    (publish.mlflow), else the local output. Reads only; writes nothing anywhere."""
-    from soup.io.manifest import read
+    (publish.mlflow), else the local output. Reads only; writes nothing anywhere.
 
+    Raises:
+        SoupError: the published ``soup.json`` cannot be read (named by where it is published), unless
+            ``replace_corrupt``: then ``Previous.manifest`` is None and ``Previous.unreadable`` says why.
+    """
     if recipe.push_to:
-        return _previous_on_hub(recipe.push_to, recipe.endpoint)
+        return _previous_on_hub(recipe.push_to, recipe.endpoint, replace_corrupt)
     if recipe.publish and recipe.publish.get("mlflow"):
         from soup.registry import tracking_uri
         from soup.registry.mlflow import _uri, latest_soup
 
         name = recipe.publish["mlflow"]
-        version, manifest = latest_soup(name, _uri(tracking_uri(recipe.tracking_uri), "publish.mlflow"))
-        return Previous(manifest, f"models:/{name}/{version}" if version else f"models:/{name}", version)
+        found: dict[str, str] = {}
+
+        def unreadable(folder: Path, version: str) -> None:
+            found["why"] = _unreadable(folder, f"models:/{name}/{version}", replace_corrupt)
+
+        version, manifest = latest_soup(name, _uri(tracking_uri(recipe.tracking_uri), "publish.mlflow"),
+                                        on_unreadable=unreadable)
+        return Previous(manifest, f"models:/{name}/{version}" if version else f"models:/{name}", version,
+                        unreadable=found.get("why"))
     out = Path(output) if output is not None else recipe.output
+    if not (out / MANIFEST).is_file():
+        return Previous(None, str(out))  # none yet (anything else at the output is refused by cook)
     try:
         return Previous(read(out), str(out))
     except SoupError:
-        return Previous(None, str(out))  # none yet (anything else at the output is refused by cook)
+        return Previous(None, str(out), unreadable=_unreadable(
+            out, f"output {out}", replace_corrupt, fix="to move that soup aside and write a new one"))
 
 
-def _previous_on_hub(push: dict[str, Any], endpoint: str | None) -> Previous:
+def _unreadable(folder: Path, where: str, replace_corrupt: bool,
+                fix: str = "to publish a new soup over it") -> str:
+    """Why ``folder/soup.json`` (published at ``where``) cannot be read; raises unless ``replace_corrupt``.
+    A manifest from a newer soup is never replaced: it is readable, by that soup."""
+    try:
+        read(folder)
+    except SoupError as e:
+        reason = str(e).replace(f"{Path(folder) / MANIFEST}: ", "")
+    else:
+        raise AssertionError(f"{folder}: soup.json is readable")
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+        newer = isinstance(data, dict) and isinstance(data.get("schema_version"), int) \
+            and data["schema_version"] > SCHEMA_VERSION
+    except (OSError, ValueError):
+        newer = False
+    if newer:
+        raise SoupError(f"{where}: the published soup.json was written by a newer soup: upgrade soup to read it")
+    if not replace_corrupt:
+        raise SoupError(f"{where}: the published soup.json cannot be read ({reason}); pass --replace-corrupt "
+                        f"{fix}")
+    return reason
+
+
+def _previous_on_hub(push: dict[str, Any], endpoint: str | None, replace_corrupt: bool = False) -> Previous:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
 
     from soup.hub.errors import hub_error, retrying
     from soup.hub.specs import hub_endpoint
-    from soup.io.manifest import MANIFEST, read
 
     repo, branch = push["repo"], push.get("revision") or "main"
     url = hub_endpoint(endpoint)
@@ -98,7 +139,10 @@ def _previous_on_hub(push: dict[str, Any], endpoint: str | None) -> Previous:
             return Previous(None, where, head)
         except Exception as err:
             raise hub_error(err, f"{repo}@{head[:12]}") from None
-        return Previous(read(tmp), where, head)
+        try:
+            return Previous(read(tmp), where, head)
+        except SoupError:
+            return Previous(None, where, head, unreadable=_unreadable(Path(tmp), where, replace_corrupt))
 
 
 def create_repo(push: dict[str, Any], endpoint: str | None) -> None:

@@ -98,6 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
     secret: bytes
     on_event: Callable[[Event], bool]
     protocol_version = "HTTP/1.1"
+    timeout = 30  # seconds a connection may stay silent (a sender that never finishes its request is dropped)
 
     def log_message(self, format: str, *args: Any) -> None:  # the watcher logs ticks, not requests
         pass

@@ -12,6 +12,10 @@ that share a study share their scores too. The table sits beside optuna's own ta
 Concurrent runs: one short transaction per write and a busy timeout (sqlite files also use the WAL
 journal), so several processes, threads or machines can read and write the same cache. Two writers
 of one key store equal scores (the key is the content), so the last one simply wins.
+
+Per-example scores (racing, ``soup.soups.racing``) live in a second table, ``soup_example_scores``,
+keyed by the same evaluator and candidate keys plus the example's index: an example scored once, by
+any run on any machine sharing the database, is never scored again.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = ["ScoreCache", "default_cache_path", "candidate_key", "evaluator_key",
            "check_db_place", "ensure_table"]
 
 TABLE = "soup_scores"
+EXAMPLE_TABLE = "soup_example_scores"
 _LEGACY_TABLE = "scores"  # sqlite caches written before the table was named for sharing a database
 
 _metadata = sa.MetaData()
@@ -47,6 +52,13 @@ _scores = sa.Table(
     sa.Column("name", sa.Text),  # the candidate's name when it was scored (for people reading the table)
     sa.Column("identity", sa.Text),  # the evaluator's identity, JSON
     sa.Column("created", sa.String(32)),
+)
+_examples = sa.Table(
+    EXAMPLE_TABLE, _metadata,
+    sa.Column("evaluator", sa.String(64), primary_key=True),  # evaluator_key
+    sa.Column("candidate", sa.String(64), primary_key=True),  # candidate_key
+    sa.Column("example", sa.Integer, primary_key=True, autoincrement=False),  # the example's index
+    sa.Column("value", sa.Double, nullable=False),  # its score (64-bit float, exact)
 )
 
 
@@ -141,6 +153,7 @@ class ScoreCache:
             check_db_place(text, "score cache")
             self._engine = engine(url)
             ensure_table(self._engine, _scores, legacy=_LEGACY_TABLE)
+            ensure_table(self._engine, _examples)
         except OSError as e:
             raise SoupError(f"score cache {self.url}: {e.strerror or e}") from None
         except ModuleNotFoundError as e:
@@ -180,6 +193,47 @@ class ScoreCache:
         if self._engine is None:
             return 0
         return int(self._run(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(_scores)).scalar()))
+
+    def get_examples(self, evaluator: str, candidate: str) -> dict[int, float]:
+        """Every per-example score stored for this evaluator and candidate: ``{example index: value}``."""
+        if self._engine is None:
+            return {}
+        q = sa.select(_examples.c.example, _examples.c.value).where(
+            _examples.c.evaluator == evaluator, _examples.c.candidate == candidate)
+        return {int(i): float(v) for i, v in self._run(lambda conn: conn.execute(q).all())}
+
+    def put_examples(self, evaluator: str, candidate: str, values: Mapping[int, float]) -> None:
+        """Store per-example scores; an index already stored (by another run, another machine) is left
+        as it is: its value is the same, being a function of the content."""
+        if self._engine is None or not values:
+            return
+        rows = [dict(evaluator=evaluator, candidate=candidate, example=int(i), value=float(v))
+                for i, v in values.items()]
+
+        def insert(conn: sa.engine.Connection) -> None:
+            dialect = conn.dialect.name
+            if dialect in ("sqlite", "postgresql"):  # insert-or-ignore in one statement
+                from importlib import import_module
+
+                stmt = import_module(f"sqlalchemy.dialects.{dialect}").insert(_examples).on_conflict_do_nothing()
+                conn.execute(stmt, rows)
+                return
+            have = {int(i) for (i,) in conn.execute(sa.select(_examples.c.example).where(
+                _examples.c.evaluator == evaluator, _examples.c.candidate == candidate))}
+            fresh = [r for r in rows if r["example"] not in have]
+            if fresh:
+                conn.execute(sa.insert(_examples), fresh)
+
+        try:
+            self._run(insert, write=True)
+        except SoupError:  # another writer stored some of them between our read and insert: once more
+            self._run(insert, write=True)
+
+    def count_examples(self) -> int:
+        """How many per-example scores are stored."""
+        if self._engine is None:
+            return 0
+        return int(self._run(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(_examples)).scalar()))
 
     def close(self) -> None:
         if self._engine is not None:

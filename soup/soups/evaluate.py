@@ -15,6 +15,10 @@ way), by ``module:Class`` or by ``path/to/file.py:Class``; keyword arguments com
 
 Contract: ``score`` may be called many times on one instance, from one thread at a time; an
 evaluator may keep a model resident between calls. ``close()`` releases it.
+
+Optional per-example scores (racing, ``soup.soups.racing``; docs/racing.md): an evaluator that can
+score a candidate on a subset of its examples implements ``examples()`` and ``score_examples``; the
+scorer then compares candidates on shared examples and stops as soon as the decision is clear.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import math
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from soup.errors import EvaluatorError, redact
 
-__all__ = ["Candidate", "Evaluator", "Score", "load_evaluator", "check_evaluator", "evaluator_names", "run_evaluator"]
+__all__ = ["Candidate", "Evaluator", "Score", "load_evaluator", "check_evaluator", "evaluator_names", "run_evaluator",
+           "run_examples", "mean_score"]
 
 ENTRY_POINT_GROUP = "soup.evaluators"
 
@@ -168,6 +173,18 @@ class Evaluator(ABC):
     evaluators with one class name in different files never share scores. To keep old scores across
     edits that do not change them, set ``code_in_key = False`` on the class and bump ``version``
     yourself when a change does.
+
+    The optional per-example part, one contract for all (racing, docs/racing.md; without it every
+    candidate is scored whole): ``examples()`` says how many examples there are (indices ``0..n-1``;
+    None, the default: no per-example scores; it may stay None until the first ``score``, then never
+    changes); ``score_examples(candidate, indices)`` returns one finite score per index, in order and in
+    the evaluator's ``direction`` (1.0/0.0 for right/wrong, a loss...), each a function of the candidate
+    and its example only (never of the other indices: cached scores from different calls are mixed),
+    their mean over every example ranking candidates as ``score`` does. ``example_range = (low, high)``
+    bounds each per-example score (racing's scale; None: the range seen so far). ``score_is_mean``:
+    ``score`` is exactly ``mean_score`` of every per-example score (a float), so the scorer builds full
+    scores from cached per-example ones and reads a tolerance on their scale; False (perplexity: token
+    losses per example, a perplexity as the score): a full score is always ``score``'s.
     """
 
     name: ClassVar[str] = ""  # the registry name; defaults to the class name
@@ -175,6 +192,8 @@ class Evaluator(ABC):
     direction: str = "maximize"  # "maximize" or "minimize"
     primary: str | None = None  # for mapping results: the metric used for selection
     code_in_key: ClassVar[bool] = True  # the code's hash is part of the identity (False: name + version only)
+    example_range: tuple[float, float] | None = None  # per-example scores lie in [low, high] (None: unknown)
+    score_is_mean: bool = False  # score == mean_score(every per-example score), exactly
 
     def __init__(self, **args: Any) -> None:
         self.args = dict(args)
@@ -192,11 +211,8 @@ class Evaluator(ABC):
 
     @classmethod
     def validate(cls, **args: Any) -> None:
-        """Check a recipe's arguments before any work, cheaply (no model is loaded): their values and
-        the files they name. ``soup validate`` and ``soup run`` call it (``check_evaluator``) before
-        anything is evaluated, once the names are known to fit ``__init__``; so does ``load_evaluator``.
-        Raise ``EvaluatorError`` with one line. The default accepts every value.
-        """
+        """Check the arguments' values and the files they name, cheaply (no model), before any work:
+        ``soup validate``, ``soup run`` and ``load_evaluator`` call it; raise one-line ``EvaluatorError``s."""
 
     def close(self) -> None:
         """Release resources (a resident model, a GPU); called once when the run ends."""
@@ -218,6 +234,14 @@ class Evaluator(ABC):
         """True if score ``a`` is strictly better than ``b`` in this evaluator's direction."""
         return a > b if self.direction == "maximize" else a < b
 
+    def examples(self) -> int | None:
+        """How many examples ``score_examples`` can score; None (the default): no per-example scores."""
+        return None
+
+    def score_examples(self, candidate: Candidate, indices: Sequence[int]) -> Sequence[float]:
+        """One score per example of ``indices`` (see the class docstring); implemented with ``examples``."""
+        raise NotImplementedError(f"evaluator {self.label} gives no per-example scores")
+
 
 def run_evaluator(evaluator: Evaluator, candidate: Candidate) -> Score:
     """Call ``evaluator.score`` and normalise the result; any failure becomes an EvaluatorError.
@@ -228,11 +252,43 @@ def run_evaluator(evaluator: Evaluator, candidate: Candidate) -> Score:
     (Ctrl-C, SIGTERM: see ``soup.signals``) propagates; a ``KeyboardInterrupt`` the plug-in raised
     itself is an error.
     """
+    raw = _call(evaluator, candidate, lambda: evaluator.score(candidate), "")
+    what = f"evaluator {evaluator.label}"
+    if isinstance(raw, Mapping):
+        metrics = {str(k): _finite(evaluator, candidate, v, str(k)) for k, v in raw.items()}
+        primary = evaluator.primary or (next(iter(metrics)) if len(metrics) == 1 else None)
+        if primary not in metrics:
+            raise EvaluatorError(redact(f"{what} returned metrics {sorted(metrics)} for "
+                                        f"{candidate.name} but its primary metric is {primary!r}"))
+        return Score(metrics[primary], metrics, primary)
+    value = _finite(evaluator, candidate, raw, "score")
+    return Score(value, {"score": value}, "score")
+
+
+def run_examples(evaluator: Evaluator, candidate: Candidate, indices: Sequence[int]) -> list[float]:
+    """Call ``evaluator.score_examples`` and check the result: one finite number per index; any failure
+    is an EvaluatorError naming the evaluator and the candidate (as ``run_evaluator``)."""
+    what = f"evaluator {evaluator.label}"
+    raw = _call(evaluator, candidate, lambda: evaluator.score_examples(candidate, list(indices)), " (per-example)")
+    try:
+        values = list(raw)
+    except TypeError:
+        raise EvaluatorError(f"{what} returned {type(raw).__name__} from score_examples for {candidate.name}: "
+                             "expected one number per example") from None
+    if len(values) != len(indices):
+        raise EvaluatorError(f"{what} returned {len(values)} per-example scores for {len(indices)} examples "
+                             f"({candidate.name})")
+    return [_finite(evaluator, candidate, v, "per-example score") for v in values]
+
+
+def _call(evaluator: Evaluator, candidate: Candidate, call: Callable[[], Any], kind: str) -> Any:
+    """``call()``, a plug-in's method: its failures become EvaluatorErrors naming the evaluator and the
+    candidate, its text redacted; a real stop signal propagates (see ``run_evaluator``)."""
     what = f"evaluator {evaluator.label}"
     try:
-        raw = evaluator.score(candidate)
+        return call()
     except EvaluatorError as e:
-        raise EvaluatorError(redact(f"{what} failed on {candidate.name}: {e}")) from e
+        raise EvaluatorError(redact(f"{what} failed on {candidate.name}{kind}: {e}")) from e
     except SystemExit as e:  # a BaseException: uncaught, it would end soup with the plug-in's exit code
         code = "" if e.code is None else repr(e.code)
         raise EvaluatorError(redact(f"{what} called sys.exit({code}) while scoring {candidate.name}")) from None
@@ -244,16 +300,15 @@ def run_evaluator(evaluator: Evaluator, candidate: Candidate) -> Score:
         raise EvaluatorError(f"{what} raised KeyboardInterrupt itself while scoring {candidate.name} "
                              "(no stop signal was received)") from None
     except Exception as e:  # a plug-in crash: keep the cause, name the candidate
-        raise EvaluatorError(redact(f"{what} failed on {candidate.name}: {type(e).__name__}: {e}")) from e
-    if isinstance(raw, Mapping):
-        metrics = {str(k): _finite(evaluator, candidate, v, str(k)) for k, v in raw.items()}
-        primary = evaluator.primary or (next(iter(metrics)) if len(metrics) == 1 else None)
-        if primary not in metrics:
-            raise EvaluatorError(redact(f"{what} returned metrics {sorted(metrics)} for "
-                                        f"{candidate.name} but its primary metric is {primary!r}"))
-        return Score(metrics[primary], metrics, primary)
-    value = _finite(evaluator, candidate, raw, "score")
-    return Score(value, {"score": value}, "score")
+        raise EvaluatorError(redact(f"{what} failed on {candidate.name}{kind}: {type(e).__name__}: {e}")) from e
+
+
+def mean_score(values: Sequence[float]) -> float:
+    """The mean of per-example scores, exactly as the scorer computes a ``score_is_mean`` evaluator's
+    score (``math.fsum``: correctly rounded, the same whatever the order of summation)."""
+    if not values:
+        raise ValueError("mean_score of no values")
+    return math.fsum(values) / len(values)
 
 
 def _finite(evaluator: Evaluator, candidate: Candidate, value: Any, metric: str) -> float:
@@ -300,33 +355,16 @@ def load_evaluator(spec: str | type[Evaluator] | Evaluator, **args: Any) -> Eval
 
 
 def check_evaluator(spec: str | type[Evaluator], args: Mapping[str, Any]) -> type[Evaluator]:
-    """The class an evaluator spec names, with ``args`` checked against it, before anything is built:
-    the names against its ``__init__`` (an unknown one suggests the closest), the values and the
-    files they name by its ``validate``.
+    """The class an evaluator spec names, with ``args`` checked before anything is built: their names
+    against its ``__init__`` (``soup.plugins.check_arguments``), their values and files by its ``validate``.
 
     Raises:
         EvaluatorError: an unknown name (listing the valid ones), a missing file or class, a bad argument.
     """
-    import difflib
-    import inspect
-
-    from soup.plugins import load_plugin_class
+    from soup.plugins import check_arguments, load_plugin_class
 
     cls = load_plugin_class(spec, group=ENTRY_POINT_GROUP, base=Evaluator, kind="evaluator", error=EvaluatorError)
-    label = cls.name or cls.__name__
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
-    if not any(p.kind is p.VAR_KEYWORD for p in params):
-        accepted = sorted(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        for name in args:
-            if name not in accepted:
-                close = difflib.get_close_matches(str(name), accepted, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise EvaluatorError(f"evaluator {label}: unknown argument {name!r}{hint}; "
-                                     f"accepted: {', '.join(accepted) or 'none'}")
-    missing = [p.name for p in params if p.default is p.empty and p.name not in args
-               and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if missing:
-        raise EvaluatorError(f"evaluator {label}: argument {missing[0]!r} is required")
+    check_arguments(cls, args, what=f"evaluator {cls.name or cls.__name__}", error=EvaluatorError)
     cls.validate(**args)
     return cls
 

@@ -7,12 +7,18 @@ resident model for ``candidate.load_into``, in a temp folder for ``candidate.pat
 option that changes a soup's bytes (``merge_arguments``), exactly as the final soup is written: one
 construction for every strategy, every number of evaluators and the soup itself, so a score is the
 score of the bytes the user ships, and the cache key (``key``) names everything that changes them.
+
+With an evaluator that gives per-example scores, ``race`` decides a comparison (greedy's candidate
+against its pool) on shared examples and stops as soon as the decision is clear (``soup.soups.racing``);
+per-example scores are cached like whole scores (``ScoreCache.get_examples``). Every record says how
+many examples it used (``examples`` of ``of``) and why it stopped (``stopped``).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from contextlib import nullcontext
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,14 +26,15 @@ from typing import Any
 
 from soup.soups.cache import ScoreCache, candidate_key, evaluator_key
 from soup.io.checkpoint import Checkpoint
-from soup.soups.evaluate import Candidate, Evaluator, Score, run_evaluator
+from soup.soups.evaluate import Candidate, Evaluator, Score, mean_score, run_evaluator, run_examples
+from soup.soups.racing import STOP_CACHED, STOP_FULL, Race, Racing, Ranking, run_race, run_rank
 from soup.merging import merge
 from soup.methods.spec import method_spec
 from soup.progress import Reporter
 from soup.engine.rules import Rule
 from soup.engine.sinks import InPlaceSink
 
-__all__ = ["Scorer", "merge_arguments"]
+__all__ = ["Scorer", "Race", "merge_arguments"]
 
 
 class Scorer:
@@ -76,6 +83,9 @@ class Scorer:
         self.records: list[dict[str, Any]] = []  # every evaluation, in order
         self._methods: dict[str, Any] = {}  # a candidate's own method (search trials) -> its MethodSpec
         self._queue: Any = queue(self) if queue is not None else None  # shared with `soup worker` processes
+        self._example_memo: dict[str, dict[int, float]] = {}  # candidate key -> per-example scores seen
+        self.examples_evaluated = 0  # examples scored in this run (a whole evaluation counts every example)
+        self.examples_full = 0  # what evaluating every candidate whole would have scored (its cache hits excepted)
 
     @property
     def direction(self) -> str:
@@ -138,6 +148,8 @@ class Scorer:
         if self._queue is not None:  # ``make`` is this process's shortcut; a worker builds the candidate itself
             return self._queue.score_many([(weights, name, groups, method)], steps=[f"evaluating {name}"])[0]
         score, cached = self._evaluate(weights, name, groups=groups, method=method, evaluator=evaluator, make=make)
+        if not cached:
+            self.examples_full += self._known_examples() or 0
         self._record(name, weights, score, cached=cached)
         return score
 
@@ -150,9 +162,18 @@ class Scorer:
         hit = self.cache.get(self._ekey, key)
         if hit is not None:
             return hit, True
-        ev = self.evaluators[evaluator]
+        ev, n = self.evaluators[evaluator], self._known_examples()
+        # one evaluator whose score is the mean of its per-example scores: those are evaluated (the missing
+        # ones) and cached, for races to reuse; the same value as ``score`` by the evaluator's contract
+        per_example = n is not None and ev.score_is_mean and len(self.evaluators) == 1
         with (make() if make is not None else self.candidate(weights, name, groups, method)) as cand:
-            score = run_evaluator(ev, cand)
+            if per_example:
+                value = mean_score(self.score_examples(weights, name, range(n), groups=groups, method=method,
+                                                       candidate=cand))
+                score = Score(value, {"score": value}, "score")
+            else:
+                score = run_evaluator(ev, cand)
+                self.examples_evaluated += n or 0
         self.verify("its score was not cached")  # a score never belongs to bytes that are gone
         self.cache.put(self._ekey, key, score, name=name, identity=self.identity)
         return score, False
@@ -203,6 +224,113 @@ class Scorer:
         with ThreadPoolExecutor(max_workers=len(self.evaluators)) as pool:
             return list(pool.map(job, range(len(candidates))))
 
+    # ---- per-example scores and racing (soup.soups.racing) -----------------------------------------
+
+    def example_count(self) -> int | None:
+        """How many examples comparisons can race on: the evaluator's ``examples()`` when candidates are
+        evaluated here by one evaluator; None (whole scores only) with a worker queue, several devices
+        (their parallel greedy rounds score whole candidates) or an evaluator without per-example scores."""
+        if self._queue is not None or len(self.evaluators) > 1:
+            return None
+        return self._known_examples()
+
+    def _known_examples(self) -> int | None:
+        try:
+            n = self.evaluator.examples()
+        except Exception as e:  # a plug-in's own failure: named, like its other calls
+            from soup.errors import EvaluatorError
+
+            raise EvaluatorError(f"evaluator {self.evaluator.label}: examples() failed: {type(e).__name__}: {e}") from e
+        if n is None:
+            return None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            from soup.errors import EvaluatorError
+
+            raise EvaluatorError(f"evaluator {self.evaluator.label}: examples() returned {n!r}, "
+                                 "expected a whole number >= 1 or None")
+        return n
+
+    def score_examples(self, weights: Sequence[float], name: str, indices: Sequence[int], *,
+                       groups: Mapping[str, Sequence[float]] | None = None, method: Mapping[str, Any] | None = None,
+                       candidate: Candidate | None = None) -> list[float]:
+        """Per-example scores of the soup with ``weights`` on ``indices``: those already known (this run,
+        the cache) are read, the others evaluated in one call and stored. ``candidate``: the candidate
+        object to evaluate (kept across a race's batches, so its folder is written once)."""
+        key = self.key(weights, groups, method)
+        have = self._example_memo.get(key)
+        if have is None:
+            have = self._example_memo[key] = self.cache.get_examples(self._ekey, key)
+            if len(self._example_memo) > 16:  # the few candidates of the current comparisons
+                self._example_memo.pop(next(iter(self._example_memo)))
+        missing = list(dict.fromkeys(i for i in indices if i not in have))
+        if missing:
+            own = candidate is None
+            extra = (groups, method) if method is not None else (groups,)  # AdapterScorer has no method
+            cand = candidate if candidate is not None else self.candidate(weights, name, *extra)
+            try:
+                values = run_examples(self.evaluator, cand, missing)
+            finally:
+                if own:
+                    cand.close()
+            self.verify("its per-example scores were not cached")
+            fresh = dict(zip(missing, values))
+            self.cache.put_examples(self._ekey, key, fresh)
+            have.update(fresh)
+            self.examples_evaluated += len(missing)
+        return [have[i] for i in indices]
+
+    def peek(self, weights: Sequence[float]) -> Score | None:
+        """The score cache's entry for the soup with ``weights``: nothing is evaluated or recorded."""
+        return self.cache.get(self._ekey, self.key(weights))
+
+    def full_score(self, weights: Sequence[float], name: str, *,
+                   candidate: Candidate | None = None) -> tuple[Score, bool]:
+        """The soup's score on every example, unrecorded: ``(score, evaluated here)``; ``candidate``: the
+        race's candidate object, used (not closed) if something must be evaluated."""
+        score, cached = self._evaluate(weights, name, make=(lambda: nullcontext(candidate)) if candidate else None)
+        return score, not cached
+
+    def race(self, candidate: Sequence[float], pool: Sequence[float], *, name: str, pool_name: str,
+             keep: Callable[[float, float], bool], racing: Racing | None, tolerance: float = 0.0,
+             pool_score: Score | None = None) -> Race:
+        """Decide ``keep(candidate's score, pool's score)`` (greedy's rule), racing when it can.
+
+        When both full scores are known (``pool_score``, the cache) the decision is made on them.
+        Else, with ``racing`` and per-example scores (``example_count``), both are scored on the
+        examples in the run's seeded order, ``racing.batch`` at a time, and after ``racing.min_examples``
+        the race stops as soon as the confidence sequence of the mean paired difference (positive: the
+        candidate is better) lies wholly above ``-tolerance`` (kept) or below it (not kept); for an
+        evaluator whose score is not the mean of its per-example scores (``score_is_mean`` False) the
+        scale of ``tolerance`` is unknown, so the threshold is 0 and, with a tolerance, only a keep is
+        decided early. A race that uses every example decides on the two full scores: exactly the
+        decision without racing. The candidate's evaluation is recorded (examples used, why it stopped).
+        """
+        return run_race(self, candidate, pool, name=name, pool_name=pool_name, keep=keep, racing=racing,
+                        tolerance=tolerance, pool_score=pool_score)
+
+    def race_ingredients(self, racing: Racing, *, top: int | None = None) -> Ranking:
+        """Rank the ingredients by racing them on shared examples (``soup.soups.racing.run_rank``): a full
+        order, or (``top`` = p) the top p; recorded. Needs ``example_count()``."""
+        n = len(self.checkpoints)
+        self.reporter.step(f"racing the {n} ingredients on shared examples")
+        return run_rank(self, [([1.0 if j == i else 0.0 for j in range(n)], self.labels[i]) for i in range(n)],
+                        racing=racing, top=top)
+
+    def complete(self, weights: Sequence[float], name: str, score: Score | None = None) -> Score:
+        """The soup's full score (a race may have stopped before it was known): from the cache, the
+        per-example scores still missing, or a whole evaluation; recorded."""
+        if score is not None:
+            return score
+        full, evaluated = self.full_score(weights, name)
+        self._record(name, weights, full, cached=not evaluated)  # on every example
+        return full
+
+    def examples_line(self) -> str:
+        """What the run printed about its examples: used against what whole evaluations would use."""
+        used, full = self.examples_evaluated, self.examples_full
+        share = f" ({used / full:.0%})" if full else ""
+        return f"examples evaluated: {used:,} of the {full:,} a full evaluation of every candidate would use{share}"
+
     def rank(self, values: Sequence[Score | float]) -> list[int]:
         """Indices of ``values``, best first in the evaluator's direction (ties keep their order)."""
         sign = -1.0 if self.direction == "maximize" else 1.0
@@ -220,9 +348,16 @@ class Scorer:
         if queue is not None:
             queue.close()
 
-    def _record(self, name: str, weights: Sequence[float], score: Score, *, cached: bool) -> None:
-        self.records.append({"candidate": name, "weights": {lab: w for lab, w in zip(self.labels, weights) if w},
-                             "score": score.value, "metrics": score.metrics, "cached": cached})
+    def _record(self, name: str, weights: Sequence[float], score: Score, *, cached: bool,
+                examples: int | None = None, of: int | None = None, stopped: str | None = None) -> None:
+        record = {"candidate": name, "weights": {lab: w for lab, w in zip(self.labels, weights) if w},
+                  "score": score.value, "metrics": score.metrics, "cached": cached}
+        n = of if of is not None else self._known_examples()
+        if n is not None:  # evaluators with per-example scores: how many examples, and why it stopped
+            full = stopped in (None, STOP_FULL, STOP_CACHED)
+            record.update(examples=(0 if cached else n) if full and examples is None else examples, of=n,
+                          stopped=stopped or (STOP_CACHED if cached else STOP_FULL))
+        self.records.append(record)
 
 
 def _math_device(target: InPlaceSink) -> str:

@@ -16,6 +16,10 @@ et al. 2022, arXiv:2203.05482):
   On W = ``scorer.parallelism`` workers the ingredients are scored W at a time, and each round of
   greedy steps scores speculatively the candidates of the next d steps for every keep/reject outcome
   (2^d - 1 <= W): d steps per round, with exactly the pool and trajectory of one step at a time.
+  ``racing`` (on by default, for evaluators with per-example scores, one evaluator in this process):
+  each keep decision is raced on shared examples and stops as soon as it is clear at 1 - delta, or
+  uses every example and is then exactly the decision above (``soup.soups.racing``, docs/racing.md);
+  the soup's score is always on every example.
 
 One abstract base class, one abstract method: ``choose(scorer, n) -> Choice``. Strategies are
 plug-ins like evaluators (``soup.plugins``): entry-point group ``soup.strategies`` (the built-ins are
@@ -32,6 +36,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from soup.soups.racing import Racing, parse_racing
 from soup.soups.scorer import SUM_PLACES, Scorer
 from soup.errors import RecipeError
 from soup.soups.evaluate import Score
@@ -104,6 +109,7 @@ class SoupStrategy(ABC):
 @dataclass
 class MaximumSoup(SoupStrategy):
     p: int = 1  # how many of the best ingredients to average
+    racing: Any = True  # race the ranking on shared examples: true (defaults), false, {delta, batch, ...}
 
     name: ClassVar[str] = "maximum"
     reference: ClassVar[str] = "https://arxiv.org/abs/2409.04828"
@@ -111,6 +117,8 @@ class MaximumSoup(SoupStrategy):
     def __post_init__(self) -> None:
         if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 1:
             raise RecipeError(f"strategy.p: {self.p!r} must be a whole number >= 1")
+        self._racing: Racing | None = parse_racing(self.racing)
+        self.racing = self._racing.to_dict() if self._racing is not None else False  # as the manifest records it
 
     def check(self, n: int) -> None:
         if self.p > n:
@@ -118,6 +126,16 @@ class MaximumSoup(SoupStrategy):
 
     def choose(self, scorer: Scorer | None, n: int) -> Choice:
         self.check(n)
+        if self._racing is not None and getattr(scorer, "example_count", lambda: None)() is not None:
+            ranking = scorer.race_ingredients(self._racing, top=self.p)  # the top p raced; the soup scored whole
+            top = set(ranking.order[: self.p])
+            weights = [1.0 / self.p if i in top else 0.0 for i in range(n)]
+            name = ranking.order[0] if self.p == 1 else None
+            soup = scorer.complete(weights, scorer.labels[name] if name is not None else f"maximum soup (top {self.p})",
+                                   ranking.scores[name] if name is not None else None)
+            scorer.reporter.step(scorer.examples_line())
+            return Choice(weights, [s.value if s is not None else None for s in ranking.scores], soup_score=soup,
+                          kept=[i in top for i in range(n)])
         scores = scorer.score_ingredients()
         top = set(scorer.rank(scores)[: self.p])
         weights = [1.0 / self.p if i in top else 0.0 for i in range(n)]
@@ -156,11 +174,14 @@ class GreedySoup(SoupStrategy):
     tie: str = ">="  # ">=" (POINTS) keeps ties; ">" (model-soups code) needs a strict improvement
     tolerance: float = 0.0  # keep a candidate at most this much worse than the pool
     sums: str = "auto"  # accepted for old recipes; no effect: candidates are built as the soup is written
+    racing: Any = True  # race decisions on shared examples: true (defaults), false, {delta, batch, min_examples}
 
     name: ClassVar[str] = "greedy"
     reference: ClassVar[str] = "https://arxiv.org/abs/2409.04828"
 
     def __post_init__(self) -> None:
+        self._racing: Racing | None = parse_racing(self.racing)
+        self.racing = self._racing.to_dict() if self._racing is not None else False  # as the manifest records it
         if not isinstance(self.tie, str) or self.tie not in (">=", ">"):
             raise RecipeError(f"strategy.tie: {self.tie!r} must be '>=' or '>'")
         if not isinstance(self.sums, str) or self.sums not in SUM_PLACES:
@@ -174,16 +195,26 @@ class GreedySoup(SoupStrategy):
         return gain >= -self.tolerance if self.tie == ">=" else gain > -self.tolerance
 
     def choose(self, scorer: Scorer | None, n: int) -> Choice:
-        scores = scorer.score_ingredients()  # spread over the scorer's workers
-        order = scorer.rank(scores)
-        pool, pool_score = [order[0]], scores[order[0]]
-        trajectory = [self._record(scorer, 1, order[0], pool_score, True, pool)]
-        if self.lookahead(scorer.parallelism) == 1:
-            pool_score = self._sequential(scorer, order, pool, pool_score, trajectory)
+        examples = getattr(scorer, "example_count", lambda: None)() if self._racing is not None else None
+        if examples is not None:  # the ingredients' order raced too; a score stopped early is not shown
+            ranking = scorer.race_ingredients(self._racing)
+            order, first = ranking.order, ranking.scores[ranking.order[0]]
+            values: list[float | None] = [s.value if s is not None else None for s in ranking.scores]
+            pool = [order[0]]
+            trajectory = [dict(self._record(scorer, 1, order[0], first or ranking.estimates[order[0]], True, pool),
+                               examples=ranking.examples[order[0]], of=examples, stopped=ranking.stopped[order[0]])]
+            pool_score = self._raced(scorer, order, pool, first, trajectory)
         else:
-            pool_score = self._speculative(scorer, order, pool, pool_score, trajectory)
+            scores = scorer.score_ingredients()  # spread over the scorer's workers
+            order, values = scorer.rank(scores), [s.value for s in scores]
+            pool, pool_score = [order[0]], scores[order[0]]
+            trajectory = [self._record(scorer, 1, order[0], pool_score, True, pool)]
+            if self.lookahead(scorer.parallelism) == 1:
+                pool_score = self._sequential(scorer, order, pool, pool_score, trajectory)
+            else:
+                pool_score = self._speculative(scorer, order, pool, pool_score, trajectory)
         weights = [1.0 / len(pool) if j in pool else 0.0 for j in range(n)]
-        return Choice(weights, [s.value for s in scores], trajectory, pool_score, [j in pool for j in range(n)])
+        return Choice(weights, values, trajectory, pool_score, [j in pool for j in range(n)])
 
     @staticmethod
     def lookahead(workers: int) -> int:
@@ -204,6 +235,31 @@ class GreedySoup(SoupStrategy):
                 pool_score = s
             trajectory.append(self._record(scorer, step, i, s, kept, pool))
         return pool_score
+
+    def _raced(self, scorer: Scorer, order: list[int], pool: list[int], pool_score: Score | None,
+               trajectory: list[dict[str, Any]]) -> Score:
+        """Sequential greedy with each keep decision raced (``Scorer.race``): the candidate against the
+        pool on the same examples, stopped once the confidence sequence separates them. The pool's full
+        score may then be unknown for a while; the soup's is completed at the end (every example)."""
+        n = len(order)
+        current: Score | None = pool_score  # the pool's full score, when known
+        pool_name = scorer.labels[order[0]]
+        for step, i in enumerate(order[1:], start=2):
+            name = _candidate_name(scorer, step, n, i)
+            scorer.reporter.step(name)
+            r = scorer.race(_uniform(pool + [i], n), _uniform(pool, n), name=name, pool_name=pool_name,
+                            keep=lambda c, p: self.keep(scorer, c, p), racing=self._racing,
+                            tolerance=self.tolerance, pool_score=current)
+            if r.kept:
+                pool.append(i)
+                current, pool_name = r.score, name
+            elif r.pool_score is not None:
+                current = r.pool_score
+            record = self._record(scorer, step, i, r.score if r.score is not None else r.estimate, r.kept, pool)
+            trajectory.append(dict(record, examples=r.examples, of=r.of, stopped=r.stopped))
+        soup = scorer.complete(_uniform(pool, n), f"greedy soup ({len(pool)} of {n})", current)
+        scorer.reporter.step(scorer.examples_line())
+        return soup
 
     def _speculative(self, scorer: Scorer, order: list[int], pool: list[int], pool_score: Score,
                      trajectory: list[dict[str, Any]]) -> Score:
@@ -242,8 +298,10 @@ class GreedySoup(SoupStrategy):
         return pool_score
 
     @staticmethod
-    def _record(scorer: Scorer, step: int, tried: int, score: Score, kept: bool, pool: list[int]) -> dict[str, Any]:
-        return {"step": step, "tried": scorer.labels[tried], "score": score.value, "kept": kept,
+    def _record(scorer: Scorer, step: int, tried: int, score: Score | float, kept: bool,
+                pool: list[int]) -> dict[str, Any]:
+        value = score.value if isinstance(score, Score) else float(score)
+        return {"step": step, "tried": scorer.labels[tried], "score": value, "kept": kept,
                 "pool": [scorer.labels[j] for j in pool]}
 
 
