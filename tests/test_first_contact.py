@@ -362,10 +362,8 @@ def test_plot_axes_say_what_the_scores_are(make_ingredients, tmp_path):
     assert all(y == "python score (higher is better)" for _, y in labels), labels
 
 
-@pytest.mark.xfail(strict=True, reason="soup/engine/output.py still locks with fcntl (POSIX only); its owner "
-                                       "switches it to filelock, then this mark goes")
 def test_the_output_lock_imports_where_fcntl_does_not_exist():
-    """Windows has no fcntl: the output lock (and so every merge) must not need it (filelock gives the same lock)."""
+    """Windows has no fcntl: the output lock (and so every merge) must not need it (soup.locks: msvcrt there)."""
     import subprocess
     import sys
 

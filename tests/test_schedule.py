@@ -386,6 +386,7 @@ def test_docs_cron_line_and_cronjob_run_as_written(hub, tmp_path):
     (container,) = pod["containers"]
     config, work = tmp_path / "config", tmp_path / "work"
     config.mkdir()
+    work.mkdir()  # a mounted volume exists before the container starts
     shutil.copy(ROOT / "recipes" / "scheduled.yaml", config / "scheduled.yaml")
     (config / "val.jsonl").write_text(val)
     command = [c.replace("/config/", f"{config}/").replace("/work/", f"{work}/") for c in container["command"]]

@@ -66,17 +66,18 @@ class AdapterScorer(Scorer):
     """A ``Scorer`` whose candidates are adapters (see the module docstring); the same contract, so
     ``maximum``, ``greedy``, ``average`` and ``search`` (without ``groups``) run unchanged."""
 
-    running_sums = False  # greedy's running sums are a full-weight device; adapter candidates are cheap
-
     def __init__(self, adapters: Sequence[Adapter], evaluators, *, opts: MergeOptions,
                  paths: Sequence[str | Path], **kwargs: Any) -> None:
         super().__init__([a.checkpoint for a in adapters], evaluators, dtype=opts.dtype, **kwargs)
         self.ads, self.opts, self.paths = list(adapters), opts, [str(p) for p in paths]
 
-    def candidate(self, weights: Sequence[float], name: str,
-                  groups: Mapping[str, Sequence[float]] | None = None) -> Candidate:
+    def candidate(self, weights: Sequence[float], name: str, groups: Mapping[str, Sequence[float]] | None = None,
+                  method: Mapping[str, Any] | None = None) -> Candidate:
         if groups:
             raise RecipeError("strategy: per-pattern weight groups are not supported for adapter soups")
+        if method and method.get("name", "linear") != "linear":
+            raise RecipeError(f"method: {method.get('name')!r} is not supported for adapter soups (their "
+                              "candidates are weighted means of the low-rank products)")
         w = tuple(float(x) for x in weights)
 
         def build(sink) -> Any:

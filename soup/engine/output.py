@@ -27,7 +27,6 @@ Safety is a property of this mechanism, not of the commands that call it:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import socket
@@ -36,6 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from soup.errors import SoupError, os_reason
+from soup.locks import try_lock
 from soup.io.checkpoint import SAFETENSORS_INDEX
 from soup.io.manifest import MANIFEST, read as read_manifest
 from soup.io.modelfiles import SOUP_OWN, support_files
@@ -251,9 +251,7 @@ class OutputDir:
             except OSError as e:
                 raise SoupError(f"output {self.given}: cannot create the lock file {self.lock_path} "
                                 f"({os_reason(e)})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock(fd):
                 owner = _read_owner(fd)
                 os.close(fd)
                 raise SoupError(f"output {self.given}: another soup is writing it ({owner}); "

@@ -4,12 +4,12 @@ folders left by killed workers are removed by the next worker on the machine.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from soup.locks import try_lock
 from soup.progress import Reporter
 
 
@@ -34,16 +34,17 @@ class _Scratch:
             except OSError:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not try_lock(fd):
+                    continue  # a live worker's
             except OSError:
-                continue  # a live worker's
+                continue
             finally:
                 os.close(fd)
             shutil.rmtree(old, ignore_errors=True)
             self.reporter.warn(f"removed {old}, left by a worker that was killed")
         self.path = Path(tempfile.mkdtemp(prefix=f"soup-worker-{os.getpid()}-", dir=base))
         self._fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try_lock(self._fd)  # a new folder: nobody else holds it
         return self.path
 
     def __exit__(self, *exc: object) -> None:
