@@ -29,13 +29,14 @@ __all__ = ["run_recipe", "run_if_changed", "describe_recipe", "publish_mlflow"]
 
 def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progress: bool | Reporter = False,
                output: str | Path | None = None, storage: str | None = None, local_worker: bool = True,
-               if_changed: bool = False) -> SoupResult | Update:
+               if_changed: bool = False, replace_corrupt: bool = False) -> SoupResult | Update:
     """Cook a validated Recipe or a recipe file (``soup run``); ``cache``/``output`` override the recipe's;
     ``storage``: an optuna storage URL shared with ``soup worker`` processes (see ``cook``).
 
     Registry queries among the ingredients are resolved first, before anything is evaluated. With
     ``if_changed`` the soup is made (and published) only if its ingredients, the recipe or the
-    evaluators changed since the published one: returns a ``soup.schedule.changes.Update`` saying what changed.
+    evaluators changed since the published one: returns a ``soup.schedule.changes.Update`` saying what changed
+    (``replace_corrupt``: see ``run_if_changed``).
     """
     if isinstance(recipe, (str, Path)):
         from soup.recipe import load_recipe
@@ -43,7 +44,7 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
         recipe = load_recipe(recipe)
     if if_changed:
         return run_if_changed(recipe, cache=cache, progress=progress, output=output, storage=storage,
-                              local_worker=local_worker)
+                              local_worker=local_worker, replace_corrupt=replace_corrupt)
     if has_queries(recipe):  # pinned now: what is evaluated is what soup.json records
         import dataclasses
 

@@ -393,3 +393,24 @@ def test_a_corrupt_soup_json_at_the_output_is_named_and_moved_aside(two, tmp_pat
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.unreadable-")]
     assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "precious"
     assert update.reasons[-1] == f"moved it to {aside[0]}"
+
+
+def test_replace_corrupt_on_the_command_line(two, tmp_path):
+    """``soup run --if-changed --replace-corrupt`` (the flag the refusal names) moves the unreadable soup aside
+    and writes a new one; without --if-changed the flag is refused in one line."""
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"ingredients": [str(p) for p in two], "strategy": "average",
+                                      "output": str(out), "cache": False}))
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", str(recipe), "--if-changed", "-q"]).exit_code == 0
+    (out / "soup.json").write_text("{broken")
+    res = runner.invoke(app, ["run", str(recipe), "--if-changed", "-q"])
+    assert res.exit_code == 1 and "--replace-corrupt" in res.stderr and "Traceback" not in res.stderr
+    res = runner.invoke(app, ["run", str(recipe), "--replace-corrupt"])
+    assert res.exit_code != 0 and res.stderr.strip() == "error: --replace-corrupt: applies with --if-changed only"
+    res = runner.invoke(app, ["run", str(recipe), "--if-changed", "--replace-corrupt", "-q"])
+    assert res.exit_code == 0, res.stderr
+    assert soup.read_manifest(out).method.name == "average"
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.unreadable-")]
+    assert len(aside) == 1 and (aside[0] / "soup.json").read_text() == "{broken"

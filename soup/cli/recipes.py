@@ -33,6 +33,9 @@ def run(
                                              "or the evaluator changed since the published soup (hub head, MLflow "
                                              "version or local output): else print 'up to date: ...' and write "
                                              "nothing. Replaces only a previous soup.")] = False,
+    replace_corrupt: Annotated[bool, typer.Option("--replace-corrupt", help="With --if-changed: a published "
+                                                  "soup whose soup.json cannot be read counts as no soup and is "
+                                                  "replaced (a local one is moved aside, never deleted).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr; print only the "
                                         "output path (with --if-changed: the one line saying what happened).")] = False,
     racing: Annotated[Optional[bool], typer.Option("--racing/--no-racing", show_default=False,
@@ -47,6 +50,10 @@ def run(
     from soup.finish.report import format_report
 
     with _errors():
+        if replace_corrupt and not if_changed:
+            from soup.errors import SoupError
+
+            raise SoupError("--replace-corrupt: applies with --if-changed only")
         r = load_recipe(recipe)
         if racing is not None:
             _set_racing(r, racing)
@@ -65,7 +72,7 @@ def run(
             chosen = cache
         if if_changed:
             update = run_recipe(r, cache=chosen, progress=not quiet, output=output, storage=storage,
-                                local_worker=local_worker, if_changed=True)
+                                local_worker=local_worker, if_changed=True, replace_corrupt=replace_corrupt)
             if update.result is not None and not quiet:
                 _print_result(update.result, format_report)
             out.print(update.line)  # -q: this one line per run (a cron log)
@@ -93,6 +100,9 @@ def watch(
     cache: Cache = None,
     no_cache: NoCache = False,
     endpoint: Endpoint = None,
+    replace_corrupt: Annotated[bool, typer.Option("--replace-corrupt", help="A published soup whose soup.json "
+                                                  "cannot be read counts as no soup and is replaced (a local one "
+                                                  "is moved aside, never deleted).")] = False,
 ) -> None:
     """Re-soup whenever the ingredients change: `soup run RECIPE --if-changed` every --every, one log line
     per tick on stderr; a failing tick is retried with backoff; Ctrl-C / SIGTERM stop it cleanly."""
@@ -106,7 +116,8 @@ def watch(
 
             chosen = ScoreCache(None)
         run_watch(recipe, every=every, max_ticks=max_ticks, webhook=webhook, webhook_secret=webhook_secret,
-                  log_json=log_json, cache=chosen, output=output, endpoint=endpoint)
+                  log_json=log_json, cache=chosen, output=output, endpoint=endpoint,
+                  replace_corrupt=replace_corrupt)
 
 
 def _set_racing(recipe, racing: bool) -> None:

@@ -62,7 +62,8 @@ def _fmt_seconds(s: float) -> str:
 def watch(recipe: str | Path, *, every: str | float = "30m", max_ticks: int | None = None,
           webhook: str | None = None, webhook_secret: str | None = None, log_json: bool = False,
           log: Callable[[dict[str, Any]], None] | None = None, retry_after: float | None = None,
-          cache: Any = None, output: str | Path | None = None, endpoint: str | None = None) -> list[dict[str, Any]]:
+          cache: Any = None, output: str | Path | None = None, endpoint: str | None = None,
+          replace_corrupt: bool = False) -> list[dict[str, Any]]:
     """Run ``soup run RECIPE --if-changed`` every ``every``, forever (or ``max_ticks`` times).
 
     The recipe is read again at each tick (an edit is a change like any other). A failing tick is
@@ -81,6 +82,8 @@ def watch(recipe: str | Path, *, every: str | float = "30m", max_ticks: int | No
         log_json: log JSON lines (default: one human line per tick), on stderr.
         log: called with each log entry instead of printing it.
         cache, output, endpoint: override the recipe's.
+        replace_corrupt: a published soup whose ``soup.json`` cannot be read counts as no soup
+            (``soup.run.run_if_changed``); without it such a tick fails, naming it.
 
     Returns:
         The log entries (the last 1000), once ``max_ticks`` ticks have run.
@@ -142,7 +145,7 @@ def watch(recipe: str | Path, *, every: str | float = "30m", max_ticks: int | No
             while max_ticks is None or tick < max_ticks:
                 tick += 1
                 started = time.monotonic()
-                entry = _tick(load, tick, trigger, cache, output)
+                entry = _tick(load, tick, trigger, cache, output, replace_corrupt)
                 if entry["status"] == "failed":
                     failures += 1
                     delay = min(base * 2 ** (failures - 1), max(period, base))
@@ -167,11 +170,12 @@ def watch(recipe: str | Path, *, every: str | float = "30m", max_ticks: int | No
     return list(entries)
 
 
-def _tick(load: Callable[[], Any], tick: int, trigger: str, cache: Any, output: Any) -> dict[str, Any]:
+def _tick(load: Callable[[], Any], tick: int, trigger: str, cache: Any, output: Any,
+          replace_corrupt: bool = False) -> dict[str, Any]:
     """One ``--if-changed`` run; any failure (not a stop signal) becomes a log entry."""
     entry: dict[str, Any] = {"event": "tick", "tick": tick, "trigger": trigger}
     try:
-        update = run_if_changed(load(), cache=cache, output=output)
+        update = run_if_changed(load(), cache=cache, output=output, replace_corrupt=replace_corrupt)
     except Exception as err:  # hub down, evaluator crash, a bug: logged; the watcher lives on
         message = str(err) if isinstance(err, (SoupError, OSError)) else f"{type(err).__name__}: {err}"
         line = redact(message.strip().splitlines()[0] if message.strip() else type(err).__name__)
