@@ -21,6 +21,7 @@ _LAZY = {
     "inspect": "io.inspection", "Ingredient": "io.ingredients", "Manifest": "io.manifest",
     "maximum_soup": "pipeline", "average_soup": "pipeline", "greedy_soup": "pipeline", "search_soup": "pipeline",
     "cook": "pipeline", "SoupResult": "pipeline", "run_recipe": "run",
+    "EvaluationOptions": "cook_options", "OutputOptions": "cook_options", "PublishOptions": "cook_options",
     "Evaluator": "soups.evaluate", "Candidate": "soups.evaluate", "Score": "soups.evaluate", "load_evaluator": "soups.evaluate",
     "SoupStrategy": "soups.strategies", "Choice": "soups.strategies", "make_strategy": "soups.strategies",
     "worker": "workers", "WorkerResult": "workers",
@@ -31,6 +32,7 @@ _LAZY = {
 __all__ = [
     "merge", "MergeResult", "adapter_soup", "AdapterResult", "inspect", "Ingredient", "Manifest", "read_manifest",
     "maximum_soup", "average_soup", "greedy_soup", "search_soup", "cook", "SoupResult",
+    "EvaluationOptions", "OutputOptions", "PublishOptions",
     "Evaluator", "Candidate", "Score", "load_evaluator",
     "SoupStrategy", "Choice", "make_strategy",
     "worker", "WorkerResult",

@@ -27,6 +27,7 @@ from soup.io.ingredients import HubOptions, IngredientSpec, resolve_all
 from soup.errors import RecipeError
 from soup.io.manifest import Evaluation, EvaluatorInfo, Manifest, Method, Selection, Step, TestEvaluation, Trial, jsonable
 from soup.merging import merge
+from soup.cook_options import EvaluationOptions, OutputOptions, PublishOptions, keywords, split_options
 from soup.options import MergeOptions, check_device, check_option_names
 from soup.engine.plan import build_plan, normalise_weights
 from soup.io.vocab import plan_vocab
@@ -62,68 +63,61 @@ def cook(
     strategy: SoupStrategy,
     ingredients: Sequence[IngredientSpec],
     *,
-    evaluator: EvaluatorSpec | None = None,
-    evaluator_args: Mapping[str, Any] | None = None,
-    test_evaluator: EvaluatorSpec | None = None,
-    test_args: Mapping[str, Any] | None = None,
-    out: str | Path | None = None,
-    return_state_dict: bool = False,
+    evaluation: EvaluationOptions | None = None,
+    output: OutputOptions | str | Path | None = None,
+    publishing: PublishOptions | None = None,
     labels: Sequence[str | None] | None = None,
     rules: Sequence[Any] = (),
     dtype: str | None = None,
-    devices: Sequence[str] | None = None,
-    cache: ScoreCache | str | Path | None = "default",
     progress: bool | Reporter = False,
-    hub: HubOptions | None = None,
-    recipe: Mapping[str, Any] | None = None,
-    push_to: Mapping[str, Any] | str | None = None,
-    protect: Sequence[str | Path] = (),
-    storage: str | None = None,
-    local_worker: bool = True,
-    **merge_options: Any,
+    **options: Any,
 ) -> SoupResult:
     """Evaluate, choose weights with ``strategy``, and merge.
 
     Args:
-        strategy: a SoupStrategy (MaximumSoup, AverageSoup, GreedySoup).
+        strategy: a SoupStrategy (MaximumSoup, AverageSoup, GreedySoup, SearchSoup or a plug-in).
         ingredients: folders, files, ``hf://`` repos or state dicts.
-        evaluator: entry-point name, ``module:Class``, ``file.py:Class``, an Evaluator, or a function
-            ``fn(candidate) -> float``; ``evaluator_args`` are its keyword arguments.
-        test_evaluator: scores the final soup (and each ingredient) for the report only.
-        out: write the soup there; with ``return_state_dict`` (or no ``out``) it is returned in memory.
-        devices: evaluate on several devices concurrently (one evaluator each, ``device=`` argument).
-        cache: the score cache: "default", a path, a ScoreCache, or None for no cache.
-        push_to: ``"owner/name"`` or ``{repo, revision, private, create_pr, commit_message}``: shards
-            are uploaded while the soup is written, then one commit lands (``result.push``).
-        protect: more paths the output must keep clear of (the recipe, data files).
-        storage: an optuna storage URL shared with ``soup worker`` processes (evaluations are then
-            spread over them); default: none, and strategies that keep a study (search) use an
-            sqlite file beside the output (``.NAME.soup-study.sqlite``), so a killed run resumes.
-            With a storage, the default ``cache`` is the storage's own database (shared scores).
-        local_worker: with ``storage``, this process also evaluates queued candidates while it waits
-            (default); False: only ``soup worker`` processes do.
-        merge_options: passed to ``merge`` (shard_size, accumulate, config_from, overwrite, device...).
+        evaluation: who scores candidates and where (``soup.cook_options.EvaluationOptions``: ``evaluator`` —
+            an entry-point name, ``module:Class``, ``file.py:Class``, an Evaluator, or a function
+            ``fn(candidate) -> float`` — with ``evaluator_args``; ``test_evaluator``/``test_args``, for
+            the report only; the score ``cache``; ``devices``; an optuna ``storage`` shared with
+            ``soup worker`` processes, and ``local_worker``).
+        output: a folder path or an ``OutputOptions`` (``path``, ``overwrite``, ``return_state_dict``,
+            ``protect``); no path: the soup is returned in memory (``result.state_dict``).
+        publishing: a ``PublishOptions`` (``push_to``: ``"owner/name"`` or ``{repo, revision, private,
+            create_pr, commit_message}``, uploaded while the soup is written, then one commit;
+            ``hub``: HubOptions; ``recipe``: recorded in ``soup.json``).
+        options: those objects' fields one by one, as the Python soups pass them (``evaluator=``,
+            ``cache=``, ``overwrite=``, ``push_to=``...; ``out=`` is ``output``'s older name), and the
+            merge options passed to ``merge`` (shard_size, accumulate, config_from, method, ...).
+
+    With a ``storage``, the default ``cache`` is the storage's own database (shared scores); without
+    one, strategies that keep a study (search) use an sqlite file beside the output
+    (``.NAME.soup-study.sqlite``), so a killed run resumes.
 
     Raises:
         SoupError: bad inputs, a failing evaluator (scores computed so far stay in the cache).
     """
     from soup.adapters.peft_io import is_adapter
 
+    merge_options = dict(options)
+    ev, out_opts, pub = split_options(merge_options, evaluation=evaluation, output=output, publishing=publishing)
+    out = out_opts.path
     if any(map(is_adapter, ingredients)):  # PEFT adapters: candidates are adapters (soup.adapters.candidates)
-        unsupported = dict(test_evaluator=test_evaluator, push_to=push_to, storage=storage, devices=devices,
-                           rules=rules or None, return_state_dict=return_state_dict or None)
+        unsupported = dict(test_evaluator=ev.test_evaluator, push_to=pub.push_to, storage=ev.storage,
+                           devices=ev.devices, rules=rules or None, return_state_dict=out_opts.return_state_dict or None)
         given = sorted(k for k, v in unsupported.items() if v is not None)
         if given:
             raise RecipeError(f"adapter soups: {', '.join(given)} not supported")
-        return _adapter_cook(strategy, ingredients, evaluator=evaluator, evaluator_args=evaluator_args, out=out,
-                             labels=labels, dtype=dtype, cache=cache, progress=progress, hub=hub, **merge_options)
-    merge_options = dict(merge_options)
+        return _adapter_cook(strategy, ingredients, evaluator=ev.evaluator, evaluator_args=ev.evaluator_args,
+                             out=out, labels=labels, dtype=dtype, cache=ev.cache, progress=progress, hub=pub.hub,
+                             overwrite=out_opts.overwrite, **merge_options)
+    evaluator, evaluator_args, test_evaluator, test_args = ev.evaluator, ev.evaluator_args, ev.test_evaluator, ev.test_args
+    cache, devices, storage, local_worker = ev.cache, ev.devices, ev.storage, ev.local_worker
+    push_to, hub, recipe, protect, return_state_dict = pub.push_to, pub.hub, pub.recipe, out_opts.protect, \
+        out_opts.return_state_dict
     _method(merge_options, len(ingredients))  # a merge method and its parameters, checked now
     _check_options(strategy, dtype, devices, merge_options)  # before anything is opened or read
-    if storage is not None and (not isinstance(storage, str) or "://" not in storage):
-        raise RecipeError(f"storage: {storage!r} must be an optuna storage URL (sqlite:///..., postgresql://...)")
-    if not isinstance(local_worker, bool):
-        raise RecipeError(f"local_worker: must be true or false, got {local_worker!r}")
     if storage is not None:
         from soup.workers import QueueSettings
 
@@ -131,7 +125,7 @@ def cook(
     # the output is checked and locked before anything is opened (the cache too); candidates live beside it
     spec = merge_options["method"]
     bases = [spec.base] if spec is not None and spec.base is not None else []
-    output = OutputDir(out, overwrite=bool(merge_options.get("overwrite", False)),
+    output = OutputDir(out, overwrite=out_opts.overwrite,
                        protect=input_paths([*ingredients, *bases]) + [Path(p) for p in protect]
                        + _db_files(storage, cache)) \
         if out is not None else None
@@ -245,7 +239,7 @@ def _cook(strategy: SoupStrategy, ingredients: Sequence[IngredientSpec], output:
 
 
 MERGE_THROUGH = ("accumulate", "shard_size", "device", "strict", "config_from", "normalize", "mixed_float",
-                 "overwrite", "method", "base", "seed", "vocab")  # merge options that cook passes on to ``merge``
+                 "method", "base", "seed", "vocab")  # merge options that cook passes on to ``merge``
 BYTES = ("accumulate", "normalize", "mixed_float", "strict", "method", "vocab")  # those every candidate gets too
 
 
@@ -255,11 +249,9 @@ def _check_options(strategy: SoupStrategy, dtype: str | None, devices: Sequence[
     import inspect
 
     own = [p.name for p in inspect.signature(cook).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    check_option_names(merge_options, [*own, *MERGE_THROUGH], where=f"{strategy.name}_soup")
+    check_option_names(merge_options, [*own, *MERGE_THROUGH, *keywords()], where=f"{strategy.name}_soup")
     for i, d in enumerate(devices or ()):
         check_device(d, where=f"devices[{i}]")
-    if not isinstance(merge_options.get("overwrite", False), bool):
-        raise RecipeError(f"overwrite: must be true or false, got {merge_options['overwrite']!r}")
     return MergeOptions(dtype=dtype, **{k: v for k, v in merge_options.items()
                                         if k not in ("overwrite", "method", "base", "seed")})
 

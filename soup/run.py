@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from soup.adapters.peft_io import is_adapter
+from soup.cook_options import EvaluationOptions, OutputOptions, PublishOptions
 from soup.errors import RecipeError
 from soup.io.ingredients import HubOptions
 from soup.pipeline import SoupResult, _adapter_cook, cook
@@ -60,16 +61,17 @@ def run_recipe(recipe: Any, *, overwrite: bool = False, cache: Any = None, progr
                                cache=cache if cache is not None else recipe.cache)
     chosen_cache = cache if cache is not None else recipe.cache
     protect = protected_paths(recipe, chosen_cache)
-    result = cook(
-        make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
+    # the recipe (with the command line's overrides) as the three objects cook takes, checked on construction
+    evaluation = EvaluationOptions(
         evaluator=recipe.evaluator.name if recipe.evaluator else None,
         evaluator_args=recipe.evaluator.args if recipe.evaluator else None,
-        test_evaluator=recipe.test.name if recipe.test else None,
-        test_args=recipe.test.args if recipe.test else None,
-        out=out, labels=recipe.labels, rules=recipe.rules, dtype=recipe.dtype, devices=recipe.devices,
-        cache=chosen_cache, progress=progress, protect=protect, storage=storage, local_worker=local_worker,
-        hub=HubOptions(endpoint=recipe.endpoint), recipe=recipe.raw, overwrite=overwrite, push_to=recipe.push_to,
-        **recipe.merge_options())
+        test_evaluator=recipe.test.name if recipe.test else None, test_args=recipe.test.args if recipe.test else None,
+        cache=chosen_cache, devices=recipe.devices, storage=storage, local_worker=local_worker)
+    result = cook(make_strategy(recipe.strategy, **recipe.strategy_options), recipe.ingredients,
+                  evaluation=evaluation, output=OutputOptions(out, overwrite=overwrite, protect=protect),
+                  publishing=PublishOptions(recipe.push_to, HubOptions(endpoint=recipe.endpoint), recipe.raw),
+                  labels=recipe.labels, rules=recipe.rules, dtype=recipe.dtype, progress=progress,
+                  **recipe.merge_options())
     if recipe.publish:  # registered in MLflow once the soup is complete at the output
         from soup.finish.report import format_update
 

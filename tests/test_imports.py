@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (stage, module globs): a module may import modules of its own stage or lower ones only; the first
 # matching glob names a module's stage
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("soup.errors", "soup.locks", "soup.signals", "soup.progress", "soup.options", "soup.plugins", "soup.safeyaml")),
+    ("base", ("soup.errors", "soup.locks", "soup.signals", "soup.progress", "soup.options", "soup.cook_options", "soup.plugins", "soup.safeyaml")),
     ("io", ("soup.hub.specs", "soup.hub.errors", "soup.hub.download", "soup.io.checkpoint", "soup.io.manifest",
             "soup.io.modelfiles", "soup.io.components", "soup.io.ingredients", "soup.io.jsonshape", "soup.io.evidence",
             "soup.io.safetensors_header", "soup.io.vocab", "soup.io.vocab_files")),
