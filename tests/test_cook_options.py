@@ -93,3 +93,20 @@ def test_misuse_is_one_line_before_any_work(make_ingredients, tmp_path, kwargs, 
 def test_bad_values_name_their_option(build, message):
     with pytest.raises(RecipeError, match=message):
         build()
+
+
+def test_the_torch_key_has_the_recipe_name_on_the_command_line(tmp_path):
+    """``--key`` (the recipe's ingredient ``key``, ``soup.Ingredient(key=)``) and its older spelling
+    ``--state-dict-key`` read the same weights."""
+    from typer.testing import CliRunner
+
+    from soup.cli import app
+
+    a, b = torch.arange(4.0).reshape(2, 2), torch.ones(2, 2)
+    torch.save({"state_dict": {"w": a}, "step": 3}, tmp_path / "a.pt")
+    torch.save({"state_dict": {"w": b}, "step": 3}, tmp_path / "b.pt")
+    for flag, out in (("--key", "k1"), ("--state-dict-key", "k2")):
+        res = CliRunner().invoke(app, ["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "-o",
+                                       str(tmp_path / out), flag, "state_dict", "-q"])
+        assert res.exit_code == 0, res.output
+        assert torch.equal(load_soup(tmp_path / out)["w"], (a.double() / 2 + b.double() / 2).float())

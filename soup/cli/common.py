@@ -130,9 +130,9 @@ Message = Annotated[Optional[str], typer.Option("--commit-message", "-m", help="
 Endpoint = Annotated[Optional[str], typer.Option("--endpoint", envvar="HF_ENDPOINT",
                                                  help="Hub endpoint for hf:// ingredients and pushes.")]
 StateDictKey = Annotated[Optional[str], typer.Option(
-    "--state-dict-key", help="Torch files (.pt/.pth/.bin): the top-level key the weights are under "
+    "--key", "--state-dict-key", metavar="KEY", help="Torch files (.pt/.pth/.bin): the top-level key the weights are under "
     "(default: the file itself if it is a flat state dict, else the one of state_dict, module, model "
-    "holding one).")]
+    "holding one); the recipe's ingredient key and soup.Ingredient(key=...).")]
 StripPrefix = Annotated[Optional[str], typer.Option(
     "--strip-prefix", help="Remove this prefix from every tensor name that has it, e.g. 'module.' "
     "(DDP) or '_orig_mod.' (torch.compile); soup inspect shows a shared prefix.")]
