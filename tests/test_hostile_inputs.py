@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -235,6 +236,20 @@ def test_folder_names_with_escapes_stay_inert_in_the_card_report_and_errors(tmp_
     bad.write_bytes(b"\x01")
     err = runner.invoke(app, ["inspect", str(bad)])
     assert_inert(one_error_line(err, "truncated", "bad\\x1b]0;pwned\\x07"))
+    for args, shown in ((["inspect", *map(str, folders)], "ing0\\x1b]0;pwned\\x07"),
+                        (["inspect", "--diff", *map(str, folders)], "ing1\\x1b[2J"),
+                        (["validate", str(_recipe_naming(tmp_path, folders))], "gone\\x1b[2J")):
+        res = runner.invoke(app, args)
+        assert_inert(res.stdout + res.stderr)
+        assert shown in res.stdout + res.stderr, (args, res.stdout + res.stderr)
+
+
+def _recipe_naming(tmp_path, folders):
+    """A recipe whose ingredients are these folders plus one missing folder with an escape in its name."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"ingredients": [*map(str, folders), str(tmp_path / "gone\x1b[2J")],
+                                      "strategy": "average", "output": str(tmp_path / "o2")}))
+    return recipe
 
 
 def test_printable_escapes_controls_and_keeps_text():

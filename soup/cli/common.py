@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
-from soup.errors import SoupError
+from soup.errors import SoupError, printable
 
 _FLAGS = ("--debug",)  # the app's own flags, accepted after the subcommand too
 _QUIET = ("-q", "--quiet")  # the subcommands' own flag, accepted before the subcommand too
@@ -112,9 +112,19 @@ app = typer.Typer(name="soup", cls=SoupGroup, no_args_is_help=True, pretty_excep
                   add_completion=False, rich_markup_mode=None,
                   help="Model soups: merge fine-tuned checkpoints by weighted averaging, "
                        "driven by evaluation scores.")
+
+
+class _Inert(Console):
+    """A console that prints text from files inert: control characters (an escape sequence in a folder
+    name, a tensor name, a downloaded soup.json) shown as visible escapes (``soup.errors.printable``)."""
+
+    def print(self, *objects: object, **kwargs: object) -> None:  # type: ignore[override]
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
 # user text (paths, rule strings such as take:-1 or :fire:) is printed literally: no markup, no emoji
-out = Console(highlight=False, soft_wrap=True, emoji=False, markup=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, markup=False)
+out = _Inert(highlight=False, soft_wrap=True, emoji=False, markup=False)
+err = _Inert(stderr=True, highlight=False, soft_wrap=True, emoji=False, markup=False)
 _state = {"debug": os.environ.get("SOUP_DEBUG", "") not in ("", "0")}
 
 # options shared by several subcommands
