@@ -348,9 +348,12 @@ def greedy_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec,
 def search_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, n_trials: int = 50,
                 sampler: str = "tpe", groups: Mapping[str, str] | None = None, timeout: float | None = None,
                 seed: int | None = 0, methods: Sequence[str] | None = None,
-                params: Mapping[str, Sequence[float]] | None = None, **options: Any) -> SoupResult:
+                params: Mapping[str, Sequence[float]] | None = None, racing: bool | Mapping[str, Any] = True,
+                **options: Any) -> SoupResult:
     """Weight search (optuna): the mixing weights of the best of ``n_trials`` trials, seeded with the best
     single ingredient and the uniform soup; ``groups`` ({name: glob pattern}) get their own weights;
+    ``racing``: each trial raced against the best so far on shared examples and pruned once surely worse
+    (evaluators with per-example scores; see ``greedy_soup``);
     ``methods`` (merge methods compared) and ``params`` ({method parameter: [low, high]}) are searched
     with the weights (the run's ``method=``/``base=`` give the default method and the base; ``seed`` here
     is the sampler's). The study resumes from ``storage`` (default: an sqlite file beside ``out``).
@@ -359,7 +362,8 @@ def search_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec,
 
     return cook(SearchSoup(n_trials=n_trials, sampler=sampler, groups=dict(groups) if isinstance(groups, Mapping) else groups,
                            timeout=timeout, seed=seed, methods=list(methods) if methods is not None else None,
-                           params={k: list(v) for k, v in params.items()} if params is not None else None),
+                           params={k: list(v) for k, v in params.items()} if params is not None else None,
+                           racing=racing),
                 ingredients, evaluator=evaluator, **options)
 
 

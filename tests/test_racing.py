@@ -415,3 +415,45 @@ def test_perplexity_per_example_losses(tmp_path):
                       labels=torch.tensor([tok(d)["input_ids"]])).loss.item() for d in docs]
     assert got == pytest.approx([want[2], want[0], want[1]], abs=1e-5)
     ev.close()
+
+
+# ---- search: trials raced against the best, pruned once surely worse ---------------------------------
+
+
+class Weighted(PerExample):
+    """Like ``PerExample``, with the soup's ability the *weighted* mean of its members' skills (search
+    trials differ by weights, not only by members) and each example's noise shared by every soup."""
+
+    name = "weighted-per-example-test"
+
+    def score_examples(self, candidate, indices):
+        w = dict(candidate.weights)
+        total = sum(w.values())
+        a = sum(self.skills[m] * x for m, x in w.items()) / total
+        self.counts["".join(sorted(w))] += len(indices)
+        return [1.0 if self.difficulty[i] < a else 0.0 for i in indices]
+
+
+def test_search_prunes_trials_surely_worse_than_the_best(six, tmp_path):
+    from soup.pipeline import search_soup
+
+    skills = dict(zip(LABELS, [0.75, 0.70, 0.78, 0.05, 0.72, 0.40]))
+    raced_ev, full_ev = Weighted(skills, n=3000), Weighted(skills, n=3000)
+    opts = dict(n_trials=24, sampler="random", cache=None)
+    raced = search_soup(six, raced_ev, output=tmp_path / "raced", **opts)
+    full = search_soup(six, full_ev, output=tmp_path / "full", racing=False, **opts)
+    # the same trials were asked (a random sampler ignores results); the best completed in both
+    assert raced.weights == full.weights and raced.soup_score == full.soup_score
+    history = raced.manifest.evaluation.history
+    pruned = [t for t in history if t.stopped == "separated"]
+    assert pruned and all(t.examples < 3000 and t.of == 3000 and t.partial for t in pruned)
+    assert all(t.stopped in ("full", "cached") for t in full.manifest.evaluation.history)
+    # a pruned trial really is worse than the best: its full score, computed independently
+    best = full.soup_score.value
+    by_name = {t.candidate: t for t in full.manifest.evaluation.history}
+    assert all(by_name[t.candidate].score < best for t in pruned)
+    assert sum(raced_ev.counts.values()) < 0.6 * sum(full_ev.counts.values())
+    from soup.io.manifest import read
+
+    assert read(tmp_path / "raced").method.options["racing"] == Racing().to_dict()
+    assert read(tmp_path / "full").method.options["racing"] is False

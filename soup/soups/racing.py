@@ -190,17 +190,24 @@ class ConfidenceSequence:
 
 def run_race(scorer: Any, candidate: Sequence[float], pool: Sequence[float], *, name: str, pool_name: str,
              keep: Callable[[float, float], bool], racing: Racing | None, tolerance: float = 0.0,
-             pool_score: Score | None = None) -> Race:
+             pool_score: Score | None = None, early: str = "both", candidate_soup: Mapping[str, Any] | None = None,
+             pool_soup: Mapping[str, Any] | None = None) -> Race:
     """``Scorer.race`` (its docstring says what it decides): the race itself, over ``scorer``'s
-    per-example scores (``score_examples``, ``full_score``) and records."""
+    per-example scores (``score_examples``, ``full_score``) and records. ``early``: which decisions may
+    stop the race before every example is used (``both``; ``reject``: only "the candidate is worse",
+    search's pruning, so a trial that may be the best always gets its full score); ``candidate_soup``,
+    ``pool_soup``: each side's other weights (``{groups, method}``: a search trial's)."""
     n = scorer.example_count() if racing is not None else None
-    cand_hit = scorer.peek(candidate)
-    pool_full = pool_score if pool_score is not None else scorer.peek(pool)
+    cs_, ps_ = dict(candidate_soup or {}), dict(pool_soup or {})  # only given when set: AdapterScorer has no method
+    cand_hit = scorer.peek(candidate, **cs_)
+    pool_full = pool_score if pool_score is not None else scorer.peek(pool, **ps_)
     if n is None or (cand_hit is not None and pool_full is not None):
-        s = scorer.score(candidate, name)
-        p = pool_full if pool_full is not None else scorer.score(pool, pool_name)
+        s = scorer.score(candidate, name, **cs_)
+        p = pool_full if pool_full is not None else scorer.score(pool, pool_name, **ps_)
         return Race(keep(s.value, p.value), s, p, s.value, None, 0 if cand_hit is not None else (n or 0),
                     n, STOP_CACHED if cand_hit is not None else STOP_FULL)
+    if early not in ("both", "reject"):
+        raise ValueError(f"run_race: early={early!r} must be 'both' or 'reject'")
     sign = 1.0 if scorer.direction == "maximize" else -1.0
     same_scale = bool(scorer.evaluator.score_is_mean)
     threshold = -float(tolerance) if same_scale else 0.0
@@ -214,12 +221,12 @@ def run_race(scorer: Any, candidate: Sequence[float], pool: Sequence[float], *, 
     seen_low, seen_high = float("inf"), float("-inf")
     used, stopped, kept = 0, STOP_EXHAUSTED, False
     cand_values: list[float] = []
-    with scorer.candidate(candidate, name) as c_obj, scorer.candidate(pool, pool_name) as p_obj:
+    with scorer.candidate(candidate, name, **cs_) as c_obj, scorer.candidate(pool, pool_name, **ps_) as p_obj:
         while used < n:
             step = max(racing.min_examples, racing.batch) if used == 0 else racing.batch
             idx = order[used:used + step]
-            c = scorer.score_examples(candidate, name, idx, candidate=c_obj)
-            p = scorer.score_examples(pool, pool_name, idx, candidate=p_obj)
+            c = scorer.score_examples(candidate, name, idx, candidate=c_obj, **cs_)
+            p = scorer.score_examples(pool, pool_name, idx, candidate=p_obj, **ps_)
             used += len(idx)
             cand_values += c
             seen_low, seen_high = min([seen_low, *c, *p]), max([seen_high, *c, *p])
@@ -227,14 +234,14 @@ def run_race(scorer: Any, candidate: Sequence[float], pool: Sequence[float], *, 
             low, high = cs.interval
             if used >= n:
                 break
-            if used >= racing.min_examples and (low > threshold or (early_reject and high < threshold)):
+            if used >= racing.min_examples and ((early == "both" and low > threshold) or (early_reject and high < threshold)):
                 stopped, kept = STOP_SEPARATED, low > threshold
                 break
         pool_full = score = None
         if stopped == STOP_EXHAUSTED:  # every example used: the decision is exactly today's
-            score, _ = scorer.full_score(candidate, name, candidate=c_obj)
+            score, _ = scorer.full_score(candidate, name, candidate=c_obj, **cs_)
             pool_full, _ = (pool_score, False) if pool_score is not None else \
-                scorer.full_score(pool, pool_name, candidate=p_obj)
+                scorer.full_score(pool, pool_name, candidate=p_obj, **ps_)
             kept = keep(score.value, pool_full.value)
     estimate = mean_score(cand_values)
     scorer.examples_full += n

@@ -279,20 +279,23 @@ class Scorer:
             self.examples_evaluated += len(missing)
         return [have[i] for i in indices]
 
-    def peek(self, weights: Sequence[float]) -> Score | None:
+    def peek(self, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None,
+             method: Mapping[str, Any] | None = None) -> Score | None:
         """The score cache's entry for the soup with ``weights``: nothing is evaluated or recorded."""
-        return self.cache.get(self._ekey, self.key(weights))
+        return self.cache.get(self._ekey, self.key(weights, groups, method))
 
-    def full_score(self, weights: Sequence[float], name: str, *,
-                   candidate: Candidate | None = None) -> tuple[Score, bool]:
+    def full_score(self, weights: Sequence[float], name: str, *, candidate: Candidate | None = None,
+                   groups: Mapping[str, Sequence[float]] | None = None,
+                   method: Mapping[str, Any] | None = None) -> tuple[Score, bool]:
         """The soup's score on every example, unrecorded: ``(score, evaluated here)``; ``candidate``: the
         race's candidate object, used (not closed) if something must be evaluated."""
-        score, cached = self._evaluate(weights, name, make=(lambda: nullcontext(candidate)) if candidate else None)
+        score, cached = self._evaluate(weights, name, groups=groups, method=method,
+                                       make=(lambda: nullcontext(candidate)) if candidate else None)
         return score, not cached
 
     def race(self, candidate: Sequence[float], pool: Sequence[float], *, name: str, pool_name: str,
              keep: Callable[[float, float], bool], racing: Racing | None, tolerance: float = 0.0,
-             pool_score: Score | None = None) -> Race:
+             pool_score: Score | None = None, **more: Any) -> Race:
         """Decide ``keep(candidate's score, pool's score)`` (greedy's rule), racing when it can.
 
         When both full scores are known (``pool_score``, the cache) the decision is made on them.
@@ -304,9 +307,10 @@ class Scorer:
         scale of ``tolerance`` is unknown, so the threshold is 0 and, with a tolerance, only a keep is
         decided early. A race that uses every example decides on the two full scores: exactly the
         decision without racing. The candidate's evaluation is recorded (examples used, why it stopped).
+        ``more``: ``early``, ``candidate_soup``, ``pool_soup`` (``run_race``: search prunes with them).
         """
         return run_race(self, candidate, pool, name=name, pool_name=pool_name, keep=keep, racing=racing,
-                        tolerance=tolerance, pool_score=pool_score)
+                        tolerance=tolerance, pool_score=pool_score, **more)
 
     def race_ingredients(self, racing: Racing, *, top: int | None = None) -> Ranking:
         """Rank the ingredients by racing them on shared examples (``soup.soups.racing.run_rank``): a full
@@ -316,12 +320,14 @@ class Scorer:
         return run_rank(self, [([1.0 if j == i else 0.0 for j in range(n)], self.labels[i]) for i in range(n)],
                         racing=racing, top=top)
 
-    def complete(self, weights: Sequence[float], name: str, score: Score | None = None) -> Score:
+    def complete(self, weights: Sequence[float], name: str, score: Score | None = None, *,
+                 groups: Mapping[str, Sequence[float]] | None = None,
+                 method: Mapping[str, Any] | None = None) -> Score:
         """The soup's full score (a race may have stopped before it was known): from the cache, the
         per-example scores still missing, or a whole evaluation; recorded."""
         if score is not None:
             return score
-        full, evaluated = self.full_score(weights, name)
+        full, evaluated = self.full_score(weights, name, groups=groups, method=method)
         self._record(name, weights, full, cached=not evaluated)  # on every example
         return full
 

@@ -16,6 +16,10 @@ the selection evaluator: the best single ingredient, the uniform soup and, when 
 candidate's score is already in the score cache, the greedy soup's pool. They run even when
 ``n_trials`` is smaller or ``timeout`` has passed.
 
+Racing (``racing``, on by default for evaluators with per-example scores, one evaluator here): each
+trial is raced against the best COMPLETE trial on shared examples and told PRUNED once it is surely
+worse (``soup.soups.pruning``); ``n_trials`` counts COMPLETE and PRUNED trials.
+
 Resume: the study lives in ``scorer.storage`` (``cook`` sets an sqlite file beside the output, or
 the ``--storage`` URL) under a name derived from the run (ingredients, evaluator, rules, dtype and
 the options other than the budget), so re-running a killed run continues it: ``n_trials`` counts
@@ -42,6 +46,8 @@ from typing import Any, ClassVar
 from soup.soups.cache import evaluator_key
 from soup.errors import RecipeError, SoupError
 from soup.soups.evaluate import Score
+from soup.soups.pruning import Best, race_trial
+from soup.soups.racing import Racing, parse_racing
 from soup.engine.rules import match_rule
 from soup.soups.scorer import Scorer
 from soup.soups.strategies import Choice, SoupStrategy
@@ -62,6 +68,7 @@ class SearchSoup(SoupStrategy):
     seed: int | None = 0  # the sampler's seed (None: not reproducible)
     methods: list[str] | None = None  # merge methods to compare (default: the run's method)
     params: dict[str, list[float]] | None = None  # method parameter -> [low, high] searched with the weights
+    racing: Any = True  # race each trial against the best on shared examples, pruned once surely worse
 
     name: ClassVar[str] = "search"
     reference: ClassVar[str] = "https://arxiv.org/abs/1907.10902"
@@ -91,6 +98,8 @@ class SearchSoup(SoupStrategy):
             if len(set(self.groups.values())) < len(self.groups):
                 raise RecipeError("strategy.groups: two groups have the same pattern")
         self._check_methods()
+        self._racing: Racing | None = parse_racing(self.racing)
+        self.racing = self._racing.to_dict() if self._racing is not None else False  # as the manifest records it
 
     def _check_methods(self) -> None:
         from soup.methods.registry import load_method
@@ -221,7 +230,7 @@ class SearchSoup(SoupStrategy):
         """Deterministic from the run, so a re-run finds its study; the budget is left out (it may grow)."""
         run = {"ingredients": [c.fingerprint for c in scorer.checkpoints], "labels": list(scorer.labels),
                "evaluator": scorer.identity, "rules": [r.to_dict() for r in scorer.rules], "dtype": scorer.dtype,
-               "options": {k: v for k, v in self.options().items() if k not in ("n_trials", "timeout")}}
+               "options": {k: v for k, v in self.options().items() if k not in ("n_trials", "timeout", "racing")}}
         return "soup-search-" + hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _sampler(self, optuna: Any, seed: int | None) -> Any:
@@ -251,8 +260,9 @@ class SearchSoup(SoupStrategy):
             method = self._method(t.params, names)
             if _cached(scorer, weights, groups, method) is not None:
                 scorer.score(weights, _name(t.number), groups=groups or None, method=method)
-        while True:
-            complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        racing = self._racing if self._racing is not None and scorer.example_count() is not None else None
+        while True:  # pruned trials count as finished: they spent (part of) an evaluation
+            complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
             waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
             timed_out = self.timeout is not None and time.monotonic() - start >= self.timeout
             remaining = waiting if timed_out else max(self.n_trials - complete, waiting)  # seeds always run
@@ -269,10 +279,17 @@ class SearchSoup(SoupStrategy):
                     self._suggest_method(trial, names)
                 candidates = [(*self._weights(t.params, labels), _name(t.number), self._method(t.params, names))
                               for t in batch]
+                steps = [f"{name} ({complete + k + 1}/{self.n_trials})" for k, (_, _, name, _) in enumerate(candidates)]
+                best = self._best(study, TrialState, labels, names) if racing is not None else None
                 with _heartbeat(storage, study.study_name, [t.number for t in batch]):
-                    results = scorer.score_many([(w, name, g or None, m) for w, g, name, m in candidates],
-                                                steps=[f"{name} ({complete + k + 1}/{self.n_trials})"
-                                                       for k, (_, _, name, _) in enumerate(candidates)])
+                    if best is None:
+                        results = scorer.score_many([(w, name, g or None, m) for w, g, name, m in candidates],
+                                                    steps=steps)
+                    else:  # one evaluator here (racing needs it): one trial at a time, raced against the best
+                        results = []
+                        for t, (w, g, name, m), step in zip(batch, candidates, steps):
+                            scorer.reporter.step(step)
+                            results.append(race_trial(scorer, t, (w, g, m), name, best, racing))
             except BaseException:  # the batch is retried first by the next run (finished scores are cached)
                 for t in batch:
                     try:
@@ -282,9 +299,24 @@ class SearchSoup(SoupStrategy):
                         pass
                 raise
             for t, s in zip(batch, results):
+                if s is None:  # surely worse than the best: pruned (its intermediate value was reported)
+                    study.tell(t, state=TrialState.PRUNED)
+                    continue
                 t.set_user_attr("metrics", dict(s.metrics))
                 t.set_user_attr("primary", s.primary)
                 study.tell(t, s.value)
+
+    def _best(self, study: Any, TrialState: Any, labels: Sequence[str], names: list[str] | None) -> Best | None:
+        """The best COMPLETE trial so far (None: none yet, the first trials run whole)."""
+        done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+        if not done:
+            return None
+        sign = 1.0 if study.direction.name == "MAXIMIZE" else -1.0
+        top = max(done, key=lambda t: (sign * t.value, -t.number))  # ties: the earliest, as ``choose`` ranks
+        weights, groups = self._weights(top.params, labels)
+        score = Score(top.value, dict(top.user_attrs.get("metrics") or {"score": top.value}),
+                      top.user_attrs.get("primary", "score"))
+        return Best(weights, groups, self._method(top.params, names), score, _name(top.number))
 
     def _suggest_method(self, trial: Any, names: list[str] | None) -> None:
         """The trial's method (when several are compared) and the searched parameters it has."""
