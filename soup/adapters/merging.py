@@ -282,6 +282,8 @@ class _Soup:
 
     def _factors(self, m: LoraModule, dtype: torch.dtype) -> None:
         terms = self.terms(m)
+        if self.rank is not None:  # an input's NaN/inf, named first: the SVD would fail inside torch
+            self._inputs_finite(m, terms)
         if self.rank is None:
             a, b = lora.concat(terms, dtype=dtype)
         else:
@@ -293,12 +295,15 @@ class _Soup:
         first = self.ads[0].modules[m.name]
         self.pending[first.a], self.pending[first.b] = a.contiguous(), b.contiguous()
 
-    def _nonfinite(self, m: LoraModule, terms, where: str, w0) -> None:
+    def _inputs_finite(self, m: LoraModule, terms) -> None:
         for i, (a, b, _) in zip(self.used, terms):
             for name, t in ((self.ads[i].modules[m.name].a, a), (self.ads[i].modules[m.name].b, b)):
                 if not bool(torch.isfinite(t).all()):
                     raise CheckpointError(f"{self.ads[i].checkpoint.files[0]}: tensor {name}: non-finite value "
                                           f"(adapter {self.ads[i].label})")
+
+    def _nonfinite(self, m: LoraModule, terms, where: str, w0) -> None:
+        self._inputs_finite(m, terms)
         if w0 is not None and not bool(torch.isfinite(w0).all()):
             raise CheckpointError(f"{self.base.label}: {where}: non-finite value in the base weight")
         raise CheckpointError(f"{where}: the soup of the deltas of module {m.name} is not finite "

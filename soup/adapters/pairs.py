@@ -68,10 +68,12 @@ class _Pair:
 class Pairs:
     """The planned pairs of one merge: computes their output blocks, reports errors, updates the config."""
 
-    def __init__(self, pairs: list[_Pair], *, warn: Callable[[str], None]) -> None:
+    def __init__(self, pairs: list[_Pair], *, warn: Callable[[str], None],
+                 where: Callable[[int, str], str] = lambda i, name: f"ingredient {i}") -> None:
         self.by_name = {p.a: p for p in pairs} | {p.b: p for p in pairs}
         self.pairs = pairs
         self.warn = warn
+        self.where = where  # (ingredient, tensor) -> the file holding it, for errors
         self.pending: dict[str, torch.Tensor] = {}
         self.errors: dict[str, float] = {}  # svd: A tensor name -> relative Frobenius error
 
@@ -84,6 +86,10 @@ class Pairs:
             ins = a0.numel() // p.rank
             terms = [(views(i, p.a).reshape(p.rank, ins), views(i, p.b).reshape(-1, p.rank), p.weights[i])
                      for i in used]
+            for i, (ta, tb, _) in zip(used, terms):  # an input's NaN/inf, named (SVD would fail inside torch)
+                for name, t in ((p.a, ta), (p.b, tb)):
+                    if not bool(torch.isfinite(t).all()):
+                        raise CheckpointError(f"{self.where(i, name)}: tensor {name}: non-finite value")
             if p.rule.mode == "exact":
                 a, b = lora.concat(terms, dtype=job.out_dtype)
             else:
@@ -91,7 +97,8 @@ class Pairs:
                 self.errors[p.a] = err
             for name, t in ((p.a, a), (p.b, b)):
                 if not bool(torch.isfinite(t).all()):
-                    raise CheckpointError(f"tensor {name}: the soup of the pair's deltas is not finite")
+                    raise CheckpointError(f"tensor {name}: the soup of the pair's deltas is not finite "
+                                          "(overflow in the output dtype)")
             self.pending[p.a], self.pending[p.b] = a.contiguous(), b.contiguous()
         yield self.pending.pop(job.name).reshape(-1)
 
@@ -169,7 +176,7 @@ def plan_pairs(plan: Plan, cks: Sequence[Checkpoint], rules: Sequence[Rule], *, 
         jobs[p.a] = Job(p.a, (p.new_rank, *a_shape[1:]), "pair_A", ja.out_dtype, weights=p.weights)
         jobs[p.b] = Job(p.b, (b_shape[0], p.new_rank), "pair_B", jb.out_dtype, weights=p.weights)
     plan.jobs = [jobs[j.name] for j in plan.jobs]
-    return Pairs(planned, warn=warn)
+    return Pairs(planned, warn=warn, where=lambda i, name: str(cks[i].tensors[name].file or cks[i].label))
 
 
 def _plan_one(rule: Rule, a: str, b: str, jobs: dict[str, Job], cks: Sequence[Checkpoint]) -> _Pair:

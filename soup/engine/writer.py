@@ -1,7 +1,8 @@
 """Writing a soup: sharded safetensors, tensor by tensor, into a folder that appears atomically.
 
-- Shards are planned up front from the known shapes (huggingface_hub's splitter and its
-  ``model-0000i-of-0000N.safetensors`` names); each shard's header is written first, then tensors
+- Shards are planned up front from the known shapes (huggingface_hub's splitting rule and its
+  ``model-0000i-of-0000N.safetensors`` names, without importing the hub client: a local merge never
+  loads it); each shard's header is written first, then tensors
   stream in block by block: no shard is ever held in memory.
 - Bytes are written and sha256-hashed by two background threads, so disk writes and hashing overlap
   the math and each other.
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import split_state_dict_into_shards_factory
 
 from soup.io.checkpoint import SAFETENSORS_INDEX, dtype_name
 from soup.errors import SoupError, os_error_line
@@ -51,11 +51,26 @@ def parse_size(size: str | int) -> int:
 
 def plan_shards(jobs: Sequence[Job], shard_size: int) -> dict[str, list[Job]]:
     """Group jobs into shard files (in order), named as transformers names them."""
-    by_name = {j.name: j for j in jobs}
-    split = split_state_dict_into_shards_factory(
-        by_name, get_storage_size=lambda j: j.nbytes, filename_pattern="model{suffix}.safetensors",
-        max_shard_size=shard_size)
-    return {fname: [by_name[n] for n in names] for fname, names in split.filename_to_tensors.items()}
+    # huggingface_hub's split_state_dict_into_shards_factory, as transformers uses it: in order, a new shard
+    # when the next job would tip the current one over the limit; a job bigger than the limit gets a shard
+    # of its own, placed when it is met (so it can precede the shard being filled)
+    shards: list[list[Job]] = []
+    current: list[Job] = []
+    size = 0
+    for job in jobs:
+        if job.nbytes > shard_size:
+            shards.append([job])
+            continue
+        if size + job.nbytes > shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(job)
+        size += job.nbytes
+    if current:
+        shards.append(current)
+    if len(shards) == 1:
+        return {"model.safetensors": shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards)}
 
 
 class _HashingWriter:

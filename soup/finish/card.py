@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import ModelCardData
 
 from soup.errors import printable
 from soup.io.manifest import Manifest, Method, Scoring
@@ -116,7 +115,7 @@ def render_model_card(manifest: Manifest, *, recipe_text: str | None = None) -> 
     """
     m, name = manifest, manifest.method.name
     ingredients, ev = m.ingredients, m.evaluation
-    front = front_matter(m).to_yaml() + "\n"
+    front = _card_yaml(front_matter(m)) + "\n"
 
     in_soup = [i for i in ingredients if i.kept is not False and i.weight != 0]
     lines = [f"---\n{front}---", "", f"# Model soup ({_cell(name)})", "",
@@ -177,8 +176,9 @@ def write_model_card(folder: Path, manifest: Manifest, *, warn: Callable[[str], 
     return path
 
 
-def front_matter(m: Manifest) -> ModelCardData:
-    """The card's metadata for the hub (``huggingface_hub.ModelCardData``): an adapter soup is a PEFT
+def front_matter(m: Manifest) -> dict[str, Any]:
+    """The card's metadata for the hub, in the order and shape ``huggingface_hub.ModelCardData`` gives
+    it (None fields left out; built here so that writing a card never imports the hub client): an adapter soup is a PEFT
     adapter of its adapters' base model (``base_model_relation: adapter``); any other soup is a merge of
     the hub repos of the ingredients actually in it (weight not 0, kept; a merge method's base model too),
     so the hub's model tree never shows a parent the soup dropped."""
@@ -188,13 +188,27 @@ def front_matter(m: Manifest) -> ModelCardData:
     if isinstance(adapter, dict) and "merge_into" not in adapter:  # the soup is an adapter (concat or SVD)
         base = adapter.get("base_model")
         hub_id = isinstance(base, str) and HUB_ID.match(base) is not None
-        return ModelCardData(library_name="peft", base_model=base if hub_id else None,
-                             base_model_relation="adapter" if hub_id else None, tags=tags)
+        return _card_data(library_name="peft", base_model=base if hub_id else None,
+                          base_model_relation="adapter" if hub_id else None, tags=tags)
     base_name = (m.merge_method or {}).get("base")
     repos = list(dict.fromkeys(i.repo for i in m.ingredients if i.repo and (
         (i.weight != 0 and i.kept is not False) or i.name == base_name)))
-    return ModelCardData(library_name="transformers", base_model=repos or None,
-                         base_model_relation="merge" if repos else None, tags=tags)
+    return _card_data(library_name="transformers", base_model=repos or None,
+                      base_model_relation="merge" if repos else None, tags=tags)
+
+
+def _card_data(*, library_name: str, base_model: str | list[str] | None, base_model_relation: str | None,
+               tags: list[str]) -> dict[str, Any]:
+    """``ModelCardData(...).to_dict()`` for these fields: its field order (base_model, library_name, tags,
+    then extra keys), None left out, tags made unique in order."""
+    data = {"base_model": base_model, "library_name": library_name, "tags": list(dict.fromkeys(tags)),
+            "base_model_relation": base_model_relation}
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _card_yaml(data: dict[str, Any]) -> str:
+    """``ModelCardData.to_yaml()``: huggingface_hub's yaml_dump (unicode kept, keys in order), stripped."""
+    return yaml.dump(data, sort_keys=False, allow_unicode=True).strip()
 
 
 def _evaluation(m: Manifest) -> list[str]:

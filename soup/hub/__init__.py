@@ -14,11 +14,31 @@
   places: ``HF_TOKEN``, ``hf auth login``) are never printed, logged or written.
 """
 
-from soup.hub.errors import RetryPolicy
+from typing import Any
+
 from soup.io.ingredients import HubOptions
-from soup.hub.download import PULL_PATTERNS, PulledRepo, pull
-from soup.hub.upload import PushResult, ShardUploader, push
-from soup.hub.specs import HUB_PREFIX, parse_hub_spec
 
 __all__ = ["HubOptions", "HUB_PREFIX", "PULL_PATTERNS", "PulledRepo", "PushResult", "RetryPolicy", "ShardUploader",
            "parse_hub_spec", "pull", "push"]
+
+
+def __getattr__(name: str) -> Any:
+    """The names that need huggingface_hub, imported on first use: importing a submodule that does not
+    (``soup.hub.publisher`` with no target) never loads the hub client."""
+    if name in ("HUB_PREFIX", "parse_hub_spec"):
+        from soup.hub import specs
+
+        return getattr(specs, name)
+    if name == "RetryPolicy":
+        from soup.hub.errors import RetryPolicy
+
+        return RetryPolicy
+    if name in ("PULL_PATTERNS", "PulledRepo", "pull"):
+        from soup.hub import download
+
+        return getattr(download, name)
+    if name in ("PushResult", "ShardUploader", "push"):
+        from soup.hub import upload
+
+        return getattr(upload, name)
+    raise AttributeError(f"module 'soup.hub' has no attribute {name!r}")

