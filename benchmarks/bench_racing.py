@@ -8,10 +8,14 @@ score cache, ``racing=False`` (every candidate scored on every example) and raci
   labels), chosen on the 350-example validation split by ``DigitsAccuracy`` (1.0 / 0.0 per example).
 - **synthetic**: eight ingredients and ``--examples`` examples of a benchmark with shared difficulty:
   example i is right for soup S when ``difficulty_i + noise(S, i) < ability(S)``; ability is the
-  members' mean skill (six good ingredients, two bad ones; skills drawn from the seed) plus a small
-  bonus for averaging more (``0.04 * log |S|``); noise is the mean of the members' own errors
-  (``0.1 * N(0, 1)`` per ingredient and example: a soup errs where its members err) plus
-  ``0.02 * N(0, 1)`` of its own. Two ingredients disagree on about 11% of the examples; a greedy
+  members' weighted mean skill (six good ingredients, two bad ones; skills drawn from the seed) plus a
+  small bonus for averaging more (``0.04 * log k``, k the effective number of members: |S| for a
+  uniform soup); noise is the weighted mean of the members' own errors (``0.1 * N(0, 1)`` per
+  ingredient and example: a soup errs where its members err) plus ``0.02 * N(0, 1)`` of its own.
+- **search** (``--search-seeds``): weight search on the synthetic task, ``--trials`` trials of the
+  ``random`` sampler (it asks the same trials whatever the results, so both runs try the same soups and
+  "same best trial" is a fair check), each trial raced against the best so far and pruned once surely
+  worse. Two ingredients disagree on about 11% of the examples; a greedy
   candidate and its pool, sharing most members, on a few percent (printed).
 
 Printed per task: examples evaluated with racing / without (every evaluation: ingredients, candidates
@@ -81,14 +85,16 @@ class Synthetic(Evaluator):
         return self.n
 
     def score_examples(self, candidate, indices):
-        members = "+".join(sorted(candidate.weights))
+        total = sum(candidate.weights.values())
+        w = {m: x / total for m, x in sorted(candidate.weights.items())}  # a greedy soup: uniform
+        members = "+".join(f"{m}:{x:.6f}" for m, x in w.items())
         noise = self._noise.get(members)
         if noise is None:
             h = int(hashlib.sha256(f"{self.args['seed']}:{members}".encode()).hexdigest()[:15], 16)
-            shared = sum(self.own[m] for m in candidate.weights) / len(candidate.weights)
+            shared = sum(x * self.own[m] for m, x in w.items())
             noise = self._noise[members] = shared + 0.02 * np.random.default_rng(h).standard_normal(self.n)
-        k = len(candidate.weights)
-        ability = sum(self.skills[m] for m in candidate.weights) / k + 0.04 * math.log(k)
+        k = 1.0 / sum(x * x for x in w.values())  # the effective number of members (k for a uniform soup)
+        ability = sum(x * self.skills[m] for m, x in w.items()) + 0.04 * math.log(k)
         idx = np.asarray(list(indices), dtype=np.int64)
         self.counter.add(candidate, len(idx))
         return (self.difficulty[idx] + noise[idx] < ability).astype(np.float64).tolist()
@@ -170,6 +176,40 @@ def summarise(name: str, runs: list, examples_per_eval: int, n_ingredients: int)
     ]
 
 
+def run_search_pair(paths, make_evaluator, racing, seed, trials):
+    """Search without and with racing (pruning): (counter, result) for each."""
+    from soup.pipeline import search_soup
+
+    out = []
+    for race in (False, dict(racing, seed=seed)):
+        counter = Counting()
+        res = search_soup(paths, make_evaluator(counter), n_trials=trials, sampler="random", seed=seed,
+                          cache=None, racing=race)
+        out.append((counter, res))
+    return out
+
+
+def summarise_search(runs: list, examples_per_eval: int, n_ingredients: int, trials: int) -> list[str]:
+    full_total = sum(f.total for (f, _), _ in runs)
+    race_total = sum(r.total for _, (r, _) in runs)
+    same = sum(fr.weights == rr.weights for (_, fr), (_, rr) in runs)
+    pruned = [t for _, (_, rr) in runs for t in rr.manifest.evaluation.history if t.stopped == "separated"]
+    full_scores = [fr.soup_score.value for (_, fr), _ in runs]
+    race_scores = [rr.soup_score.value for _, (_, rr) in runs]
+    used = sorted(t.examples for t in pruned)
+    return [
+        f"search on the synthetic task: {len(runs)} seeds, {n_ingredients} ingredients, {trials} random trials "
+        f"+ seeds, {examples_per_eval} examples per evaluation",
+        f"  examples evaluated, racing / full: {race_total:,} / {full_total:,} = {race_total / full_total:.3f}"
+        f"   (target <= 0.4)",
+        f"  evaluations stopped early (ingredients raced for the best, trials pruned): {len(pruned)}; examples each: median {used[len(used) // 2] if used else 0}",
+        f"  same best trial as full evaluation: {same}/{len(runs)} = {same / len(runs):.3f}   (target >= 0.95)",
+        f"  final soup's full score, mean over seeds: full {statistics.fmean(full_scores):.4f}, "
+        f"racing {statistics.fmean(race_scores):.4f}; seeds where they differ: "
+        f"{sum(a != b for a, b in zip(full_scores, race_scores))}",
+    ]
+
+
 def _kept(res) -> list[str]:
     return sorted(k for k, w in res.weights.items() if w)
 
@@ -180,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-seeds", type=int, default=200)
     ap.add_argument("--examples", type=int, default=5000, help="examples of the synthetic task")
     ap.add_argument("--bad", type=int, default=2, help="bad ingredients (of 8) in the synthetic task")
+    ap.add_argument("--search-seeds", type=int, default=20, help="seeds of the search runs (synthetic task)")
+    ap.add_argument("--trials", type=int, default=30, help="trials per search run")
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--min-examples", type=int, default=128)
@@ -221,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             step = probe.disagreement(labels[:3], labels[:4])
             print("\n".join(summarise("synthetic per-example task", runs, args.examples, len(paths))), flush=True)
             print(f"  disagreement (seed 0): two ingredients {pair:.3f}; a 3-soup and it + one {step:.3f}")
+        if args.search_seeds:
+            paths = synthetic_ingredients(root / "synthetic")
+            labels = [p.name for p in paths]
+            runs = []
+            for seed in range(args.search_seeds):
+                skills = synthetic_skills(seed, labels, args.bad)
+                make = (lambda c, s=seed, k=skills: Synthetic(k, args.examples, s, c))
+                runs.append(run_search_pair(paths, make, racing, seed, args.trials))
+            print("\n".join(summarise_search(runs, args.examples, len(paths), args.trials)), flush=True)
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -167,8 +167,14 @@ class SearchSoup(SoupStrategy):
                 warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
                 study, storage = self._open(scorer, optuna)  # a bad storage fails before any evaluation
                 try:
-                    scores = scorer.score_ingredients()
-                    self._seed(study, scorer, scores)
+                    if self._racing is not None and scorer.example_count() is not None:
+                        ranking = scorer.race_ingredients(self._racing, top=1)  # the best one alone is needed
+                        values = [x.value if x is not None else None for x in ranking.scores]
+                        self._seed(study, scorer, ranking.order[0], None)
+                    else:
+                        scores = scorer.score_ingredients()
+                        values = [x.value for x in scores]
+                        self._seed(study, scorer, scorer.rank(scores)[0], scores)
                     self._run(study, storage, scorer, optuna.trial.TrialState, names)
                     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 finally:
@@ -187,7 +193,7 @@ class SearchSoup(SoupStrategy):
         soup = Score(best.value, dict(best.user_attrs.get("metrics") or {"score": best.value}),
                      best.user_attrs.get("primary", "score"))
         kept = [weights[i] > 0 or any(g[i] > 0 for g in groups.values()) for i in range(n)]
-        return Choice(weights, [s.value for s in scores], trajectory, soup, kept, groups,
+        return Choice(weights, values, trajectory, soup, kept, groups,
                       method=self._method(best.params, names))
 
     def _check_groups(self, scorer: Scorer) -> None:
@@ -239,10 +245,12 @@ class SearchSoup(SoupStrategy):
                 "cmaes": lambda: s.CmaEsSampler(seed=seed), "gp": lambda: s.GPSampler(seed=seed),
                 "random": lambda: s.RandomSampler(seed=seed)}[self.sampler]()
 
-    def _seed(self, study: Any, scorer: Scorer, scores: Sequence[Score]) -> None:
-        """Enqueue the best single ingredient, the uniform soup and the cached greedy pool (once per study)."""
+    def _seed(self, study: Any, scorer: Scorer, best: int, scores: Sequence[Score] | None) -> None:
+        """Enqueue the best single ingredient, the uniform soup and the cached greedy pool (once per study;
+        the pool needs every ingredient's full score: not when their ranking was raced)."""
         labels = scorer.labels
-        for pool in ([scorer.rank(scores)[0]], list(range(len(labels))), _greedy_pool(scorer, scores)):
+        greedy = _greedy_pool(scorer, scores) if scores is not None else None
+        for pool in ([best], list(range(len(labels))), greedy):
             if pool:
                 params = {f"{v}.{lab}": float(i in pool) for v in self._vectors() for i, lab in enumerate(labels)}
                 study.enqueue_trial(params, skip_if_exists=True)
