@@ -20,8 +20,10 @@ Prompt tokens get the label -100. The loss is ``sum of token losses / number of 
 the whole data set (not a mean of batch means); ``perplexity = exp(loss)``.
 
 Per-example scores (racing, docs/racing.md): example ``i`` is the ``i``-th sequence scored, its score the
-mean loss of its scored tokens (lower is better), known once a first candidate is scored. The perplexity
-is not their mean, so a race that uses every example is decided on ``score``.
+mean loss of its scored tokens (lower is better). Their number is known before any candidate when
+``model`` or ``tokenizer`` is given; else only once a first candidate is scored, too late for a
+strategy to race, so give ``model`` to race. The perplexity is not their mean, so a race that uses
+every example is decided on ``score``.
 
 Example::
 
@@ -32,86 +34,18 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from soup.errors import EvaluatorError
 from soup.soups.evaluate import Candidate, Evaluator
 
+from soup.evaluators.perplexity_data import load_records, pad_batch, sequences
 from soup.evaluators.resident import DTYPES, build_model, release, resolve_device, resolve_dtype
 
 __all__ = ["PerplexityEvaluator", "load_records"]
-
-
-# a parsed record: ("text", text) | ("pair", prompt, response) | ("chat", messages)
-Record = tuple
-
-
-def load_records(path: str | Path, *, documents: str = "lines") -> list[Record]:
-    """Parse a data file into records (see the module docstring for the formats).
-
-    Args:
-        path: a ``.txt``, ``.jsonl`` or ``.json`` file.
-        documents: for ``.txt``: ``"lines"`` (one document per non-empty line) or ``"whole"``.
-
-    Returns:
-        A list of ``("text", str)``, ``("pair", prompt, response)``, ``("chat", messages)`` or, for
-        ``documents="whole"``, one ``("whole", str)``.
-
-    Raises:
-        EvaluatorError: the file is missing, unreadable, or a record has none of the known fields.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluatorError(f"perplexity data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvaluatorError(f"cannot read perplexity data {path}: {e}") from e
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        if suffix == ".json":
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise EvaluatorError(f"{path}: invalid JSON: {e}") from e
-            if not isinstance(rows, list):
-                raise EvaluatorError(f"{path}: expected a JSON list of records")
-            numbered = [(i + 1, row) for i, row in enumerate(rows)]
-        else:
-            numbered = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        numbered.append((lineno, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise EvaluatorError(f"{path}:{lineno}: invalid JSON: {e}") from e
-        return [_record(row, f"{path}:{n}") for n, row in numbered]
-    if documents == "whole":
-        return [("whole", text)] if text.strip() else []
-    return [("text", line) for line in text.splitlines() if line.strip()]
-
-
-def _record(row: Any, where: str) -> Record:
-    if not isinstance(row, Mapping):
-        raise EvaluatorError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if isinstance(row.get("messages"), list):
-        for m in row["messages"]:
-            if not (isinstance(m, Mapping) and "role" in m and "content" in m):
-                raise EvaluatorError(f"{where}: each message needs 'role' and 'content'")
-        return ("chat", [dict(m) for m in row["messages"]])
-    response = row.get("response", row.get("completion"))
-    if isinstance(row.get("prompt"), str) and isinstance(response, str):
-        return ("pair", row["prompt"], response)
-    if isinstance(row.get("text"), str):
-        return ("text", row["text"])
-    raise EvaluatorError(f"{where}: a record needs 'text', 'prompt'+'response' or 'messages'; "
-                         f"got keys {sorted(row)}")
-
-
 class PerplexityEvaluator(Evaluator):
     """Perplexity of each candidate on ``data`` (exp of the mean token cross-entropy); lower is better.
 
@@ -239,9 +173,22 @@ class PerplexityEvaluator(Evaluator):
         return {"loss": loss_mean, "perplexity": ppl, "tokens": float(n_tokens)}
 
     def examples(self) -> int | None:
-        """How many sequences are scored (per-example scores); None before the first ``score``."""
+        """How many sequences are scored (per-example scores). Known before any candidate when ``model``
+        or ``tokenizer`` names the tokenizer's folder (the data is tokenized then, no model built);
+        else None until the first ``score`` (the tokenizer comes from the first candidate's folder)."""
         seqs = getattr(self, "_seqs", None)
-        return len(seqs) if seqs and self._model is not None else None
+        if seqs is None and self._model is None and (self.args["tokenizer"] or self.args["model"]):
+            import transformers
+
+            folder = self.args["tokenizer"] or self.args["model"]
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    folder, trust_remote_code=self.args["trust_remote_code"])
+            except Exception as e:
+                raise EvaluatorError(f"perplexity: cannot load the tokenizer from {folder}: "
+                                     f"{type(e).__name__}: {e}") from e
+            seqs = self._seqs = self._sequences(tokenizer)
+        return len(seqs) if seqs else None
 
     def score_examples(self, candidate: Candidate, indices: Sequence[int]) -> list[float]:
         """The mean token loss of each sequence in ``indices`` (see the module docstring)."""
@@ -256,7 +203,7 @@ class PerplexityEvaluator(Evaluator):
         with torch.inference_mode():
             for start in range(0, len(indices), self.args["batch_size"]):
                 group = [self._seqs[i] for i in indices[start:start + self.args["batch_size"]]]
-                input_ids, attention, labels = (t.to(self._device) for t in _pad(group, self._pad_id))
+                input_ids, attention, labels = (t.to(self._device) for t in pad_batch(group, self._pad_id))
                 logits = self._model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
                 targets = labels[:, 1:]  # (b, t-1)
                 scored = targets != -100
@@ -304,30 +251,20 @@ class PerplexityEvaluator(Evaluator):
         self._model, self._device = model, device
 
     def _make_batches(self, tokenizer: Any, device: str) -> list[tuple[Any, Any, Any]]:
-        max_length = self.args["max_length"]
-        seqs: list[tuple[list[int], list[int]]] = []
-        for record in self._records:
-            if record[0] == "whole":
-                ids = tokenizer(record[1], add_special_tokens=True)["input_ids"]
-                seqs += [(ids[i:i + max_length], ids[i:i + max_length])
-                         for i in range(0, len(ids), max_length)]
-                if self.args["max_samples"] is not None:
-                    seqs = seqs[: self.args["max_samples"]]
-            else:
-                ids, labels = _encode(tokenizer, record)
-                seqs.append((ids[:max_length], labels[:max_length]))
-        seqs = [s for s in seqs if any(x != -100 for x in s[1][1:])]  # something to predict
-        if not seqs:
-            raise EvaluatorError(f"perplexity: no token to score in {self.args['data']} "
-                                 f"(responses empty or truncated away by max_length={max_length})")
+        seqs = self._sequences(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._seqs, self._pad_id = seqs, pad  # per-example scores: example i is seqs[i]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # little padding
         batches = []
         for start in range(0, len(order), self.args["batch_size"]):
             group = [seqs[i] for i in order[start:start + self.args["batch_size"]]]
-            batches.append(tuple(t.to(device) for t in _pad(group, pad)))  # right padding
+            batches.append(tuple(t.to(device) for t in pad_batch(group, pad)))  # right padding
         return batches
+
+    def _sequences(self, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+        a = self.args
+        return sequences(self._records, tokenizer, max_length=a["max_length"], max_samples=a["max_samples"],
+                         data=a["data"])
 
     # --- weights --------------------------------------------------------------------------------
 
@@ -342,78 +279,3 @@ class PerplexityEvaluator(Evaluator):
         except IncompatibleIngredients as e:
             raise EvaluatorError(f"perplexity: {candidate.name} does not fit the model: {e}") from e
         self._loaded_key = candidate.key  # per-example batches of one candidate load it once
-
-
-def _pad(group: list[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any, Any]:
-    """``(input_ids, attention, labels)`` of sequences, right-padded to the longest (CPU tensors)."""
-    import torch
-
-    width = max(len(ids) for ids, _ in group)
-    input_ids = torch.full((len(group), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(group), width), dtype=torch.long)
-    labels = torch.full((len(group), width), -100, dtype=torch.long)
-    for row, (ids, lab) in enumerate(group):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention[row, :len(ids)] = 1
-        labels[row, :len(lab)] = torch.tensor(lab)
-    return input_ids, attention, labels
-
-
-def _encode(tokenizer: Any, record: Record) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 where not scored) of one record."""
-    kind = record[0]
-    if kind == "text":
-        ids = tokenizer(record[1], add_special_tokens=True)["input_ids"]
-        return ids, list(ids)
-    if kind == "pair":
-        text, spans, special = record[1] + record[2], [(len(record[1]), len(record[1] + record[2]))], True
-    else:
-        text, spans = _render_chat(tokenizer, record[1])
-        special = False  # chat templates write their own special tokens
-    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels, prev = [], False
-    for tok_id, (s, e) in zip(ids, enc["offset_mapping"]):
-        # a zero-width (added special) token goes with the token before it
-        scored = prev if s == e else any(s < b and e > a for a, b in spans)
-        labels.append(tok_id if scored else -100)
-        prev = scored
-    return ids, labels
-
-
-def _render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise EvaluatorError("perplexity: 'messages' data needs a tokenizer with a chat template")
-
-    def render(msgs: list[dict], generation_prompt: bool = False) -> str:
-        if not msgs:
-            return ""
-        return tokenizer.apply_chat_template(msgs, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-
-    try:
-        full = render(messages)
-        spans, consistent = [], True
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before, upto = render(messages[:i], True), render(messages[: i + 1])
-            if not (full.startswith(upto) and upto.startswith(before)):
-                consistent = False
-                break
-            spans.append((len(before), len(upto)))
-        if not consistent:  # e.g. templates that rewrite earlier turns: score the last turn only
-            spans = []
-            if messages[-1]["role"] == "assistant":
-                before = render(messages[:-1], True)
-                if full.startswith(before):
-                    spans = [(len(before), len(full))]
-            if not spans:
-                raise EvaluatorError("perplexity: the chat template does not render the conversation "
-                                     "as a prefix of itself; cannot find the assistant tokens")
-    except EvaluatorError:
-        raise
-    except Exception as e:
-        raise EvaluatorError(f"perplexity: the chat template failed: {type(e).__name__}: {e}") from e
-    return full, spans

@@ -405,7 +405,8 @@ def test_perplexity_per_example_losses(tmp_path):
     data.write_text("\n".join(docs) + "\n")
     ev = PerplexityEvaluator(data=data, model=folder, batch_size=2)
     cand = Candidate.from_state_dict("lm", load_file(str(folder / "model.safetensors")), key="lm")
-    assert ev.examples() is None  # known once the first candidate is scored
+    assert ev.examples() == 3  # the tokenizer's folder is known (model=): no candidate needed, no model built
+    assert ev._model is None and PerplexityEvaluator(data=data).examples() is None  # else: after a first score
     ev.score(cand)
     assert ev.examples() == 3 and ev.direction == "minimize" and not ev.score_is_mean
     got = ev.score_examples(cand, [2, 0, 1])
