@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,7 +43,8 @@ def _pair_checkpoints(root: Path, bad: str, value: float) -> list[Path]:
 def _adapters(root: Path, bad: str, value: float) -> tuple[list[Path], Path]:
     """Two PEFT LoRA adapter folders (rank 2 on layer.lin) and their base; ``bad`` of the second holds ``value``."""
     (root / "base").mkdir()
-    save_file({"layer.lin.weight": torch.randn(6, 5), "other": torch.randn(3)}, str(root / "base" / "model.safetensors"))
+    save_file({"layer.lin.weight": torch.randn(6, 5), "other": torch.randn(3)},
+              str(root / "base" / "model.safetensors"))
     folders = []
     for i in range(2):
         g = torch.Generator().manual_seed(10 + i)
@@ -160,7 +159,8 @@ def test_shard_plan_is_huggingface_hubs_split():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(library_name="transformers", base_model=None, base_model_relation=None, tags=["merge", "model-soup", "soup-average"]),
+    dict(library_name="transformers", base_model=None, base_model_relation=None,
+         tags=["merge", "model-soup", "soup-average"]),
     dict(library_name="transformers", base_model=["acme/a", "acme/b"], base_model_relation="merge",
          tags=["merge", "model-soup", "soup-greedy", "merge"]),
     dict(library_name="peft", base_model="acme/base", base_model_relation="adapter", tags=["merge", "soup-ünïcode"]),
@@ -173,3 +173,85 @@ def test_card_front_matter_is_what_model_card_data_writes(kwargs):
     from soup.finish.card import _card_data, _card_yaml
 
     assert _card_yaml(_card_data(**kwargs)) == ModelCardData(**kwargs).to_yaml()
+
+
+# ---- MLflow: webhooks from a real server, aliases: queries against it -------------------------------------
+
+from test_registry import _register, mlflow_server  # noqa: E402,F401  (a real `mlflow server` on 127.0.0.1)
+
+SECRET = "whsec-claims-0123456789"
+
+
+def test_a_real_mlflow_server_delivers_signed_webhooks_that_soup_accepts(mlflow_server, tmp_path, monkeypatch):
+    """The server itself signs and sends (model version created, alias set, tag set); soup's receiver
+    authenticates each and turns it into its event. A webhook with another secret is refused, 401."""
+    from mlflow import MlflowClient
+
+    from soup.registry import Event
+    from soup.schedule.webhooks import WebhookServer
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    got: list[Event] = []
+    server = WebhookServer("127.0.0.1:0", SECRET, lambda e: got.append(e) or True)
+    server.start()
+    try:
+        c = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+        events = ["model_version.created", "model_version_alias.created", "model_version_tag.set"]
+        c.create_webhook("soup", server.url, events, secret=SECRET)
+        c.create_webhook("impostor", server.url, events, secret="not-the-secret")
+        version = _register(mlflow_server, tmp_path, "sft", 41)
+        c.set_registered_model_alias("sft", "candidate", version)
+        c.set_model_version_tag("sft", version, "stage", "done")
+        want = [Event("mlflow", "sft", e) for e in events]
+        deadline = time.monotonic() + 60  # mlflow delivers from a thread pool
+        while sorted(got, key=repr) != sorted(want, key=repr) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # and nothing more arrives (the impostor's deliveries are refused)
+        assert sorted(got, key=repr) == sorted(want, key=repr)
+    finally:
+        server.close()
+
+
+def _alias_query(url: str, tmp_path: Path, *aliases: str) -> list[str]:
+    from soup.registry import parse_query
+    from soup.registry.base import Context
+
+    errors: list[str] = []
+    query = parse_query({"registry": "mlflow", "model": "sft", "aliases": list(aliases)}, "ingredients[0]",
+                        tmp_path, errors)
+    assert not errors and query is not None
+    return [p.source for p in query.resolve(Context(tracking_uri=url))]
+
+
+def test_mlflow_aliases_query_resolves_exactly_the_aliased_versions(mlflow_server, tmp_path, monkeypatch):
+    import yaml
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    url = mlflow_server
+    versions = [_register(url, tmp_path, "sft", 50 + i) for i in range(4)]
+    assert versions == ["1", "2", "3", "4"]
+    c = MlflowClient(tracking_uri=url, registry_uri=url)
+    c.set_registered_model_alias("sft", "a", "1")
+    c.set_registered_model_alias("sft", "b", "3")
+    c.set_registered_model_alias("sft", "c", "3")
+    held = {k: c.get_model_version_by_alias("sft", k).version for k in "abc"}
+    assert held == {"a": "1", "b": "3", "c": "3"}
+    assert _alias_query(url, tmp_path, "a") == ["models:/sft/1"]
+    assert _alias_query(url, tmp_path, "a", "b") == ["models:/sft/1", "models:/sft/3"]
+    assert _alias_query(url, tmp_path, "b", "c") == ["models:/sft/3"]  # a version holding two aliases: once
+    assert _alias_query(url, tmp_path, "nobody") == []
+    assert _alias_query(url, tmp_path) == [f"models:/sft/{v}" for v in versions]  # no aliases: every version
+    c.set_registered_model_alias("sft", "a", "4")  # an alias moves
+    assert _alias_query(url, tmp_path, "a") == ["models:/sft/4"]
+    c.delete_registered_model_alias("sft", "b")
+    assert _alias_query(url, tmp_path, "a", "b") == ["models:/sft/4"]
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "ingredients": [{"registry": "mlflow", "model": "sft", "aliases": ["a", "c"]}], "strategy": "average",
+        "output": "out", "tracking_uri": url}))
+    res = runner.invoke(app, ["run", str(tmp_path / "r.yaml"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "mlflow model sft (alias a, c) -> 2 match(es)" in res.stdout
+    listed = sorted(line.split(": ")[1] for line in res.stdout.splitlines() if line.strip().startswith("sft-v"))
+    assert listed == ["models:/sft/3", "models:/sft/4"], res.stdout

@@ -273,34 +273,49 @@ def test_webhook_secret_and_matching_event_trigger_a_tick(shop):
     assert tick["changes"][0].startswith("+ acme/sft-c@") and len(shop.commits()) == 3
 
 
-def test_mlflow_webhook_signature():
+def test_mlflow_webhook_signature(monkeypatch):
+    """Deliveries made by mlflow's own sender (mlflow.webhooks.delivery), signed by mlflow, to soup's
+    receiver: a mismatch in the signing scheme would fail here, which signing with soup's own cannot show."""
+    pytest.importorskip("mlflow")
+    from mlflow.entities.webhook import Webhook, WebhookEvent
+    from mlflow.webhooks import delivery
+
     from soup.registry import Event
-    from soup.schedule.webhooks import WebhookServer, mlflow_signature
+    from soup.schedule.webhooks import WebhookServer
 
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")  # mlflow refuses 127.0.0.1 otherwise
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")  # and plain http
+    monkeypatch.setenv("MLFLOW_WEBHOOK_REQUEST_MAX_RETRIES", "0")
     got: list[Event] = []
-    server = WebhookServer("127.0.0.1:0", SECRET, lambda e: got.append(e) or e.name == "sft")
+    server = WebhookServer("127.0.0.1:0", SECRET, lambda e: got.append(e) or e.name == "example_model")
     server.start()
+
+    def hook(secret: str | None) -> Webhook:
+        return Webhook("w-1", "soup", server.url, [WebhookEvent.from_str("model_version.created")], 0, 0,
+                       secret=secret)
+
     try:
-        body = {"entity": "model_version", "action": "created", "timestamp": "x",
-                "data": {"name": "sft", "version": "3", "source": "s", "run_id": None, "tags": {}, "description": None}}
-        raw = json.dumps(body).encode()
-        stamp = str(int(time.time()))
-
-        def send(signature: str, when: str = stamp) -> int:
-            req = urllib.request.Request(server.url, data=raw, method="POST", headers={
-                "X-MLflow-Signature": signature, "X-MLflow-Delivery-Id": "d-1", "X-MLflow-Timestamp": when})
-            try:
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    return r.status
-            except urllib.error.HTTPError as e:
-                return e.code
-
-        assert send(mlflow_signature("not-the-secret", "d-1", stamp, raw)) == 401
-        old = str(int(time.time()) - 3600)
-        assert send(mlflow_signature(SECRET, "d-1", old, raw), old) == 401  # a replayed delivery
+        for event in ("model_version.created", "model_version_alias.created", "model_version_tag.set"):
+            sent = delivery.test_webhook(hook(SECRET), WebhookEvent.from_str(event))
+            assert (sent.success, sent.response_status, json.loads(sent.response_body)) == (
+                True, 202, {"status": "queued"}), sent
+        assert got == [Event("mlflow", "example_model", e) for e in (
+            "model_version.created", "model_version_alias.created", "model_version_tag.set")]
+        got.clear()
+        assert delivery.test_webhook(hook("not-the-secret")).response_status == 401
+        assert delivery.test_webhook(hook(None)).response_status == 401  # mlflow sends no signature without a secret
         assert got == []
-        assert send(mlflow_signature(SECRET, "d-1", stamp, raw)) == 202
-        assert got == [Event("mlflow", "sft", "model_version.created")]
+
+        # a replayed delivery: mlflow's signature of an hour-old timestamp
+        raw = json.dumps({"entity": "model_version", "action": "created", "timestamp": "x",
+                          "data": {"name": "example_model", "version": "3"}})
+        old = str(int(time.time()) - 3600)
+        req = urllib.request.Request(server.url, data=raw.encode(), method="POST", headers={
+            "X-MLflow-Signature": delivery._generate_hmac_signature(SECRET, "d-1", old, raw),
+            "X-MLflow-Delivery-Id": "d-1", "X-MLflow-Timestamp": old})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 401 and got == []
     finally:
         server.close()
 

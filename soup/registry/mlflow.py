@@ -73,9 +73,13 @@ class MlflowQuery(Query):
         c = client(uri)
         try:
             versions = list(c.search_model_versions(f"name = '{_quote(self.model)}'"))
+            aliased: set[str] = set()
+            if self.aliases and versions:  # search results carry no aliases (MLflow fills them only on single reads):
+                held = c.get_registered_model(self.model).aliases or {}  # the model's {alias: version}
+                aliased = {str(v) for a, v in held.items() if a in self.aliases}
             found = []
             for mv in sorted(versions, key=lambda v: int(v.version)):
-                if self.aliases and not set(self.aliases) & set(getattr(mv, "aliases", None) or ()):
+                if self.aliases and str(mv.version) not in aliased:
                     continue
                 if any((mv.tags or {}).get(k) != v for k, v in self.tags):
                     continue
