@@ -142,6 +142,23 @@ def _same_soup(a: Path, b: Path) -> None:
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request, tmp_path) -> str:
+    """The queue's storage: an sqlite file, and a database on a throwaway PostgreSQL server (the ``postgres``
+    fixture skips when PostgreSQL is not installed, and fails in CI)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("postgres")
+
+
+def _wait_marker(marker: Path, timeout: float = 60) -> int:
+    """The pid a stalled evaluator wrote into ``marker``."""
+    deadline = time.monotonic() + timeout
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return int(marker.read_text())
+
+
 def test_two_workers_finish_a_greedy_soup_evaluating_each_candidate_once(tmp_path):
     recipe = _kitchen(tmp_path, delay=0.4)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -173,10 +190,9 @@ def test_two_workers_finish_a_greedy_soup_evaluating_each_candidate_once(tmp_pat
     _same_soup(tmp_path / "soup-out", tmp_path / "ref")
 
 
-def test_a_worker_killed_mid_candidate_has_it_run_again_by_the_other(tmp_path):
+def test_a_worker_killed_mid_candidate_has_it_run_again_by_the_other(tmp_path, storage):
     marker = tmp_path / "marker"
     recipe = _kitchen(tmp_path, delay=0.2, slow="ing2", marker=str(marker))
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
     workers = [_cli(tmp_path, f"w{i}", "worker", str(recipe), "--storage", storage, "--idle-timeout", "60", "-q")
                for i in (1, 2)]
     coord = _cli(tmp_path, "coord", "run", str(recipe), "--storage", storage, "--no-local-worker", "-q")
@@ -273,10 +289,9 @@ def test_a_storage_password_is_never_printed(tmp_path):
         assert "postgresql+psycopg://soup:***@127.0.0.1:9/soup" in res.stderr
 
 
-def test_a_worker_told_to_stop_hands_its_candidate_back_at_once(tmp_path):
+def test_a_worker_told_to_stop_hands_its_candidate_back_at_once(tmp_path, storage):
     marker = tmp_path / "marker"
     recipe = _kitchen(tmp_path, n=3, slow="ing2", marker=str(marker))
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
     w1 = _cli(tmp_path, "w1", "worker", str(recipe), "--storage", storage, "--idle-timeout", "60")
     # no heartbeat expiry in this test: the hand-back alone must put the candidate back in the queue
     coord = _cli(tmp_path, "coord", "run", str(recipe), "--storage", storage, "--no-local-worker", "-q",
@@ -296,3 +311,34 @@ def test_a_worker_told_to_stop_hands_its_candidate_back_at_once(tmp_path):
                   for t in _queue(storage).trials if t.user_attrs["name"] == "ing2")
     assert ing2 == [("COMPLETE", True), ("FAIL", False)]
     assert not list((tmp_path / "tmp").glob("soup-worker-*"))  # both workers removed their scratch folders
+
+
+def test_a_candidate_whose_workers_die_more_than_soup_max_retry_times_stops_the_run(tmp_path, storage):
+    """SOUP_MAX_RETRY=1: the first SIGKILLed worker's candidate is queued again once; when the worker
+    that took the copy is killed too, the coordinator stops with one line naming the candidate."""
+    marker = tmp_path / "marker"
+    recipe = _kitchen(tmp_path, n=3, slow="ing2", marker=str(marker))
+    workers = [_cli(tmp_path, f"w{i}", "worker", str(recipe), "--storage", storage, "--idle-timeout", "60", "-q")
+               for i in (1, 2)]
+    coord = _cli(tmp_path, "coord", "run", str(recipe), "--storage", storage, "--no-local-worker", "-q",
+                 SOUP_MAX_RETRY="1")
+    first = _wait_marker(marker)
+    assert first in (workers[0].pid, workers[1].pid)
+    marker.unlink()  # the next worker to take ing2 stalls too
+    os.kill(first, signal.SIGKILL)
+    second = _wait_marker(marker)
+    assert second in (workers[0].pid, workers[1].pid) and second != first  # the retry went to the other
+    os.kill(second, signal.SIGKILL)
+    res = _finish([coord, *workers])
+    assert [w.returncode for w in workers] == [-signal.SIGKILL] * 2
+    code, stdout, stderr = res["coord"]
+    assert code == 1 and stdout == "", stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("error: ing2: its worker died or stopped 2 times (last: ")
+    assert "; see study soup-queue-" in stderr
+    assert not (tmp_path / "soup-out").exists()
+    study = _queue(storage)
+    assert study.user_attrs["soup"]["settings"]["max_retry"] == 1
+    ing2 = [t for t in study.trials if t.user_attrs["name"] == "ing2"]
+    assert sorted(t.state.name for t in ing2) == ["FAIL", "FAIL"]  # one retry, then no more copies
+    assert "ing2" not in {name for _, _, name in _log(tmp_path)}  # never scored
