@@ -102,7 +102,6 @@ class PerplexityEvaluator(Evaluator):
         self._data_sha256 = hashlib.sha256(Path(data).read_bytes()).hexdigest()
         self._model: Any = None  # the resident model
         self._tokenizer: Any = None
-        self._batches: list[tuple[Any, Any, Any]] | None = None  # (input_ids, attention, labels)
         self._device: str | None = None
 
     @classmethod
@@ -150,25 +149,19 @@ class PerplexityEvaluator(Evaluator):
         Raises:
             EvaluatorError: see the class docstring.
         """
-        import torch
-
         if self._model is None:
             self._build(candidate)
-        self._load_weights(candidate)
-        model = self._model
-        loss_sum = 0.0
-        n_tokens = 0
-        with torch.inference_mode():
-            for input_ids, attention, labels in self._batches:
-                logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-                # position t predicts token t+1: (b, t-1, vocab) against (b, t-1)
-                targets = labels[:, 1:]
-                scored = targets != -100
-                picked = logits[:, :-1][scored].float()  # (n_scored, vocab), only scored positions
-                loss = torch.nn.functional.cross_entropy(picked, targets[scored], reduction="sum")
-                loss_sum += float(loss.double().item())
-                n_tokens += int(scored.sum().item())
-        loss_mean = loss_sum / n_tokens
+        seqs = self._seqs
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # longest first: little padding
+        values = dict(zip(order, self.score_examples(candidate, order)))
+        return self.aggregate([values[i] for i in range(len(seqs))])
+
+    def aggregate(self, values: Sequence[float]) -> dict[str, float]:
+        """The score from every sequence's mean token loss: the token-weighted mean loss (``score``
+        computes it this way too, so a race that used every sequence needs no second pass)."""
+        tokens = [sum(1 for x in labels[1:] if x != -100) for _, labels in self._seqs]
+        n_tokens = sum(tokens)
+        loss_mean = math.fsum(v * t for v, t in zip(values, tokens)) / n_tokens
         ppl = math.exp(loss_mean) if loss_mean < 700 else math.inf
         return {"loss": loss_mean, "perplexity": ppl, "tokens": float(n_tokens)}
 
@@ -215,7 +208,7 @@ class PerplexityEvaluator(Evaluator):
 
     def close(self) -> None:
         """Free the resident model, its batches and, on cuda, the cached GPU memory."""
-        device, self._model, self._batches, self._tokenizer = self._device, None, None, None
+        device, self._model, self._tokenizer = self._device, None, None
         self._loaded_key = None
         release(device)
 
@@ -242,24 +235,14 @@ class PerplexityEvaluator(Evaluator):
                                  f"tokenizer; character offsets are needed to mask prompts")
         dtype = resolve_dtype(a["dtype"], config, device)
         self._tokenizer = tokenizer
-        self._batches = self._make_batches(tokenizer, device)
+        self._seqs = self._sequences(tokenizer)  # per-example scores: example i is seqs[i]
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         auto = getattr(transformers, a["auto_class"], None)
         if auto is None or not hasattr(auto, "from_config"):
             raise EvaluatorError(f"perplexity: transformers has no auto class {a['auto_class']!r}")
         model = build_model(auto, config, dtype=dtype, device=device, trust_remote_code=a["trust_remote_code"],
                             who=f"perplexity ({a['auto_class']})", where=f"{folder}/config.json")
         self._model, self._device = model, device
-
-    def _make_batches(self, tokenizer: Any, device: str) -> list[tuple[Any, Any, Any]]:
-        seqs = self._sequences(tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._seqs, self._pad_id = seqs, pad  # per-example scores: example i is seqs[i]
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # little padding
-        batches = []
-        for start in range(0, len(order), self.args["batch_size"]):
-            group = [seqs[i] for i in order[start:start + self.args["batch_size"]]]
-            batches.append(tuple(t.to(device) for t in pad_batch(group, pad)))  # right padding
-        return batches
 
     def _sequences(self, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
         a = self.args

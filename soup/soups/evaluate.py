@@ -242,6 +242,13 @@ class Evaluator(ABC):
         """One score per example of ``indices`` (see the class docstring); implemented with ``examples``."""
         raise NotImplementedError(f"evaluator {self.label} gives no per-example scores")
 
+    def aggregate(self, values: Sequence[float]) -> float | Mapping[str, float] | None:
+        """The full score from every example's score (``values[i]``: example ``i``), as ``score`` would
+        return it, so a race that used every example needs no second, whole evaluation; None (the
+        default, unless ``score_is_mean``): not possible, ``score`` is called. Perplexity: the
+        token-weighted mean of its per-sequence losses."""
+        return mean_score(values) if self.score_is_mean else None
+
 
 def run_evaluator(evaluator: Evaluator, candidate: Candidate) -> Score:
     """Call ``evaluator.score`` and normalise the result; any failure becomes an EvaluatorError.
@@ -252,7 +259,18 @@ def run_evaluator(evaluator: Evaluator, candidate: Candidate) -> Score:
     (Ctrl-C, SIGTERM: see ``soup.signals``) propagates; a ``KeyboardInterrupt`` the plug-in raised
     itself is an error.
     """
-    raw = _call(evaluator, candidate, lambda: evaluator.score(candidate), "")
+    return to_score(evaluator, candidate, _call(evaluator, candidate, lambda: evaluator.score(candidate), ""))
+
+
+def run_aggregate(evaluator: Evaluator, candidate: Candidate, values: Sequence[float]) -> Score | None:
+    """``evaluator.aggregate(values)`` normalised as ``run_evaluator`` normalises ``score`` (None: the
+    evaluator cannot build its score from per-example scores)."""
+    raw = _call(evaluator, candidate, lambda: evaluator.aggregate(values), " (aggregate)")
+    return None if raw is None else to_score(evaluator, candidate, raw)
+
+
+def to_score(evaluator: Evaluator, candidate: Candidate, raw: Any) -> Score:
+    """A plug-in's result (a number, or a mapping of metrics with a primary one) as a checked ``Score``."""
     what = f"evaluator {evaluator.label}"
     if isinstance(raw, Mapping):
         metrics = {str(k): _finite(evaluator, candidate, v, str(k)) for k, v in raw.items()}

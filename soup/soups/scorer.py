@@ -26,7 +26,8 @@ from typing import Any
 
 from soup.soups.cache import ScoreCache, candidate_key, evaluator_key
 from soup.io.checkpoint import Checkpoint
-from soup.soups.evaluate import Candidate, Evaluator, Score, mean_score, run_evaluator, run_examples
+from soup.soups.evaluate import (Candidate, Evaluator, Score, mean_score, run_aggregate, run_evaluator,
+                                 run_examples)
 from soup.soups.racing import STOP_CACHED, STOP_FULL, Race, Racing, Ranking, run_race, run_rank
 from soup.merging import merge
 from soup.methods.spec import method_spec
@@ -163,15 +164,17 @@ class Scorer:
         if hit is not None:
             return hit, True
         ev, n = self.evaluators[evaluator], self._known_examples()
-        # one evaluator whose score is the mean of its per-example scores: those are evaluated (the missing
-        # ones) and cached, for races to reuse; the same value as ``score`` by the evaluator's contract
-        per_example = n is not None and ev.score_is_mean and len(self.evaluators) == 1
+        # one evaluator whose score is built from its per-example scores (``aggregate``): those are evaluated
+        # (the missing ones) and cached, for races to reuse; ``score``'s value by the evaluator's contract
+        per_example = n is not None and len(self.evaluators) == 1 and (
+            ev.score_is_mean or type(ev).aggregate is not Evaluator.aggregate)
         with (make() if make is not None else self.candidate(weights, name, groups, method)) as cand:
+            score = None
             if per_example:
-                value = mean_score(self.score_examples(weights, name, range(n), groups=groups, method=method,
-                                                       candidate=cand))
-                score = Score(value, {"score": value}, "score")
-            else:
+                values = self.score_examples(weights, name, range(n), groups=groups, method=method, candidate=cand)
+                score = Score(mean_score(values), {"score": mean_score(values)}, "score") if ev.score_is_mean \
+                    else run_aggregate(ev, cand, values)
+            if score is None:
                 score = run_evaluator(ev, cand)
                 self.examples_evaluated += n or 0
         self.verify("its score was not cached")  # a score never belongs to bytes that are gone

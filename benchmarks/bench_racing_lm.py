@@ -1,0 +1,150 @@
+"""Racing on a real language model (issue 21): greedy and search on a tiny Llama, scored by perplexity.
+
+The task: a tiny Llama (``tests/tiny_lm.py``: word-level tokenizer, 2 layers, hidden 64) is first
+trained on a mixture of six sentence templates (the "base"), then fine-tuned from that base on one
+template each (``--ingredients`` fine-tunes; the last one on sentences with their words shuffled,
+a bad fine-tune). Validation: ``--examples`` sentences of the mixture; per-example score = the mean
+token loss of one sentence (``PerplexityEvaluator`` with ``model=``: the number of examples is known
+before any candidate, so greedy and search race). Every seed draws new training data and new
+fine-tunes, then runs greedy (and, with ``--search-trials``, search with the random sampler) twice
+without a score cache: racing off and on. Printed as ``bench_racing.py`` prints its tasks.
+
+    python benchmarks/bench_racing_lm.py                    # 8 seeds
+    python benchmarks/bench_racing_lm.py --seeds 2 --search-trials 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from bench_racing import Counting, run_pair, run_search_pair, summarise, summarise_search  # noqa: E402
+from tiny_lm import build_tiny_lm  # noqa: E402
+
+from soup.evaluators.perplexity import PerplexityEvaluator  # noqa: E402
+
+NOUNS = "cat dog sun moon tree house mat rug park".split()
+ADJS = "big small red blue green good bad".split()
+TEMPLATES = [
+    lambda r: f"the {r.choice(ADJS)} {r.choice(NOUNS)} sat on the {r.choice(['mat', 'rug'])} .",
+    lambda r: f"the {r.choice(NOUNS)} ran to the {r.choice(['park', 'house', 'home'])} and the {r.choice(NOUNS)} ran home .",
+    lambda r: f"what is the {r.choice(NOUNS)} ? the {r.choice(NOUNS)} is {r.choice(ADJS)} .",
+    lambda r: f"where is the {r.choice(NOUNS)} ? it was on the {r.choice(['mat', 'rug'])} .",
+    lambda r: f"hello world , good {r.choice(['day', 'night'])} , the {r.choice(['sun', 'moon'])} is {r.choice(ADJS)} !",
+    lambda r: f"do you say yes ? i said {r.choice(['yes', 'no'])} , they said {r.choice(['yes', 'no'])} .",
+]
+
+
+def sentences(rng: random.Random, n: int, templates: list[int], shuffle: bool = False) -> list[str]:
+    out = []
+    for _ in range(n):
+        words = TEMPLATES[rng.choice(templates)](rng).split()
+        if shuffle:
+            rng.shuffle(words)
+        out.append(" ".join(words))
+    return out
+
+
+def train(folder: Path, start: Path | None, texts: list[str], steps: int, lr: float, seed: int) -> Path:
+    """Train the tiny LM in ``folder`` (from ``start``'s weights, else as built) on ``texts``; save."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_tiny_lm(folder, seed=0, hidden_size=64)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    if start is not None:
+        model.load_state_dict(load_file(str(start / "model.safetensors")), strict=False)
+    tok = AutoTokenizer.from_pretrained(folder)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        batch = [texts[int(i)] for i in torch.randint(len(texts), (32,), generator=gen)]
+        enc = tok(batch, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+def task(root: Path, seed: int, n_ingredients: int, n_examples: int) -> tuple[list[Path], Path, Path]:
+    """The base, the fine-tunes and the validation file of one seed."""
+    rng = random.Random(seed)
+    everything = list(range(len(TEMPLATES)))
+    base = train(root / "base", None, sentences(rng, 3000, everything), 300, 3e-3, seed)
+    paths = []
+    for i in range(n_ingredients):
+        bad = i == n_ingredients - 1
+        texts = sentences(rng, 1000, [i % len(TEMPLATES)], shuffle=bad)
+        paths.append(train(root / f"ft{i}", base, texts, 60, 2e-3, seed * 100 + i))
+    val = root / "val.txt"
+    val.write_text("\n".join(sentences(rng, n_examples, everything)) + "\n")
+    return paths, base, val
+
+
+class CountingPerplexity(PerplexityEvaluator):
+    """The perplexity evaluator, counting the examples it scores (``bench_racing.Counting``)."""
+
+    def __init__(self, counter: Counting, **kw) -> None:
+        super().__init__(**kw)
+        self.counter = counter
+
+    def score(self, candidate):
+        out = super().score(candidate)
+        self.counter.add(candidate, self.examples())
+        return out
+
+    def score_examples(self, candidate, indices):
+        self.counter.add(candidate, len(indices))
+        return super().score_examples(candidate, indices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--ingredients", type=int, default=6)
+    ap.add_argument("--examples", type=int, default=1000, help="validation sentences")
+    ap.add_argument("--search-trials", type=int, default=20, help="trials per search run (0: no search)")
+    ap.add_argument("--delta", type=float, default=0.05)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--min-examples", type=int, default=128)
+    args = ap.parse_args(argv)
+    racing = {"delta": args.delta, "batch": args.batch, "min_examples": args.min_examples}
+    print(f"racing: {racing}")
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    greedy_runs, search_runs = [], []
+    with tempfile.TemporaryDirectory(prefix="soup-bench-racing-lm-") as tmp:
+        for seed in range(args.seeds):
+            paths, base, val = task(Path(tmp) / f"seed{seed}", seed, args.ingredients, args.examples)
+
+            def make(counter, base=base, val=val):
+                return CountingPerplexity(counter, data=val, model=base, batch_size=64)
+
+            greedy_runs.append(run_pair(paths, make, racing, seed))
+            if args.search_trials:
+                search_runs.append(run_search_pair(paths, make, racing, seed, args.search_trials))
+            print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    name = f"perplexity on a tiny Llama (greedy; {args.ingredients - 1} fine-tunes + 1 on shuffled words)"
+    print("\n".join(summarise(name, greedy_runs, args.examples, args.ingredients)))
+    if search_runs:
+        lines = summarise_search(search_runs, args.examples, args.ingredients, args.search_trials)
+        print("\n".join(lines).replace("search on the synthetic task", "search, perplexity on a tiny Llama"))
+    print(f"wall time: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
