@@ -462,3 +462,37 @@ def test_search_prunes_trials_surely_worse_than_the_best(six, tmp_path):
 
     assert read(tmp_path / "raced").method.options["racing"] == Racing().to_dict()
     assert read(tmp_path / "full").method.options["racing"] is False
+
+
+def test_perplexity_races_and_builds_its_full_score_from_the_examples(tmp_path):
+    """With ``model=`` the examples are known up front, so greedy races; a full score comes from the
+    per-sequence losses (``aggregate``: token-weighted), never from a second, whole pass."""
+    pytest.importorskip("transformers")
+    from soup.evaluators.perplexity import PerplexityEvaluator
+    from tiny_lm import build_tiny_lm
+
+    lms = [build_tiny_lm(tmp_path / f"lm{i}", seed=i) for i in range(3)]
+    data = tmp_path / "docs.txt"
+    data.write_text("\n".join(["the cat sat on the mat .", "hello world", "the dog ran to the park ."] * 20) + "\n")
+
+    class Counted(PerplexityEvaluator):
+        whole = 0
+
+        def score(self, candidate):
+            Counted.whole += 1
+            return super().score(candidate)
+
+    raced = greedy_soup(lms, Counted(data=data, model=lms[0]), cache=None, racing={"min_examples": 16, "batch": 8})
+    assert Counted.whole == 0  # every full score was aggregated from per-example losses
+    full = greedy_soup(lms, PerplexityEvaluator(data=data, model=lms[0]), cache=None, racing=False)
+    assert kept(raced) == kept(full)
+    assert raced.soup_score.value == pytest.approx(full.soup_score.value, rel=1e-6)
+    ev = PerplexityEvaluator(data=data, model=lms[0])
+    from safetensors.torch import load_file
+
+    cand = Candidate.from_state_dict("lm1", load_file(str(lms[1] / "model.safetensors")), key="lm1")
+    per = ev.score_examples(cand, range(ev.examples()))
+    tokens = [len(d.split()) + 1 for d in data.read_text().split("\n") if d]  # [BOS] + words: all but one predicted
+    want = math.fsum(v * (t - 1) for v, t in zip(per, tokens)) / sum(t - 1 for t in tokens)
+    got = ev.score(cand)
+    assert got["loss"] == pytest.approx(want, rel=1e-12) and got["tokens"] == sum(t - 1 for t in tokens)
