@@ -496,3 +496,23 @@ def test_perplexity_races_and_builds_its_full_score_from_the_examples(tmp_path):
     want = math.fsum(v * (t - 1) for v, t in zip(per, tokens)) / sum(t - 1 for t in tokens)
     got = ev.score(cand)
     assert got["loss"] == pytest.approx(want, rel=1e-12) and got["tokens"] == sum(t - 1 for t in tokens)
+
+
+def test_races_spread_over_two_devices_decide_as_on_one(six):
+    """With two devices a race's pool side, and half of a ranking's candidates, run on the second one."""
+    class Tracked(PerExample):
+        instances: list = []
+
+        def __init__(self, **args):
+            super().__init__(**args)
+            Tracked.instances.append(self)
+
+    args = {"skills": SKILLS, "n": 2000}
+    two = greedy_soup(six, Tracked, evaluator_args=args, devices=["cpu", "cpu"], cache=None)
+    assert len(Tracked.instances) == 2 and all(sum(ev.counts.values()) > 0 for ev in Tracked.instances)
+    single = PerExample(SKILLS, n=2000)
+    one = greedy_soup(six, single, cache=None)
+    assert kept(two) == kept(one) and two.soup_score == one.soup_score
+    assert sum(sum(ev.counts.values()) for ev in Tracked.instances) == sum(single.counts.values())
+    assert [(t["tried"], t.get("stopped"), t.get("examples")) for t in two.trajectory] == \
+        [(t["tried"], t.get("stopped"), t.get("examples")) for t in one.trajectory]

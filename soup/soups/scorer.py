@@ -87,6 +87,7 @@ class Scorer:
         self._example_memo: dict[str, dict[int, float]] = {}  # candidate key -> per-example scores seen
         self.examples_evaluated = 0  # examples scored in this run (a whole evaluation counts every example)
         self.examples_full = 0  # what evaluating every candidate whole would have scored (its cache hits excepted)
+        self._count_lock = threading.Lock()
 
     @property
     def direction(self) -> str:
@@ -166,17 +167,18 @@ class Scorer:
         ev, n = self.evaluators[evaluator], self._known_examples()
         # one evaluator whose score is built from its per-example scores (``aggregate``): those are evaluated
         # (the missing ones) and cached, for races to reuse; ``score``'s value by the evaluator's contract
-        per_example = n is not None and len(self.evaluators) == 1 and (
-            ev.score_is_mean or type(ev).aggregate is not Evaluator.aggregate)
+        per_example = n is not None and (ev.score_is_mean or type(ev).aggregate is not Evaluator.aggregate)
         with (make() if make is not None else self.candidate(weights, name, groups, method)) as cand:
             score = None
             if per_example:
-                values = self.score_examples(weights, name, range(n), groups=groups, method=method, candidate=cand)
+                values = self.score_examples(weights, name, range(n), groups=groups, method=method, candidate=cand,
+                                             evaluator=evaluator)
                 score = Score(mean_score(values), {"score": mean_score(values)}, "score") if ev.score_is_mean \
                     else run_aggregate(ev, cand, values)
             if score is None:
                 score = run_evaluator(ev, cand)
-                self.examples_evaluated += n or 0
+                with self._count_lock:
+                    self.examples_evaluated += n or 0
         self.verify("its score was not cached")  # a score never belongs to bytes that are gone
         self.cache.put(self._ekey, key, score, name=name, identity=self.identity)
         return score, False
@@ -231,9 +233,9 @@ class Scorer:
 
     def example_count(self) -> int | None:
         """How many examples comparisons can race on: the evaluator's ``examples()`` when candidates are
-        evaluated here by one evaluator; None (whole scores only) with a worker queue, several devices
-        (their parallel greedy rounds score whole candidates) or an evaluator without per-example scores."""
-        if self._queue is not None or len(self.evaluators) > 1:
+        evaluated in this process (on several devices, a race's two sides and a ranking's candidates are
+        spread over them); None (whole scores only) with a worker queue or an evaluator without them."""
+        if self._queue is not None:
             return None
         return self._known_examples()
 
@@ -255,10 +257,10 @@ class Scorer:
 
     def score_examples(self, weights: Sequence[float], name: str, indices: Sequence[int], *,
                        groups: Mapping[str, Sequence[float]] | None = None, method: Mapping[str, Any] | None = None,
-                       candidate: Candidate | None = None) -> list[float]:
+                       candidate: Candidate | None = None, evaluator: int = 0) -> list[float]:
         """Per-example scores of the soup with ``weights`` on ``indices``: those already known (this run,
-        the cache) are read, the others evaluated in one call and stored. ``candidate``: the candidate
-        object to evaluate (kept across a race's batches, so its folder is written once)."""
+        the cache) are read, the others evaluated in one call (by ``evaluators[evaluator]``) and stored.
+        ``candidate``: the candidate object to evaluate (kept across a race's batches)."""
         key = self.key(weights, groups, method)
         have = self._example_memo.get(key)
         if have is None:
@@ -271,7 +273,7 @@ class Scorer:
             extra = (groups, method) if method is not None else (groups,)  # AdapterScorer has no method
             cand = candidate if candidate is not None else self.candidate(weights, name, *extra)
             try:
-                values = run_examples(self.evaluator, cand, missing)
+                values = run_examples(self.evaluators[evaluator], cand, missing)
             finally:
                 if own:
                     cand.close()
@@ -279,7 +281,8 @@ class Scorer:
             fresh = dict(zip(missing, values))
             self.cache.put_examples(self._ekey, key, fresh)
             have.update(fresh)
-            self.examples_evaluated += len(missing)
+            with self._count_lock:  # a race's two sides may run on two devices at once
+                self.examples_evaluated += len(missing)
         return [have[i] for i in indices]
 
     def peek(self, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None,
