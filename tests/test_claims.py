@@ -255,3 +255,24 @@ def test_mlflow_aliases_query_resolves_exactly_the_aliased_versions(mlflow_serve
     assert "mlflow model sft (alias a, c) -> 2 match(es)" in res.stdout
     listed = sorted(line.split(": ")[1] for line in res.stdout.splitlines() if line.strip().startswith("sft-v"))
     assert listed == ["models:/sft/3", "models:/sft/4"], res.stdout
+
+
+def test_an_unexpected_exception_is_one_line_without_debug_and_a_traceback_with_it(tmp_path, monkeypatch):
+    """A bug (not a SoupError) in a command still ends in one ``error:`` line and exit 1; ``--debug``
+    shows its traceback."""
+    from typer.testing import CliRunner
+
+    import soup.io.inspection
+    from soup.cli import app
+
+    def broken(*paths, **kw):
+        raise ZeroDivisionError("\x1b[2Jdivision by zero")
+
+    monkeypatch.setattr(soup.io.inspection, "inspect", broken)
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert lines == ["error: internal error: ZeroDivisionError: \\x1b[2Jdivision by zero (run with --debug for "
+                     "the traceback)"], lines
+    res = CliRunner().invoke(app, ["--debug", "inspect", str(tmp_path)])
+    assert res.exit_code == 1 and isinstance(res.exception, ZeroDivisionError)

@@ -13,6 +13,7 @@ import sys
 from contextlib import contextmanager
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
@@ -192,6 +193,14 @@ def _errors():
         if _state["debug"]:
             raise
         err.print(f"error: {printable(redact(os_error_line(e)))}")
+        raise typer.Exit(1) from None
+    except (typer.Exit, typer.Abort, click.ClickException):
+        raise
+    except Exception as e:  # a bug in soup or a plug-in: still one line (the traceback with --debug)
+        if _state["debug"]:
+            raise
+        err.print(f"error: internal error: {type(e).__name__}: {printable(redact(str(e)))} "
+                  "(run with --debug for the traceback)")
         raise typer.Exit(1) from None
     except KeyboardInterrupt as e:
         name = getattr(e, "args", None) and e.args[0] or "SIGINT"
