@@ -303,9 +303,12 @@ def _evaluation(choice: Choice, scorer: Scorer | None, test: Scorer | None,
     if scorer is None:
         return Evaluation(test=test_record)
     soup = choice.soup_score
+    raced = any(r.get("of") is not None for r in scorer.records)  # per-example scores: the run's accounting
+    examples = {"evaluated": scorer.examples_evaluated, "full": scorer.examples_full} if raced else None
     return Evaluation(EvaluatorInfo.from_identity(scorer.identity), scorer.direction,
                       soup.value if soup else None, dict(soup.metrics) if soup else None, _history(scorer),
-                      trajectory=[_step(k, t) for k, t in enumerate(choice.trajectory)], test=test_record)
+                      trajectory=[_step(k, t) for k, t in enumerate(choice.trajectory)], test=test_record,
+                      examples=examples)
 
 
 def _history(scorer: Scorer) -> list[Trial]:

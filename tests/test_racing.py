@@ -352,6 +352,19 @@ def test_every_record_says_how_many_examples_and_why_it_stopped(six, tmp_path):
     assert f"{used:,} of the" in summary[0]
     written = json.loads((tmp_path / "soup" / "soup.json").read_text())
     assert "stopped" in written["evaluation"]["history"][-1]
+    # the run's accounting: in soup.json, the report and the card, the same figures the run printed
+    assert written["evaluation"]["examples"] == {"evaluated": used, "full": res.manifest.evaluation.examples["full"]}
+    full = written["evaluation"]["examples"]["full"]
+    assert f"{used:,} of the {full:,}" in summary[0]
+    from soup.finish.report import format_report
+    from soup.io.manifest import read
+
+    early = sum(1 for t in history if t.partial)
+    assert f"examples evaluated: {used:,} of the {full:,}" in format_report(read(tmp_path / "soup"))
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert f"scored {used:,} examples of the {full:,}" in card and f"{early} evaluation(s) stopped early" in card
+    res_off = greedy_soup(six, PerExample(SKILLS, n=2000), cache=None, out=tmp_path / "off", racing=False)
+    assert res_off.manifest.evaluation.examples["evaluated"] == res_off.manifest.evaluation.examples["full"]
     # the soup's own record is on every example
     assert history[-1].stopped in ("full", "exhausted", "cached") or res.soup_score is not None
 

@@ -230,6 +230,13 @@ def _evaluation(m: Manifest) -> list[str]:
         lines.append(f"| Best single ingredient ({_cell(best.name)}) | "
                      + " | ".join(_num(best.score if s is ev else best.test_score) for _, s in records) + " |")
     lines.append("")
+    if ev.examples is not None and ev.examples["full"]:
+        used, full = ev.examples["evaluated"], ev.examples["full"]
+        early = sum(1 for t in ev.history if t.partial)
+        lines += [f"Racing (candidates compared on shared examples): the evaluations scored "
+                  f"{used:,} examples of the {full:,} that scoring every candidate on every example would "
+                  f"({used / full:.0%}); {early} evaluation(s) stopped early once their comparison was clear. "
+                  "The soup's own score is on every example.", ""]
     return lines
 
 

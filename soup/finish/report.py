@@ -91,6 +91,10 @@ def format_report(manifest: Manifest | Mapping[str, Any] | Any, *, where: str | 
         lines.append("soup score: not evaluated (the strategy did not score the soup it chose)")
     if ev is not None and ev.test is not None and ev.test.soup_score is not None:
         lines.append(f"soup test score: {_fmt(ev.test.soup_score)}")
+    if ev is not None and ev.examples is not None and ev.examples["full"]:
+        used, full = ev.examples["evaluated"], ev.examples["full"]
+        lines.append(f"examples evaluated: {used:,} of the {full:,} a full evaluation of every candidate would use "
+                     f"({used / full:.0%}); {sum(1 for t in ev.history if t.partial)} evaluation(s) stopped early")
     lines.append(f"{m.tensors} tensors, {m.total_size:,} bytes, {len(m.files)} file(s), dtype {m.dtype}")
     return printable("\n".join(lines))  # every field came from a soup.json, maybe a downloaded one
 

@@ -120,6 +120,9 @@ class Evaluation(Scoring):
 
     trajectory: list[Step] = field(default_factory=list)  # greedy only
     test: TestEvaluation | None = None
+    # evaluators with per-example scores: examples scored in the run, and what scoring every candidate on
+    # every example would have scored ({"evaluated": U, "full": F}); None otherwise
+    examples: dict[str, int] | None = None
 
 
 def scoring_dict(s: Scoring) -> dict[str, Any]:
@@ -147,6 +150,8 @@ def evaluation_dict(ev: Evaluation) -> dict[str, Any]:
     d["trajectory"] = [{"step": t.step, "tried": t.tried, "score": t.score, "kept": t.kept, "pool": t.pool}
                        for t in ev.trajectory]
     d["test"] = scoring_dict(ev.test) if ev.test is not None else None
+    if ev.examples is not None:
+        d["examples"] = dict(ev.examples)
     return d
 
 
@@ -194,6 +199,11 @@ def read_evaluation(r: Reader, ev: Mapping[str, Any]) -> Evaluation:
                                kept=r.get(t, "kept", bool, f"{where}.kept", required=True),
                                pool=[str(p) for p in pool]))
     test = r.get(ev, "test", dict, "evaluation.test")
+    examples = r.get(ev, "examples", dict, "evaluation.examples")
+    if examples is not None and (set(examples) != {"evaluated", "full"} or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in examples.values())):
+        raise BadShape("evaluation.examples: expected {evaluated: N, full: N} with whole numbers >= 0")
     return Evaluation(**read_scoring(r, ev, "evaluation."), trajectory=trajectory,
-                      test=TestEvaluation(**read_scoring(r, test, "evaluation.test.")) if test is not None else None)
+                      test=TestEvaluation(**read_scoring(r, test, "evaluation.test.")) if test is not None else None,
+                      examples=examples)
 

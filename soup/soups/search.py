@@ -176,6 +176,8 @@ class SearchSoup(SoupStrategy):
                         values = [x.value for x in scores]
                         self._seed(study, scorer, scorer.rank(scores)[0], scores)
                     self._run(study, storage, scorer, optuna.trial.TrialState, names)
+                    if scorer.example_count() is not None:
+                        scorer.reporter.step(scorer.examples_line())
                     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 finally:
                     if storage is not None:
