@@ -110,3 +110,18 @@ def test_the_torch_key_has_the_recipe_name_on_the_command_line(tmp_path):
                                        str(tmp_path / out), flag, "state_dict", "-q"])
         assert res.exit_code == 0, res.output
         assert torch.equal(load_soup(tmp_path / out)["w"], (a.double() / 2 + b.double() / 2).float())
+
+
+def test_inspect_takes_key_like_ingredient_and_the_cli(tmp_path):
+    """``soup.inspect(key=)`` is ``Ingredient(key=)`` and ``--key``; ``state_dict_key`` is its older name."""
+    import torch
+
+    import soup
+    from soup.errors import RecipeError
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.ones(2, 3)}, "ema": {"w": torch.zeros(2, 3), "b": torch.zeros(3)}}, path)
+    assert soup.inspect(path, key="ema")["tensors"] == soup.inspect(path, state_dict_key="ema")["tensors"] == 2
+    assert soup.inspect(path, key="model")["tensors"] == 1
+    with pytest.raises(RecipeError, match="key given twice"):
+        soup.inspect(path, key="ema", state_dict_key="ema")

@@ -272,7 +272,7 @@ def inspect(
     from soup.io.inspection import human_bytes, inspect as run_inspect
 
     with _errors():
-        report = run_inspect(*paths, diff=diff, state_dict_key=state_dict_key, strip_prefix=strip_prefix,
+        report = run_inspect(*paths, diff=diff, key=state_dict_key, strip_prefix=strip_prefix,
                              progress=diff and not quiet and not as_json)
     if as_json:
         out.print(json.dumps(report, indent=2))

@@ -29,8 +29,8 @@ __all__ = ["inspect"]
 
 
 def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 20, diff: bool = False,
-            state_dict_key: str | None = None, strip_prefix: str | None = None,
-            progress: bool | Reporter = False) -> dict[str, Any]:
+            key: str | None = None, strip_prefix: str | None = None,
+            progress: bool | Reporter = False, state_dict_key: str | None = None) -> dict[str, Any]:
     """Summarise one checkpoint, or compare several (hub repos from their headers alone).
 
     Args:
@@ -38,7 +38,8 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
         max_differences: how many incompatible tensors to list.
         diff: read the data and report, per component, whether the ingredients are identical;
             hub ingredients are then downloaded.
-        state_dict_key, strip_prefix: how to read torch files (see ``soup.Ingredient``), for every path.
+        key, strip_prefix: how to read torch files (see ``soup.Ingredient``: the same names as its
+            ``key`` and the CLI's ``--key``), for every path; ``state_dict_key``: ``key``'s older name.
         progress: a progress bar on stderr while ``diff`` reads.
 
     Returns:
@@ -60,7 +61,9 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
     """
     from soup.hub.precheck import header_checkpoint
 
-    specs = with_reading([path, *more], key=state_dict_key, strip_prefix=strip_prefix)
+    if key is not None and state_dict_key is not None:
+        raise RecipeError("inspect: key given twice (state_dict_key is its older name)")
+    specs = with_reading([path, *more], key=key if key is not None else state_dict_key, strip_prefix=strip_prefix)
     if diff and not more:
         raise RecipeError("--diff: give at least two checkpoints to compare")
     if diff:  # the data is read: hub repos are downloaded
