@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def write_checkpoint(folder: Path, state: dict[str, torch.Tensor], *, shards: in
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_size": 4}))
     return folder
+
+
+SYSTEM_TMP = tempfile.gettempdir()  # before any test points tempfile at its own folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -173,9 +177,13 @@ def auth_hub():
 
 
 @pytest.fixture(autouse=True)
-def _private_score_cache(tmp_path, monkeypatch):
-    """No test writes to the user's score cache."""
+def _private_score_cache(tmp_path, tmp_path_factory, monkeypatch):
+    """No test writes to the user's score cache, or to the system temp folder: candidates, command
+    evaluators' output folders and child processes (``TMPDIR``) use one inside the test's own."""
     monkeypatch.setenv("SOUP_CACHE", str(tmp_path / "default-scores.sqlite"))
+    private = tmp_path_factory.mktemp("systmp")  # beside the test's folder: its listing stays its own
+    monkeypatch.setenv("TMPDIR", str(private))
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
 
 
 # ---- a throwaway PostgreSQL server (Debian's postgresql package; .ci/run installs it) ----
@@ -214,7 +222,7 @@ def _pg_cluster():
         if os.environ.get("CI"):
             pytest.fail(f"{missing}: .ci/run installs it; PostgreSQL tests must not be skipped in CI")
         pytest.skip(missing)
-    root = Path(tempfile.mkdtemp(prefix="soup-pg-"))  # not under a root-only pytest tmp folder
+    root = Path(tempfile.mkdtemp(prefix="soup-pg-", dir=SYSTEM_TMP))  # not under a root-only pytest tmp folder
     user = None
     if os.geteuid() == 0:
         name = "postgres"
