@@ -30,10 +30,10 @@ from soup.soups.evaluate import (Candidate, Evaluator, Score, mean_score, run_ag
                                  run_examples)
 from soup.soups.racing import STOP_CACHED, STOP_FULL, Race, Racing, Ranking, run_race, run_rank
 from soup.merging import merge
+from soup.soups.construction import byte_options, first_nonzero, math_device, merge_arguments, write_candidate
 from soup.methods.spec import method_spec
 from soup.progress import Reporter
 from soup.engine.rules import Rule
-from soup.engine.sinks import InPlaceSink
 
 __all__ = ["Scorer", "Race", "merge_arguments"]
 
@@ -106,7 +106,7 @@ class Scorer:
 
     def byte_options(self) -> dict[str, Any] | None:
         """The run's options that change a candidate's bytes (non-default ones only)."""
-        return _byte_options(self.options)
+        return byte_options(self.options)
 
     def options_for(self, method: Mapping[str, Any] | None) -> dict[str, Any]:
         """The run's options with a candidate's own merge method (``{name, PARAMETER: VALUE...}``, e.g. a
@@ -127,7 +127,7 @@ class Scorer:
         args = merge_arguments(weights, self.options_for(method))
         return candidate_key([c.fingerprint for c in self.checkpoints], args["weights"],
                              rules=[r.to_dict() for r in self.rules_for(groups)], dtype=self.dtype,
-                             extra=_byte_options(args))
+                             extra=byte_options(args))
 
     def candidate(self, weights: Sequence[float], name: str, groups: Mapping[str, Sequence[float]] | None = None,
                   method: Mapping[str, Any] | None = None) -> Candidate:
@@ -135,11 +135,11 @@ class Scorer:
         tensors matching each glob pattern; ``method``: its own merge method), built lazily by the engine."""
         cks, w = self.checkpoints, list(weights)
         common = dict(merge_arguments(w, self.options_for(method)), rules=self.rules_for(groups), dtype=self.dtype,
-                      config_from=_first_nonzero(w))
+                      config_from=first_nonzero(w))
         return Candidate(name, self.key(w, groups, method),
                          state_dict_fn=lambda device: merge(cks, None, device=device, **common).state_dict,
-                         load_fn=lambda target: merge(cks, target, device=_math_device(target), **common),
-                         write_fn=lambda folder: _write(cks, folder, common),
+                         load_fn=lambda target: merge(cks, target, device=math_device(target), **common),
+                         write_fn=lambda folder: write_candidate(cks, folder, common),
                          weights={lab: x for lab, x in zip(self.labels, w) if x}, tmp_dir=self.scratch)
 
     def score(self, weights: Sequence[float], name: str, *, groups: Mapping[str, Sequence[float]] | None = None,
@@ -370,57 +370,3 @@ class Scorer:
             record.update(examples=(0 if cached else n) if full and examples is None else examples, of=n,
                           stopped=stopped or (STOP_CACHED if cached else STOP_FULL))
         self.records.append(record)
-
-
-def _math_device(target: InPlaceSink) -> str:
-    """Where to compute a candidate loaded into ``target``: its GPU when all of it is on one, else the CPU."""
-    devices = {t.device for t in target.tensors.values()}
-    only = devices.pop() if len(devices) == 1 else None
-    return str(only) if only is not None and only.type == "cuda" else "cpu"
-
-
-def merge_arguments(weights: Sequence[float], options: Mapping[str, Any]) -> dict[str, Any]:
-    """``merge``'s weights and byte-changing options for a strategy's choice: the one construction of
-    a candidate and of the final soup (``soup.pipeline`` merges the chosen soup with these too).
-
-    With a merge method other than the mean, a soup of one ingredient among several is that ingredient
-    (ingredients are scored as themselves; a run of a single ingredient applies the method to it, as
-    slerp of one model with the base does), and the weights are scaled so the largest is 1: mergekit's
-    convention (each member's task vector at full weight; methods that normalise are unaffected).
-    """
-    w = [float(x) for x in weights]
-    args = {k: v for k, v in options.items() if k != "method" and v is not None}
-    method = options.get("method")
-    if method is None or method.is_linear:
-        return dict(args, weights=w, method=method)
-    if len(w) > 1 and sum(1 for x in w if x) <= 1:
-        return dict(args, weights=w, method=None)
-    top = max(w)
-    return dict(args, weights=[x / top for x in w], method=method)
-
-
-def _byte_options(args: Mapping[str, Any]) -> dict[str, Any] | None:
-    """What of ``merge_arguments`` goes into a candidate's cache key besides weights, rules and dtype
-    (only what differs from the defaults, so keys of plain means stay as they were)."""
-    extra = {}
-    for k, default in (("accumulate", "auto"), ("normalize", True), ("mixed_float", False), ("vocab", "union")):
-        if k in args and args[k] != default:
-            extra[k] = args[k]
-    method = args.get("method")
-    if method is not None:
-        extra["method"] = method.describe()
-        extra["base"] = getattr(method.base, "fingerprint", str(method.base))
-    return extra or None
-
-
-def _first_nonzero(weights: Sequence[float]) -> int:
-    return next(i for i, w in enumerate(weights) if w)
-
-
-def _write(cks: Sequence[Checkpoint], folder: Path, common: dict[str, Any]) -> None:
-    merge(cks, folder, overwrite=True, **common)
-
-
-SUM_PLACES = ("auto", "device", "memory", "disk")  # greedy's former ``sums:`` values, still accepted
-
-

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from soup.soups.racing import Racing, parse_racing
-from soup.soups.scorer import SUM_PLACES, Scorer
+from soup.soups.construction import SUM_PLACES
+from soup.soups.scorer import Scorer
 from soup.errors import RecipeError
 from soup.soups.evaluate import Score
 from soup.options import check_weights
