@@ -436,3 +436,25 @@ def test_exact_sums_order_free():
     for s in reversed(range(0, 30_000, 7)):
         b.add(v[:, s:s + 7])
     assert a.totals() == b.totals() == [math.fsum(v[r].tolist()) for r in range(2)]
+
+
+def test_exact_sums_of_float32_blocks_equal_the_exact_rational_sum():
+    """``ExactSums`` reads float32 blocks from their own bits: the same correctly rounded sums as float64
+    blocks and as an exact rational sum, subnormals, zeros and the largest float32 included."""
+    from fractions import Fraction
+
+    from soup.methods.select import ExactSums
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 4000) * 10.0 ** torch.randint(-40, 38, (3, 4000)).float()).abs()
+    x[~torch.isfinite(x)] = 1.0
+    x[0, :8] = torch.tensor([1e-45, 0.0, 3.4e38, 1.17549435e-38, 1.1754942e-38, 5e-40, 2.0, 0.5])
+    as32, as64, mixed = ExactSums(3), ExactSums(3), ExactSums(3)
+    for block in (x[:, :1000], x[:, 1000:], x[:, :7]):
+        as32.add(block)
+        as64.add(block.double())
+    mixed.add(x)
+    mixed.add(x[:, :7].double())
+    exact = [float(sum(Fraction(v) for v in x[r].double().tolist()) + sum(Fraction(v) for v in x[r, :7].double().tolist()))
+             for r in range(3)]
+    assert as32.totals() == as64.totals() == mixed.totals() == exact

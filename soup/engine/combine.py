@@ -133,7 +133,8 @@ class Combiner:
         elif job.kind == "method":
             srcs = job.reads(len(views))
             work = self.acc_dtype([views[i].dtype for i in srcs])
-            yield from method_blocks(job, views, work=work, step=self._step(work), device=self.device,
+            # a quarter of a mean's block: a method's temporaries (keys, masks, deltas) are several per input
+            yield from method_blocks(job, views, work=work, step=self._step(work) // 4, device=self.device,
                                      out_buf=lambda dt, k: self._out_buf(dt, k, torch.device("cpu") if self.host_output else None),
                                      where=self.where, labels=self.labels)
         elif job.kind == "copy":

@@ -201,6 +201,9 @@ class ExactSums:
         if self.hi is None:
             self.hi = torch.zeros(self.rows * self._E, dtype=torch.int64, device=values.device)
             self.lo = torch.zeros(self.rows * self._E, dtype=torch.int64, device=values.device)
+        if values.dtype == torch.float32:  # the common case, in a third of the operations
+            self._add32(values)
+            return
         bits = values.to(torch.float64).contiguous().view(torch.int64)
         e = (bits >> 52) & 0x7FF
         m = (bits & ((1 << 52) - 1)) | ((e > 0).to(torch.int64) << 52)
@@ -209,18 +212,36 @@ class ExactSums:
         self.hi.index_add_(0, idx, (m >> 26).reshape(-1))
         self.lo.index_add_(0, idx, (m & ((1 << 26) - 1)).reshape(-1))
 
+    def _add32(self, values: torch.Tensor) -> None:
+        """float32 values from their own bits: ``m * 2**(max(e, 1) - 150)`` with a 24-bit m (the hidden
+        bit set unless subnormal), m added whole into an int64 bucket per (row, e) kept after the float64
+        ones (2**39 values per bucket); ``totals`` shifts them into place. Same sums, a third of the work."""
+        if self.hi.numel() == self.rows * self._E:  # the float32 buckets, once: 256 per row
+            self.hi = torch.cat([self.hi, torch.zeros(self.rows * 256, dtype=torch.int64, device=values.device)])
+        bits = values.contiguous().view(torch.int32)  # non-negative: the sign bit is 0
+        e = bits >> 23
+        m = (bits & ((1 << 23) - 1)) + (e > 0).to(torch.int32) * (1 << 23)
+        idx = e + torch.arange(self.rows * self._E, self.rows * (self._E + 256), 256, dtype=torch.int32,
+                               device=bits.device).unsqueeze(1)
+        self.hi.index_add_(0, idx.reshape(-1), m.reshape(-1).to(torch.int64))
+
     def totals(self) -> list[float]:
         """The correctly rounded sum of each row (0.0 for a row that saw no block)."""
         if self.hi is None:
             return [0.0] * self.rows
         out = []
-        hi = self.hi.view(self.rows, self._E).tolist()
+        hi = self.hi[: self.rows * self._E].view(self.rows, self._E).tolist()
         lo = self.lo.view(self.rows, self._E).tolist()
+        f32 = self.hi[self.rows * self._E:].view(self.rows, 256).tolist() if self.hi.numel() > self.rows * self._E \
+            else [[0] * 256 for _ in range(self.rows)]
         for r in range(self.rows):
             total = 0
             for e in range(self._E):
                 if hi[r][e] or lo[r][e]:
                     # value * 2**1074 = m << (max(e, 1) - 1), exactly
                     total += ((hi[r][e] << 26) + lo[r][e]) << (max(e, 1) - 1)
+            for e in range(256):
+                if f32[r][e]:  # float32 value * 2**1074 = m << (max(e, 1) + 924), exactly
+                    total += f32[r][e] << (max(e, 1) + 924)
             out.append(total / (1 << 1074))  # int / int: correctly rounded
         return out
