@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from soup.errors import EvaluatorError
-from soup.soups.evaluate import Candidate, Evaluator
+from soup.soups.evaluate import Candidate, Evaluator, mean_score
 
+from soup.evaluators.lm_eval_examples import Documents, documents, per_document
 from soup.evaluators.lm_eval_tasks import task_manager, tasks_digest
 from soup.evaluators.resident import DTYPES, build_model, release, resolve_device, resolve_dtype
 
@@ -119,6 +120,8 @@ class LMEvalEvaluator(Evaluator):
         self._model: Any = None  # the resident transformers model
         self._lm: Any = None  # lm-eval's HFLM around it
         self._device: str | None = None
+        self._loaded: str | None = None  # the key of the candidate in the resident model
+        self._docs: Documents | None | bool = False  # per-example scores (False: not looked up yet)
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -144,14 +147,7 @@ class LMEvalEvaluator(Evaluator):
         Raises:
             EvaluatorError: see the class docstring.
         """
-        from soup.errors import IncompatibleIngredients
-
-        if self._lm is None:
-            self._build(candidate)
-        try:
-            candidate.load_into(self._model, strict=self.args["strict"])
-        except IncompatibleIngredients as e:
-            raise EvaluatorError(f"lm-eval: {candidate.name} does not fit the model: {e}") from e
+        self._load(candidate)
         results = self._evaluate()
         metrics, better_lower = _metrics(results)
         if self.primary not in metrics:
@@ -162,12 +158,56 @@ class LMEvalEvaluator(Evaluator):
                                  "is false): set direction: minimize (or maximize to override)")
         return metrics
 
+    def examples(self) -> int | None:
+        """Documents of the task, for per-example scores (``soup.evaluators.lm_eval_examples``: one task
+        whose primary metric lm-eval averages with ``mean``); None otherwise. Found once (the task is
+        loaded, no model is built)."""
+        if self._docs is False:
+            self._docs = documents(self._tasks, self._task_manager, self.primary, self.args["limit"])
+            if self._docs is not None:
+                self.score_is_mean = True  # the primary metric: the mean of the documents' values
+                self.example_range = (0.0, 1.0) if self._docs.bounded else None
+        return self._docs.count if self._docs else None
+
+    def score_examples(self, candidate: Candidate, indices: Sequence[int]) -> list[float]:
+        """The primary metric of each document in ``indices`` (lm-eval's logged samples), evaluated on
+        those documents only."""
+        docs = self._docs if self._docs else None
+        if docs is None:
+            raise EvaluatorError("lm-eval: per-example scores need one task whose metric is a mean")
+        self._load(candidate)
+        wanted = sorted(set(int(i) for i in indices))
+        values = per_document(self._evaluate(samples={docs.task: wanted}), docs)
+        missing = [i for i in wanted if i not in values]
+        if missing:
+            raise EvaluatorError(f"lm-eval: {docs.task} logged no {docs.metric} for document(s) {missing[:5]}")
+        return [values[int(i)] for i in indices]
+
+    def aggregate(self, values: Sequence[float]) -> dict[str, float] | None:
+        """The primary metric from every document's value: their mean, named as ``score`` names it."""
+        return {self.primary: mean_score(values)} if self._docs else None
+
     def close(self) -> None:
         """Free the resident model and, on cuda, the cached GPU memory."""
-        device, self._model, self._lm = self._device, None, None
+        device, self._model, self._lm, self._loaded = self._device, None, None, None
         release(device)
 
     # --- building and running -------------------------------------------------------------------
+
+    def _load(self, candidate: Candidate) -> None:
+        """The candidate's weights in the resident model (built first), once per candidate."""
+        from soup.errors import IncompatibleIngredients
+
+        if self._lm is None:
+            self._build(candidate)
+        if self._loaded == candidate.key and not candidate.key.startswith("memory:"):
+            return
+        self._loaded = None  # a failed load leaves the model half-written
+        try:
+            candidate.load_into(self._model, strict=self.args["strict"])
+        except IncompatibleIngredients as e:
+            raise EvaluatorError(f"lm-eval: {candidate.name} does not fit the model: {e}") from e
+        self._loaded = candidate.key
 
     def _build(self, candidate: Candidate) -> None:
         """Build the resident model from a config (weights left uninitialised) and wrap it in HFLM."""
@@ -194,17 +234,20 @@ class LMEvalEvaluator(Evaluator):
                                  f"{type(e).__name__}: {e}") from e
         self._model, self._lm, self._device = model, lm, device
 
-    def _evaluate(self) -> dict[str, Any]:
-        """``lm_eval.simple_evaluate`` on the resident model; the global random state is kept."""
+    def _evaluate(self, samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
+        """``lm_eval.simple_evaluate`` on the resident model (``samples``: those documents only, their
+        values logged); the global random state is kept."""
         import lm_eval
 
         a = self.args
         extra = {k: a[k] for k in ("apply_chat_template", "gen_kwargs") if a[k]}  # only if set
+        if samples is not None:
+            extra["samples"] = samples
         with _kept_random_state():  # simple_evaluate seeds random, numpy and torch globally
             results = lm_eval.simple_evaluate(
                 model=self._lm, tasks=list(self._tasks), task_manager=self._task_manager,
-                limit=a["limit"], num_fewshot=a["num_fewshot"], bootstrap_iters=0, log_samples=False,
-                **extra)
+                limit=None if samples is not None else a["limit"], num_fewshot=a["num_fewshot"],
+                bootstrap_iters=0, log_samples=samples is not None, **extra)
         if not results or "results" not in results:
             raise EvaluatorError("lm-eval: simple_evaluate returned no results")
         return results

@@ -268,3 +268,32 @@ def test_identity_follows_task_files_and_lm_eval_version(world):
     finally:
         world["data"].write_text(rows)
     assert LMEvalEvaluator(**args(world)).identity() == first
+
+
+# --- per-example scores (racing) -------------------------------------------------------------------
+
+
+def test_per_document_scores_are_lm_eval_s_own_logged_samples(world):
+    """One task with a mean metric: ``examples()`` is its documents, ``score_examples`` each document's
+    value as lm-eval logs it when it evaluates every document, their mean the task's score."""
+    ft = world["fts"][1]
+    ev = load_evaluator("lm-eval", **args(world, metric="acc"))
+    assert ev.examples() == len(ROWS) and ev.score_is_mean and ev.example_range == (0.0, 1.0)
+    assert ev.model is None  # counting the documents builds no model
+    cand = Candidate.from_state_dict(ft.name, weights(ft), key=ft.name)
+    subset = ev.score_examples(cand, [5, 0, 3])
+    every = ev.score_examples(cand, list(range(len(ROWS))))
+    manager = TaskManager(include_path=[str(world["tasks"])], include_defaults=False)
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={ft}", tasks=["soup_tiny_mc"],
+                                  task_manager=manager, device="cpu", batch_size=4, bootstrap_iters=0,
+                                  log_samples=True)
+    logged = {s["doc_id"]: s["acc"] for s in out["samples"]["soup_tiny_mc"]}
+    assert every == [logged[i] for i in range(len(ROWS))] and subset == [logged[5], logged[0], logged[3]]
+    assert sum(every) / len(every) == out["results"]["soup_tiny_mc"]["acc,none"]
+    assert ev.aggregate(every) == {"acc": out["results"]["soup_tiny_mc"]["acc,none"]}
+    ev.close()
+    brier = load_evaluator("lm-eval", **args(world, metric="brier_score", direction="minimize"))
+    assert brier.examples() is None  # not a mean: scored whole
+    group = load_evaluator("lm-eval", **args(world, tasks="soup_tiny_suite",
+                                             include_path=[str(world["tasks"]), str(world["suite"])], metric="acc"))
+    assert group.examples() is None

@@ -173,8 +173,9 @@ class Scorer:
             if per_example:
                 values = self.score_examples(weights, name, range(n), groups=groups, method=method, candidate=cand,
                                              evaluator=evaluator)
-                score = Score(mean_score(values), {"score": mean_score(values)}, "score") if ev.score_is_mean \
-                    else run_aggregate(ev, cand, values)
+                own = type(ev).aggregate is not Evaluator.aggregate  # the evaluator's own: its metric names
+                score = run_aggregate(ev, cand, values) if own or not ev.score_is_mean else \
+                    Score(mean_score(values), {"score": mean_score(values)}, "score")
             if score is None:
                 score = run_evaluator(ev, cand)
                 with self._count_lock:
