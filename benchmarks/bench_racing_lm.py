@@ -7,7 +7,10 @@ a bad fine-tune). Validation: ``--examples`` sentences of the mixture; per-examp
 token loss of one sentence (``PerplexityEvaluator`` with ``model=``: the number of examples is known
 before any candidate, so greedy and search race). Every seed draws new training data and new
 fine-tunes, then runs greedy (and, with ``--search-trials``, search with the random sampler) twice
-without a score cache: racing off and on. Printed as ``bench_racing.py`` prints its tasks.
+without a score cache: racing off and on. For the first ``--lm-eval-seeds`` seeds, greedy also runs
+with lm-eval on a local multiple-choice task over the same sentences (a sentence's first half; its
+true ending against another sentence's and its own shuffled; ``acc`` per question). Printed as
+``bench_racing.py`` prints its tasks.
 
     python benchmarks/bench_racing_lm.py                    # 8 seeds
     python benchmarks/bench_racing_lm.py --seeds 2 --search-trials 0
@@ -94,6 +97,69 @@ def task(root: Path, seed: int, n_ingredients: int, n_examples: int) -> tuple[li
     return paths, base, val
 
 
+MC_TASK = """\
+task: soup_bench_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {data}
+test_split: train
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def mc_task(root: Path, seed: int, n: int) -> Path:
+    """A local lm-eval multiple-choice task: a sentence of the mixture cut in two, the true ending
+    against another sentence's ending and the true one shuffled (the folder of its YAML)."""
+    import json
+
+    rng = random.Random(seed + 7)
+    everything = list(range(len(TEMPLATES)))
+    rows = []
+    for s, other in zip(sentences(rng, n, everything), sentences(rng, n, everything)):
+        words, more = s.split(), other.split()
+        cut, cut2 = len(words) // 2, len(more) // 2
+        true, wrong = " ".join(words[cut:]), " ".join(more[cut2:])
+        mixed = words[cut:]
+        rng.shuffle(mixed)
+        choices = [true, wrong, " ".join(mixed)]
+        order = list(range(3))
+        rng.shuffle(order)
+        rows.append({"context": " ".join(words[:cut]), "choices": [choices[k] for k in order],
+                     "label": order.index(0)})
+    folder = root / "mc"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "task.yaml").write_text(MC_TASK.format(data=data))
+    return folder
+
+
+def counting_lm_eval(counter: Counting, **kw):
+    from soup.evaluators.lm_eval import LMEvalEvaluator
+
+    class CountingLMEval(LMEvalEvaluator):
+        def score(self, candidate):
+            out = super().score(candidate)
+            self.counter.add(candidate, self.examples() or 0)
+            return out
+
+        def score_examples(self, candidate, indices):
+            self.counter.add(candidate, len(indices))
+            return super().score_examples(candidate, indices)
+
+    ev = CountingLMEval(**kw)
+    ev.counter = counter
+    return ev
+
+
 class CountingPerplexity(PerplexityEvaluator):
     """The perplexity evaluator, counting the examples it scores (``bench_racing.Counting``)."""
 
@@ -117,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingredients", type=int, default=6)
     ap.add_argument("--examples", type=int, default=1000, help="validation sentences")
     ap.add_argument("--search-trials", type=int, default=20, help="trials per search run (0: no search)")
+    ap.add_argument("--lm-eval-seeds", type=int, default=4, help="seeds of the lm-eval multiple-choice task "
+                    "(greedy; 0: none)")
+    ap.add_argument("--mc-examples", type=int, default=400, help="questions of the lm-eval task")
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--min-examples", type=int, default=128)
@@ -125,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"racing: {racing}")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    greedy_runs, search_runs = [], []
+    greedy_runs, search_runs, mc_runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="soup-bench-racing-lm-") as tmp:
         for seed in range(args.seeds):
             paths, base, val = task(Path(tmp) / f"seed{seed}", seed, args.ingredients, args.examples)
@@ -136,9 +205,20 @@ def main(argv: list[str] | None = None) -> int:
             greedy_runs.append(run_pair(paths, make, racing, seed))
             if args.search_trials:
                 search_runs.append(run_search_pair(paths, make, racing, seed, args.search_trials))
+            if seed < args.lm_eval_seeds:
+                tasks = mc_task(Path(tmp) / f"seed{seed}", seed, args.mc_examples)
+
+                def make_mc(counter, base=base, tasks=tasks):
+                    return counting_lm_eval(counter, tasks="soup_bench_mc", include_path=str(tasks), metric="acc",
+                                            model=str(base), batch_size=64, device="cpu")
+
+                mc_runs.append(run_pair(paths, make_mc, racing, seed))
             print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     name = f"perplexity on a tiny Llama (greedy; {args.ingredients - 1} fine-tunes + 1 on shuffled words)"
     print("\n".join(summarise(name, greedy_runs, args.examples, args.ingredients)))
+    if mc_runs:
+        name = "lm-eval local multiple-choice task on the same fine-tunes (greedy; acc per question)"
+        print("\n".join(summarise(name, mc_runs, args.mc_examples, args.ingredients)))
     if search_runs:
         lines = summarise_search(search_runs, args.examples, args.ingredients, args.search_trials)
         print("\n".join(lines).replace("search on the synthetic task", "search, perplexity on a tiny Llama"))
