@@ -17,6 +17,12 @@ Lookup order for a candidate (the first hit wins):
 A row with one metric scores as that number; with several, as a mapping whose ``primary`` defaults to
 the first metric column of a CSV, or to ``score`` when every row of a JSON/YAML file has one.
 
+Per-example scores (racing, docs/racing.md), JSON/YAML only: a row ``{score: 0.75, examples: [1, 0, 1,
+1]}`` also gives one value per example (``examples`` is not a metric). When every row has such a list,
+all of one length, the evaluator offers them (``examples()`` = that length); the score must then be
+their mean (``score`` given and different is an error naming the row), and ``example_range`` is the
+range of the values in the file.
+
 Example::
 
     TableEvaluator(path="scores.csv")  # candidate,score / ft-ocr,0.71 / ft-chat,0.64 / ...
@@ -27,14 +33,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from soup.errors import EvaluatorError
-from soup.soups.evaluate import Candidate, Evaluator
+from soup.soups.evaluate import Candidate, Evaluator, mean_score
 
-__all__ = ["TableEvaluator", "load_table", "soup_label"]
+__all__ = ["TableEvaluator", "load_table", "load_examples", "soup_label"]
 
 
 def soup_label(labels: list[str] | tuple[str, ...]) -> str:
@@ -90,12 +97,54 @@ def load_table(path: str | Path) -> tuple[dict[str, dict[str, float]], list[str]
             raise EvaluatorError(f"{path}: expected a mapping {{candidate: score or {{metric: value}}}}")
         for name, value in data.items():
             if isinstance(value, Mapping):
-                table[str(name)] = {str(m): _number(v, f"{path}: {name}.{m}") for m, v in value.items()}
+                table[str(name)] = {str(m): _number(v, f"{path}: {name}.{m}") for m, v in value.items()
+                                    if m != "examples"}
             else:
                 table[str(name)] = {"score": _number(value, f"{path}: {name}")}
             metrics += [m for m in table[str(name)] if m not in metrics]
         return table, metrics
     raise EvaluatorError(f"{path}: a score table must be .csv, .json, .yaml or .yml")
+
+
+def load_examples(path: str | Path, table: Mapping[str, Mapping[str, float]]) -> dict[str, list[float]] | None:
+    """``{candidate: per-example values}`` when every row of a JSON/YAML table has an ``examples`` list of
+    one length (see the module docstring); None when no row has one.
+
+    Raises:
+        EvaluatorError: some rows have one and others not, lengths differ, a value is not a number, or a
+            row's ``score`` is not the mean of its examples (each naming the row).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        return None
+    import yaml
+
+    data = json.loads(path.read_text(encoding="utf-8")) if path.suffix.lower() == ".json" else \
+        yaml.safe_load(path.read_text(encoding="utf-8"))
+    rows = {str(k): v.get("examples") for k, v in data.items() if isinstance(v, Mapping)}
+    given = {k: v for k, v in rows.items() if v is not None}
+    if not given:
+        return None
+    lacking = sorted(set(map(str, data)) - set(given))
+    if lacking:
+        raise EvaluatorError(f"{path}: {lacking[0]} has no examples list while other rows have one")
+    out: dict[str, list[float]] = {}
+    for name, values in given.items():
+        if not isinstance(values, list) or not values:
+            raise EvaluatorError(f"{path}: {name}.examples must be a non-empty list of numbers")
+        out[name] = [_number(v, f"{path}: {name}.examples[{i}]") for i, v in enumerate(values)]
+        if not all(math.isfinite(v) for v in out[name]):
+            raise EvaluatorError(f"{path}: {name}.examples holds a non-finite value")
+        score = table.get(name, {}).get("score")
+        if score is not None and score != mean_score(out[name]):
+            raise EvaluatorError(f"{path}: {name}: score {score} is not the mean of its examples "
+                                 f"({mean_score(out[name])})")
+    lengths = {len(v) for v in out.values()}
+    if len(lengths) > 1:
+        first = next(iter(out))
+        other = next(k for k, v in out.items() if len(v) != len(out[first]))
+        raise EvaluatorError(f"{path}: {other} has {len(out[other])} examples, {first} has {len(out[first])}")
+    return out
 
 
 def _number(value: Any, where: str) -> float:
@@ -138,6 +187,14 @@ class TableEvaluator(Evaluator):
             if "+" in name:
                 self._table.setdefault(soup_label([p.strip() for p in name.split("+")]), row)
         self._sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self._examples = load_examples(path, table)
+        if self._examples is not None:
+            for name, values in list(self._examples.items()):
+                if "+" in name:
+                    self._examples.setdefault(soup_label([p.strip() for p in name.split("+")]), values)
+            seen = [v for values in self._examples.values() for v in values]
+            self.score_is_mean = True
+            self.example_range = (min(seen), max(seen)) if min(seen) < max(seen) else None
 
     @classmethod
     def validate(cls, *, path: str | Path, **_: Any) -> None:
@@ -191,3 +248,23 @@ class TableEvaluator(Evaluator):
                 return dict(row)
         raise EvaluatorError(f"no score for {candidate.name} in {self.args['path']} "
                              f"(tried {', '.join(repr(k) for k in keys)})")
+
+    def examples(self) -> int | None:
+        """The length of the rows' ``examples`` lists (None: the table has none)."""
+        return len(next(iter(self._examples.values()))) if self._examples else None
+
+    def score_examples(self, candidate: Candidate, indices: Sequence[int]) -> list[float]:
+        """The candidate's row's ``examples`` values at ``indices`` (looked up as ``score`` does)."""
+        keys = self.lookup_keys(candidate)
+        for key in keys:
+            if self._examples and key in self._examples:
+                return [self._examples[key][i] for i in indices]
+        raise EvaluatorError(f"no examples for {candidate.name} in {self.args['path']} "
+                             f"(tried {', '.join(repr(k) for k in keys)})")
+
+    def aggregate(self, values: Sequence[float]) -> float | dict[str, float] | None:
+        """The row's score from its examples: their mean (with the row's other metrics left out)."""
+        if not self._examples:
+            return None
+        value = mean_score(values)
+        return {self.primary: value} if self.primary else value

@@ -520,3 +520,49 @@ def test_perplexity_dtype_argument(lms, tmp_path):
     assert half["loss"] == pytest.approx(full["loss"], abs=0.1) and half["loss"] != full["loss"]
     with pytest.raises(EvaluatorError, match="unknown dtype"):
         PerplexityEvaluator(data=data, dtype="int3")
+
+
+def test_table_with_per_example_values_races_and_checks_its_rows(tmp_path):
+    """A JSON table whose rows carry ``examples`` lists gives per-example scores: greedy races on them and
+    keeps what full evaluation keeps; bad rows are one line naming the row."""
+    import itertools
+    import random as _random
+
+    from soup.pipeline import greedy_soup
+    from soup.evaluators.table import TableEvaluator
+
+    labels, n = ["a", "b", "c"], 600
+    skill = {"a": 0.8, "b": 0.78, "c": 0.2}
+    rng = _random.Random(0)
+    difficulty = [rng.random() for _ in range(n)]
+    rows = {}
+    for k in (1, 2, 3):
+        for members in itertools.combinations(labels, k):
+            level = sum(skill[m] for m in members) / k + 0.02 * (k - 1)
+            values = [1.0 if d < level else 0.0 for d in difficulty]
+            rows["+".join(members)] = {"score": sum(values) / n, "examples": values}
+    table = tmp_path / "scores.json"
+    table.write_text(json.dumps(rows))
+    ev = TableEvaluator(path=table)
+    assert ev.examples() == n and ev.score_is_mean and ev.example_range == (0.0, 1.0)
+    assert ev.score_examples(tiny_candidate("x", weights={"b": 0.5, "a": 0.5}), [3, 1]) == \
+        [rows["a+b"]["examples"][3], rows["a+b"]["examples"][1]]
+    paths = []
+    for i, lab in enumerate(labels):
+        folder = tmp_path / lab
+        folder.mkdir()
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.full((4,), float(i))}, str(folder / "model.safetensors"))
+        paths.append(folder)
+    raced = greedy_soup(paths, "table", evaluator_args={"path": str(table)}, cache=None)
+    full = greedy_soup(paths, "table", evaluator_args={"path": str(table)}, cache=None, racing=False)
+    assert raced.weights == full.weights and raced.soup_score.value == full.soup_score.value
+    c = next(t for t in raced.manifest.evaluation.history if t.candidate == "c")
+    assert c.stopped == "separated" and c.examples < n
+    for bad, message in (({"a": {"score": 0.5, "examples": [1, 0, 1]}}, "not the mean"),
+                         ({"a": {"examples": [1, 0]}, "b": {"examples": [1]}}, "has 1 examples"),
+                         ({"a": {"examples": [1, 0]}, "b": 0.5}, "b has no examples list")):
+        table.write_text(json.dumps(bad))
+        with pytest.raises(EvaluatorError, match=message):
+            TableEvaluator(path=table)
