@@ -241,3 +241,33 @@ def test_an_ingredient_rewritten_at_the_same_size_mid_run_stops_the_run(tmp_path
         assert cached.count() == 1  # the first score only: the second belonged to bytes now gone
     finally:
         cached.close()
+
+
+def test_two_checkpoints_with_one_header_size_and_time_have_different_fingerprints(tmp_path):
+    """Files saved within one clock tick (or copied with their times kept) share name, size, mtime and
+    header: the fingerprint also reads samples of their data, so their scores are never shared."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from soup.io.checkpoint import open_checkpoint
+
+    paths = []
+    for i in range(2):
+        folder = tmp_path / f"ft{i}"
+        folder.mkdir()
+        save_file({"w": torch.full((64, 1024), float(i))}, str(folder / "model.safetensors"))
+        paths.append(folder / "model.safetensors")
+    stamp = paths[0].stat().st_mtime_ns
+    for p in paths:
+        os.utime(p, ns=(stamp, stamp))
+    a, b = (open_checkpoint(p.parent) for p in paths)
+    raw = [p.read_bytes() for p in paths]
+    header = 8 + int.from_bytes(raw[0][:8], "little")
+    assert raw[0][:header] == raw[1][:header] and len(raw[0]) == len(raw[1])  # one header, one size
+    assert a.fingerprint != b.fingerprint
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "model.safetensors").write_bytes(paths[0].read_bytes())
+    os.utime(twin / "model.safetensors", ns=(stamp, stamp))
+    assert open_checkpoint(twin).fingerprint == a.fingerprint  # the same bytes: the same soup, the same scores

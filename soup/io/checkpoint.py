@@ -138,6 +138,21 @@ class Checkpoint:
                                       f"{doing or 'stopped'}: run again once it is complete")
 
 
+SAMPLE = 1 << 16  # bytes read at the start, the middle and the end of each file for its fingerprint
+
+
+def _data_sample(file: Path, size: int) -> bytes:
+    """Three 64 KiB samples of a file's bytes, for the fingerprint: two files with one header, size and
+    modification time (written within one clock tick; copies that kept their times) still differ
+    wherever their data does at those places: a fine-tune's weights differ everywhere."""
+    with open(file, "rb") as f:
+        parts = []
+        for at in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+            f.seek(at)
+            parts.append(f.read(SAMPLE))
+    return b"".join(parts)
+
+
 def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_key: str | None = None,
                     strip_prefix: str | None = None) -> Checkpoint:
     """Index a local checkpoint folder or file from its headers.
@@ -199,6 +214,7 @@ def open_checkpoint(path: str | Path, *, label: str | None = None, state_dict_ke
         stats[file] = (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
         digest.update(f"{file.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         digest.update(header)
+        digest.update(_data_sample(file, st.st_size))
         for info in table:
             if files_by_tensor is not None and files_by_tensor.get(info.name) != file.name:
                 continue  # the index is the truth: a stray tensor in a shard is not part of the model
