@@ -319,3 +319,31 @@ def test_a_different_base_tokenizer_is_refused_naming_the_token(family, tmp_path
     other = build_tiny_lm(tmp_path / "other", seed=1, vocab_words=("a", "the") + TINY_WORDS[2:])  # 'the' is id 9
     with pytest.raises(IncompatibleIngredients, match=r"other's tokenizer is not a's with tokens added: token 'the'"):
         soup.merge([fts[0], other], tmp_path / "nope")
+
+
+def test_a_changed_tokenizer_is_scored_afresh(family, tmp_path):
+    """The candidate key holds the token alignment: the same weights with an ingredient's added token
+    renamed are another soup (other rows meet), so a cached score is not reused for them."""
+    import shutil
+
+    base, fts = family
+    copies = [shutil.copytree(f, tmp_path / f.name) for f in fts]
+    calls = []
+
+    def count(candidate):
+        calls.append(candidate.name)
+        return float(len(calls))
+
+    cache = tmp_path / "scores.sqlite"
+    soup.greedy_soup(copies, "python", evaluator_args={"fn": count}, cache=str(cache), output=tmp_path / "s1")
+    first = len(calls)
+    soup.greedy_soup(copies, "python", evaluator_args={"fn": count}, cache=str(cache), output=tmp_path / "s2")
+    assert len(calls) == first  # nothing changed: every score from the cache
+    tok = copies[1] / "tokenizer.json"
+    tok.write_text(tok.read_text().replace("<ocr>", "<ocr2>"))
+    for name in ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
+        if (copies[1] / name).exists():
+            f = copies[1] / name
+            f.write_text(f.read_text().replace("<ocr>", "<ocr2>"))
+    soup.greedy_soup(copies, "python", evaluator_args={"fn": count}, cache=str(cache), output=tmp_path / "s3")
+    assert len(calls) > first  # the soups that mix b's rows with others are evaluated again

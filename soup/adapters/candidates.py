@@ -71,6 +71,10 @@ class AdapterScorer(Scorer):
         super().__init__([a.checkpoint for a in adapters], evaluators, dtype=opts.dtype, **kwargs)
         self.ads, self.opts, self.paths = list(adapters), opts, [str(p) for p in paths]
 
+    def _vocab_digest(self) -> None:
+        """Adapter soups are means of low-rank products: no token alignment goes into their bytes."""
+        return None
+
     def candidate(self, weights: Sequence[float], name: str, groups: Mapping[str, Sequence[float]] | None = None,
                   method: Mapping[str, Any] | None = None) -> Candidate:
         if groups:

@@ -16,6 +16,7 @@ many examples it used (``examples`` of ``of``) and why it stopped (``stopped``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from contextlib import nullcontext
@@ -125,9 +126,24 @@ class Scorer:
     def key(self, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None,
             method: Mapping[str, Any] | None = None) -> str:
         args = merge_arguments(weights, self.options_for(method))
+        extra = byte_options(args)
+        if self._vocab_digest() is not None:  # vocabularies that differ: the token alignment changes the bytes
+            extra = dict(extra or {}, vocab_plan=self._vocab_digest())
         return candidate_key([c.fingerprint for c in self.checkpoints], args["weights"],
-                             rules=[r.to_dict() for r in self.rules_for(groups)], dtype=self.dtype,
-                             extra=byte_options(args))
+                             rules=[r.to_dict() for r in self.rules_for(groups)], dtype=self.dtype, extra=extra)
+
+    def _vocab_digest(self) -> str | None:
+        """A digest of the token alignment when the ingredients' vocabularies differ (their tokenizer
+        files are not in the weight files' fingerprints), computed once; None when they agree."""
+        if not hasattr(self, "_vocab"):
+            from soup.io.vocab import plan_vocab
+
+            run = self.options.get("method")
+            every = self.checkpoints + ([run.base] if run is not None and isinstance(run.base, Checkpoint) else [])
+            plan = plan_vocab(every, self.options.get("vocab") or "union", n=len(self.checkpoints))
+            self._vocab = None if plan is None else hashlib.sha256(json.dumps(
+                [plan.tokens, plan.origin, plan.rows, sorted(plan.names)]).encode()).hexdigest()
+        return self._vocab
 
     def candidate(self, weights: Sequence[float], name: str, groups: Mapping[str, Sequence[float]] | None = None,
                   method: Mapping[str, Any] | None = None) -> Candidate:
