@@ -229,7 +229,8 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                     pairs.report()
                 for ck in cks:
                     ck.verify("the soup in memory is not used")
-                manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, selection, spec=spec)
+                manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, {}, selection, spec=spec,
+                                     vocab=vocab)
                 return MergeResult(None, manifest, state, time.perf_counter() - t0, warnings)
             with output as tmp:
                 writer = ShardWriter(tmp, plan.jobs, shard_size=opts.shard_bytes, on_shard=on_shard)
@@ -244,7 +245,7 @@ def _merge(ingredients: Sequence[IngredientSpec], output: OutputDir | None, into
                     pairs.report()
                     pairs.update_config(tmp)  # an exact pair rule's rank_key
                 manifest = _manifest(cks, plan, rule_list, out_dtype, accumulate, source, writer.files,
-                                     selection, folder=True, spec=spec)
+                                     selection, folder=True, spec=spec, vocab=vocab)
                 from soup.finish.card import write_model_card
                 from soup.finish.report import write_plot
 
@@ -314,7 +315,8 @@ def _where(ck: Checkpoint, name: str) -> str:
 
 def _manifest(cks: Sequence[Checkpoint], plan: Plan, rules: Sequence[Rule], dtype: torch.dtype | None,
               accumulate: str, source: Checkpoint | None, files: Mapping[str, Mapping[str, Any]],
-              selection: Selection | None, *, folder: bool = False, spec: MethodSpec | None = None) -> Manifest:
+              selection: Selection | None, *, folder: bool = False, spec: MethodSpec | None = None,
+              vocab: Any = None) -> Manifest:
     """The one place a soup's manifest is built: the engine's part from the plan, the rest from the
     typed ``selection`` (method, evaluation, kept flags, recipe). ``folder``: written to disk, so a plot
     can go beside it (its file name is decided here, before anything is written)."""
@@ -353,6 +355,7 @@ def _manifest(cks: Sequence[Checkpoint], plan: Plan, rules: Sequence[Rule], dtyp
         plot=PLOT if folder and can_plot(evaluation) else None,
         merge_method=dict(spec.describe(), base=cks[-1].label if spec.base is not None else None)
         if spec is not None else None,
+        vocabulary=vocab.record([ck.label for ck in cks]) if vocab is not None else None,
     )
 
 

@@ -347,3 +347,19 @@ def test_a_changed_tokenizer_is_scored_afresh(family, tmp_path):
             f.write_text(f.read_text().replace("<ocr>", "<ocr2>"))
     soup.greedy_soup(copies, "python", evaluator_args={"fn": count}, cache=str(cache), output=tmp_path / "s3")
     assert len(calls) > first  # the soups that mix b's rows with others are evaluated again
+
+
+def test_soup_json_and_the_report_say_where_each_added_token_came_from(family, tmp_path):
+    from soup.finish.report import format_report
+    from soup.io.manifest import read
+
+    _, fts = family
+    path = soup.merge(fts, tmp_path / "soup").path
+    v = read(path).vocabulary
+    assert v["mode"] == "union" and v["ids_from"] == "a" and v["rows"] == 64
+    by_token = {a["token"]: a for a in v["added"]}
+    assert by_token["<image>"] == {"token": "<image>", "id": vocab_of(path)["<image>"], "from": ["a", "b", "c"]}
+    assert by_token["<ocr>"]["from"] == ["b"] and by_token["<ocr>"]["id"] == vocab_of(path)["<ocr>"]
+    assert "added tokens: <image> (a/b/c), <ocr> (b)" in format_report(read(path))
+    same = soup.merge([fts[0], fts[0]], tmp_path / "same").path
+    assert read(same).vocabulary is None  # one vocabulary: nothing to record

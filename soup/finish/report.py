@@ -64,6 +64,11 @@ def format_report(manifest: Manifest | Mapping[str, Any] | Any, *, where: str | 
              describe_soup(m)]
     if m.merge_method and m.merge_method.get("reference"):
         lines.append(f"merge method reference: {m.merge_method['reference']}")
+    if m.vocabulary:  # ingredients with different vocabularies: the rows were souped by token
+        v = m.vocabulary
+        added = ", ".join(f"{a.get('token')} ({'/'.join(map(str, a.get('from') or []))})" for a in v.get("added") or [])
+        lines.append(f"vocabulary: {v.get('mode')}, ids of {v.get('ids_from')}, {v.get('rows')} rows; added tokens: "
+                     f"{added or 'none'}")
     for role, rec in (("evaluator", ev), ("test evaluator", ev.test if ev else None)):
         if rec is not None and rec.evaluator is not None:
             lines.append(f"{role}: {rec.evaluator.name} ({rec.direction}) args={rec.evaluator.args}")

@@ -108,6 +108,8 @@ class Manifest:
     # the merge method when not the weighted mean: {name, reference, description, parameters,
     # model_parameters, seed, base} (base: the base model's ingredient name; it has weight 0)
     merge_method: dict[str, Any] | None = None
+    # ingredients with different vocabularies: {mode, ids_from, rows, added: [{token, id, from: [labels]}]}
+    vocabulary: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -141,6 +143,7 @@ class Manifest:
             "recipe": self.recipe,
             "plot": self.plot,
             "merge_method": self.merge_method,
+            **({"vocabulary": self.vocabulary} if self.vocabulary is not None else {}),
         }
 
     @classmethod
@@ -274,6 +277,7 @@ def _parse(data: Any, prefix: str) -> Manifest:
         recipe=r.get(data, "recipe", dict, "recipe"),
         plot=r.get(data, "plot", str, "plot"),
         merge_method=r.get(data, "merge_method", dict, "merge_method"),
+        vocabulary=r.get(data, "vocabulary", dict, "vocabulary"),
     )
     if r.missing:
         raise BadShape(f"{r.missing[0]}: missing")

@@ -92,6 +92,14 @@ class VocabPlan:
     reference: int  # the ingredient whose ids the soup keeps (and whose tokenizer files it is written from)
     mode: str | int
 
+    def record(self, labels: Sequence[str]) -> dict[str, Any]:
+        """For ``soup.json``: the mode, whose ids, the rows, each added token's id and who added it."""
+        own, ref = self.vocabs[:len(labels)], self.vocabs[self.reference].by_id  # the base: the ids all share
+        shared = min(_common_prefix(ref, v.by_id, min(len(ref), len(v.by_id))) for v in own)
+        added = [{"token": t, "id": i, "from": [labels[k] for k, v in enumerate(own) if v.tokens.get(t, -1) >= shared]}
+                 for i, t in enumerate(self.tokens) if t is not None and i >= shared]
+        return {"mode": self.mode, "ids_from": labels[self.reference], "rows": self.rows, "added": added}
+
     def also(self, weights: Sequence[float], n: int, base: int | None = None) -> tuple[int, ...]:
         """Ingredients (of the first ``n``) with a zero weight that must be read anyway: they hold rows
         that no ingredient with a weight holds (nor ``base``, when a method reads one)."""
