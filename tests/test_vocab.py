@@ -363,3 +363,19 @@ def test_soup_json_and_the_report_say_where_each_added_token_came_from(family, t
     assert "added tokens: <image> (a/b/c), <ocr> (b)" in format_report(read(path))
     same = soup.merge([fts[0], fts[0]], tmp_path / "same").path
     assert read(same).vocabulary is None  # one vocabulary: nothing to record
+
+
+def test_inspect_lists_the_tokens_each_ingredient_adds(family):
+    from typer.testing import CliRunner
+
+    from soup.cli import app
+
+    _, fts = family
+    report = soup.inspect(*fts)
+    v = report["vocabulary"]
+    assert {a["token"]: a["from"] for a in v["added"]} == {"<image>": ["a", "b", "c"], "<ocr>": ["b"]}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(v["tensors"])
+    res = CliRunner().invoke(app, ["inspect", *map(str, fts)])
+    lines = res.output.splitlines()
+    assert "  a adds <image>" in lines and "  b adds <image>, <ocr>" in lines and "  c adds <image>" in lines
+    assert soup.inspect(fts[0], fts[0])["vocabulary"] is None

@@ -299,9 +299,27 @@ def inspect(
                 wrappers = sorted({s["prefix"] for s in summaries} & set(WRAPPER_PREFIXES))
                 if wrappers and len({s["prefix"] for s in summaries}) > 1:
                     out.print(f"  the name prefixes differ: --strip-prefix {wrappers[0]} may make them match")
+        _print_vocabulary(report.get("vocabulary"))
         _print_components(report, human_bytes)
     if report.get("compatible") is False:
         raise typer.Exit(1)
+
+
+def _print_vocabulary(v: dict | None) -> None:
+    """Ingredients with different vocabularies: the tokens each adds, and the tensors souped by token."""
+    if not v:
+        return
+    if "error" in v:
+        out.print(f"vocabularies: {v['error']}")
+        return
+    added: dict[str, list[str]] = {}
+    for a in v["added"]:
+        for who in a["from"]:
+            added.setdefault(who, []).append(a["token"])
+    out.print(f"vocabularies differ: rows souped by token (--vocab union: {v['rows']} rows, the ids of {v['ids_from']}) "
+              f"in {', '.join(v['tensors'])}")
+    for who, tokens in added.items():
+        out.print(f"  {who} adds {', '.join(tokens)}")
 
 
 def _print_components(report: dict, human_bytes) -> None:

@@ -78,7 +78,7 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
     diffs = _differences(cks)
     report = {"ingredients": [_summary(c) for c in cks], "compatible": not diffs,
               "differences": diffs[:max_differences], "difference_count": len(diffs), "components": listed,
-              "lora_pairs": pairs}
+              "lora_pairs": pairs, "vocabulary": _vocabulary(cks)}
     if diff:
         reporter = progress if isinstance(progress, Reporter) else (RichReporter() if progress else Reporter())
         identical, dist2, norm2 = _compare(cks, reporter)
@@ -92,6 +92,19 @@ def inspect(path: IngredientSpec, *more: IngredientSpec, max_differences: int = 
                                             if base else None) for i, ck in enumerate(cks[1:])}
         report["suggested_rules"] = suggest_rules(components, identical, cks[0].tensors)
     return report
+
+
+def _vocabulary(cks: Sequence[Checkpoint]) -> dict[str, Any] | None:
+    """When the ingredients' vocabularies differ: the union soup's vocabulary (``VocabPlan.record``: the
+    tokens each ingredient adds, the vocabulary-indexed tensors); a refusal as ``{"error": line}``."""
+    from soup.errors import SoupError
+    from soup.io.vocab import plan_vocab
+
+    try:
+        plan = plan_vocab(cks, "union", n=len(cks))
+    except SoupError as e:
+        return {"error": str(e)}
+    return None if plan is None else dict(plan.record([c.label for c in cks]), tensors=sorted(plan.names))
 
 
 def _lora_pairs(names) -> list[dict[str, Any]]:
