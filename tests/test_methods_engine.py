@@ -190,7 +190,6 @@ def test_a_base_listed_among_the_models_is_the_base_of_task_vector_methods(tmp_p
 @pytest.mark.parametrize("config, line", [
     ({"merge_method": "passthrough", "models": [{"model": "a"}]}, "passthrough"),
     ({"merge_method": "ties", "slices": [], "models": [{"model": "a"}]}, "slices"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union"}, "union"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "frobnicate": 1}, "unknown key(s) frobnicate"),
 ])
 def test_unsupported_mergekit_keys_are_one_line(tmp_path, config, line):

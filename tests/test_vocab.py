@@ -379,3 +379,24 @@ def test_inspect_lists_the_tokens_each_ingredient_adds(family):
     lines = res.output.splitlines()
     assert "  a adds <image>" in lines and "  b adds <image>, <ocr>" in lines and "  c adds <image>" in lines
     assert soup.inspect(fts[0], fts[0])["vocabulary"] is None
+
+
+def test_mergekit_tokenizer_source_union_and_a_model_align_by_token(family, tmp_path):
+    """``tokenizer_source: union`` is ``vocab: union``; a model's name keeps that model's vocabulary."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from soup.cli import app
+
+    _, fts = family
+    for source, vocab, index in (("union", "union", 0), (str(fts[1]), 1, 1)):
+        config = {"merge_method": "linear", "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in fts],
+                  "dtype": "float32", "tokenizer_source": source}
+        (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+        out = tmp_path / f"out-{index}"
+        res = CliRunner().invoke(app, ["run", str(tmp_path / "mk.yml"), "-o", str(out), "-q"])
+        assert res.exit_code == 0, res.output
+        direct = soup.merge(fts, tmp_path / f"direct-{index}", vocab=vocab, config_from=index).path
+        got, want = load_soup(out), load_soup(direct)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        assert vocab_of(out) == vocab_of(direct)

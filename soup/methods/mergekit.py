@@ -9,9 +9,11 @@ model, as in mergekit), each model's ``parameters`` its per-model method paramet
 in mergekit). Model names that are not
 local folders are hub repos (``hf://owner/name``, ``owner/name@revision`` pinned as given).
 
-What soup does not do is refused in one line naming the key: ``slices`` (layer ranges: a change of
-architecture), ``passthrough``, ``tokenizer_source: union`` and the ``tokenizer:`` section (merged
-vocabularies), and any key mergekit does not define. mergekit's ``dtype`` is its compute dtype;
+``tokenizer_source: union`` is soup's ``vocab: union`` (every model's tokens; rows souped by token
+string, the first model's ids kept, so added tokens may get other ids than mergekit gives them), and a
+model's name also keeps that model's vocabulary (``vocab: N``) when the models' differ. What soup does
+not do is refused in one line naming the key: ``slices`` (layer ranges: a change of architecture),
+``passthrough``, the ``tokenizer:`` section, and any key mergekit does not define. mergekit's ``dtype`` is its compute dtype;
 soup computes in float32 (float64 for float32 inputs) whatever it says, so results agree within one
 rounding of the output dtype.
 """
@@ -108,9 +110,9 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
     if source is None and base_name is not None and "base" in chosen:
         recipe["config_from"] = "base"  # mergekit's default: the base model's tokenizer and config
     elif source is not None:
-        if source == "union":
-            raise RecipeError("mergekit config: tokenizer_source: union (a merged vocabulary) is not supported "
-                              "yet; use base or a model's name")
+        if source == "union":  # every model's tokens, rows souped by token string (soup.io.vocab)
+            recipe["vocab"] = "union"
+            return recipe
         if source == "base" and base_listed:
             source = base_name  # the base is an ingredient here
         if source == "base":
@@ -123,6 +125,7 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
         if source not in names:
             raise RecipeError(f"mergekit config: tokenizer_source: {source!r} is none of the models")
         recipe["config_from"] = names.index(source)
+        recipe["vocab"] = names.index(source)  # that model's vocabulary, when the models' differ
     return recipe
 
 
