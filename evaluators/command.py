@@ -7,6 +7,9 @@ Placeholders, replaced in every argument of ``cmd``, in ``result``, ``cwd`` and 
 
 - ``{model}``: ``candidate.path()`` (the folder is written only when some argument uses it);
 - ``{output}``: a path in a fresh temporary folder that the command may write (removed afterwards).
+- ``{indices}``: with ``examples: N`` (racing), a JSON file listing the example indices to score; the
+  command gives one value per index as a JSON list (at ``per_example``, a key path; default the whole
+  JSON) in its result file or on stdout, and the score is their mean over all N.
 
 A ``cmd`` string is split with ``shlex.split`` (POSIX shell quoting rules) *before* substitution, so
 a path with spaces stays one argument; no shell runs (pipes, ``&&``, globs and ``$VAR`` are not
@@ -37,6 +40,7 @@ import collections
 import contextlib
 import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -91,11 +95,15 @@ class CommandEvaluator(Evaluator):
                  regex: str | None = None, timeout: float | None = None,
                  direction: str = "maximize", primary: str | None = None,
                  env: Mapping[str, Any] | None = None, cwd: str | None = None,
-                 echo: bool = False) -> None:
+                 echo: bool = False, examples: int | None = None, per_example: str | None = None,
+                 example_range: Sequence[float] | None = None) -> None:
+        extra = {k: v for k, v in (("examples", examples), ("per_example", per_example),
+                                   ("example_range", list(example_range) if example_range is not None else None))
+                 if v is not None}  # only when given: older cache keys stay as they were
         super().__init__(cmd=cmd if isinstance(cmd, str) else [str(c) for c in cmd], result=result,
                          key=dict(key) if isinstance(key, Mapping) else key, regex=regex,
                          timeout=timeout, direction=direction, primary=primary,
-                         env={k: str(v) for k, v in (env or {}).items()}, cwd=cwd, echo=echo)
+                         env={k: str(v) for k, v in (env or {}).items()}, cwd=cwd, echo=echo, **extra)
         try:
             self._argv = shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
         except ValueError as e:
@@ -114,6 +122,11 @@ class CommandEvaluator(Evaluator):
                 raise EvaluatorError(f"command: regex {regex!r} must have exactly one group")
         if isinstance(key, Mapping) and primary is None and len(key) > 1:
             raise EvaluatorError(f"command: key names metrics {sorted(key)}; say which is primary")
+        self._examples = check_examples(examples, per_example, example_range,
+                                        [*self._argv, cwd or "", *(str(v) for v in (env or {}).values())])
+        if self._examples is not None:
+            self.score_is_mean = True  # the score is the mean of the per-example values (docstring)
+            self.example_range = (float(example_range[0]), float(example_range[1])) if example_range else None
 
     def score(self, candidate: Candidate) -> float | dict[str, float]:
         """Run the command for ``candidate`` and return its score (or metrics).
@@ -127,13 +140,28 @@ class CommandEvaluator(Evaluator):
         Raises:
             EvaluatorError: see the class docstring.
         """
+        return self._invoke(candidate, None)
+
+    def examples(self) -> int | None:
+        """``examples`` when given (per-example scores through ``{indices}``), else None."""
+        return self._examples
+
+    def score_examples(self, candidate: Candidate, indices: Sequence[int]) -> list[float]:
+        """Run the command with ``{indices}`` naming a JSON file of these example indices; read one value
+        per index from ``per_example`` (a key path in the result file or stdout JSON; default: the whole
+        JSON, a list)."""
+        return self._invoke(candidate, list(indices))
+
+    def _invoke(self, candidate: Candidate, indices: list[int] | None) -> Any:
         a = self.args
         uses_model = any("{model}" in str(s) for s in
                          (*self._argv, a["result"], a["cwd"], *a["env"].values()) if s)
         tmp = Path(tempfile.mkdtemp(prefix="soup-command-"))
         try:
             values = {"{model}": str(candidate.path()) if uses_model else "",
-                      "{output}": str(tmp / "output")}
+                      "{output}": str(tmp / "output"), "{indices}": str(tmp / "indices.json")}
+            wanted = indices if indices is not None else list(range(self._examples or 0))
+            (tmp / "indices.json").write_text(json.dumps(wanted))
 
             def sub(s: str) -> str:
                 for placeholder, value in values.items():
@@ -144,6 +172,11 @@ class CommandEvaluator(Evaluator):
             env = {**os.environ, **{k: sub(v) for k, v in a["env"].items()}}
             cwd = sub(a["cwd"]) if a["cwd"] else None
             stdout, stderr_tail = self._run(argv, env, cwd)
+            if indices is not None:
+                data = _read_json_file(sub(a["result"]), argv, stderr_tail) if a["result"] else \
+                    _parse_stdout_json(stdout, argv, stderr_tail)
+                got = lookup_key(data, a["per_example"], where="per_example") if a.get("per_example") else data
+                return per_example_values(got, len(indices), argv, stderr_tail)
             if a["result"]:
                 data = _read_json_file(sub(a["result"]), argv, stderr_tail)
                 return self._extract(data, argv, stderr_tail, f"result file {sub(a['result'])}")
@@ -219,6 +252,40 @@ class CommandEvaluator(Evaluator):
             return {metric: _as_float(lookup_key(data, path, where=where), argv, tail, where)
                     for metric, path in key.items()}
         return _as_float(lookup_key(data, key, where=where), argv, tail, where)
+
+
+def check_examples(examples: Any, per_example: Any, example_range: Any, texts: Sequence[str]) -> int | None:
+    """The per-example arguments checked before any work: ``examples`` a whole number >= 1 given with an
+    ``{indices}`` placeholder the command reads; ``per_example`` and ``example_range`` only with it."""
+    if examples is None:
+        if per_example is not None or example_range is not None:
+            raise EvaluatorError("command: per_example and example_range need examples: N")
+        return None
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise EvaluatorError(f"command: examples must be a whole number >= 1, got {examples!r}")
+    if not any("{indices}" in t for t in texts):
+        raise EvaluatorError("command: examples: N needs the {indices} placeholder in cmd, env or cwd "
+                             "(the file naming the examples to score)")
+    if example_range is not None and not (isinstance(example_range, (list, tuple)) and len(example_range) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in example_range)
+            and example_range[0] < example_range[1]):
+        raise EvaluatorError(f"command: example_range must be [low, high] with low < high, got {example_range!r}")
+    return examples
+
+
+def per_example_values(got: Any, n: int, argv: list[str], tail: str) -> list[float]:
+    """The command's per-example values: a list of ``n`` finite numbers, else one line saying what came."""
+    name = Path(argv[0]).name
+    if not isinstance(got, list):
+        raise EvaluatorError(f"command {name!r} gave {type(got).__name__} for its per-example scores, "
+                             "expected a JSON list" + _quote_tail(tail))
+    if len(got) != n:
+        raise EvaluatorError(f"command {name!r} gave {len(got)} per-example scores for {n} examples"
+                             + _quote_tail(tail))
+    out = [_as_float(v, argv, tail, f"per-example score {i}") for i, v in enumerate(got)]
+    if not all(math.isfinite(v) for v in out):
+        raise EvaluatorError(f"command {name!r} gave a non-finite per-example score" + _quote_tail(tail))
+    return out
 
 
 def lookup_key(data: Any, key: str | Sequence[str | int], *, where: str = "JSON") -> Any:
