@@ -400,3 +400,53 @@ def test_mergekit_tokenizer_source_union_and_a_model_align_by_token(family, tmp_
         got, want = load_soup(out), load_soup(direct)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
         assert vocab_of(out) == vocab_of(direct)
+
+
+def test_mergekit_tokenizer_source_base_keeps_the_base_models_tokens(family, tmp_path):
+    """``tokenizer_source: base`` (and no tokenizer_source, mergekit's default) is the base's vocabulary:
+    with a method's base model, its 61 tokens, each row the method on the rows of that token's string;
+    with the base among linear's models, that model's vocabulary (``vocab: N``)."""
+    import yaml
+
+    from soup.io.manifest import read
+
+    base, fts = family
+    b0 = load_file(str(base / "model.safetensors"))
+    sds = [load_file(str(f / "model.safetensors")) for f in fts]
+    weights = [1.0, 0.5, 0.25]
+    models = [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, weights)]
+    for k, extra in enumerate(({"tokenizer_source": "base"}, {})):
+        config = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models, "dtype": "float32",
+                  **extra}
+        (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+        out = tmp_path / f"ta-{k}"
+        res = CliRunner().invoke(app, ["run", str(tmp_path / "mk.yml"), "-o", str(out), "-q"])
+        assert res.exit_code == 0, res.output
+        got = load_soup(out)
+        for name in VOCABS:
+            x0 = b0[name].double()
+            want = x0 + sum(w * (sd[name][:61].double() - x0) for sd, w in zip(sds, weights))
+            assert got[name].shape == (61, x0.shape[1])
+            torch.testing.assert_close(got[name], want.float(), rtol=1e-6, atol=1e-6)
+        assert vocab_of(out) == vocab_of(base)
+        assert json.loads((out / "config.json").read_text())["vocab_size"] == 61
+        v = read(out).vocabulary
+        assert v["mode"] == "base" and v["ids_from"] == base.name and v["rows"] == 61 and v["added"] == []
+    # linear with the base among the models: the base is an ingredient, and its vocabulary is kept
+    config = {"merge_method": "linear", "base_model": str(fts[1]), "dtype": "float32", "tokenizer_source": "base",
+              "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in fts]}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "lin"), "-q"])
+    assert res.exit_code == 0, res.output
+    direct = soup.merge(fts, tmp_path / "lin-direct", vocab=1, config_from=1).path
+    got, want = load_soup(tmp_path / "lin"), load_soup(direct)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert vocab_of(tmp_path / "lin") == vocab_of(fts[1])
+
+
+def test_vocab_base_without_a_base_model_is_one_line(family, tmp_path):
+    _, fts = family
+    with pytest.raises(RecipeError, match=r"^vocab: base is the vocabulary of a merge method's base model, and "
+                                          r"there is none$"):
+        soup.merge(fts, tmp_path / "nope", vocab="base")
+    assert not (tmp_path / "nope").exists()

@@ -15,8 +15,8 @@ alone (nothing of a tensor is read):
   each output row is (``VocabPlan.maps``), or None when every vocabulary and row count agree (rows
   then stay matched by position, as they always were). ``mode``: ``union`` (the first ingredient's
   ids kept, every other ingredient's new tokens appended in ingredient order, then id order),
-  ``first``, or an ingredient's index or name (that ingredient's vocabulary; tokens it lacks are
-  dropped).
+  ``first``, an ingredient's index or name (that ingredient's vocabulary; tokens it lacks are
+  dropped), or ``base`` (a merge method's base model's vocabulary).
 
 Rows that are not tokens (the padding of ``resize_token_embeddings(pad_to_multiple_of=...)``) are
 matched by position among the checkpoints for which that position is padding too. The soup's row
@@ -269,7 +269,12 @@ def plan_vocab(checkpoints: Sequence[Any], mode: str | int = "union", *, n: int 
     """
     n = len(checkpoints) if n is None else n
     labels = [ck.label for ck in checkpoints]
-    ref = check_vocab_mode(mode, labels[:n])
+    if mode == "base" and "base" not in labels[:n]:  # the method's base model's vocabulary (mergekit's default)
+        if n == len(checkpoints):
+            raise RecipeError("vocab: base is the vocabulary of a merge method's base model, and there is none")
+        ref = n
+    else:
+        ref = check_vocab_mode(mode, labels[:n])
     configs = [read_config(ck.root) for ck in checkpoints]
     _check_tied(checkpoints, configs)
     sizes = [_rows_of(ck, cfg) for ck, cfg in zip(checkpoints, configs)]

@@ -10,8 +10,9 @@ in mergekit). Model names that are not
 local folders are hub repos (``hf://owner/name``, ``owner/name@revision`` pinned as given).
 
 ``tokenizer_source: union`` is soup's ``vocab: union`` (every model's tokens; rows souped by token
-string, the first model's ids kept, so added tokens may get other ids than mergekit gives them), and a
-model's name also keeps that model's vocabulary (``vocab: N``) when the models' differ. What soup does
+string, the first model's ids kept, so added tokens may get other ids than mergekit gives them), ``base``
+keeps the base model's vocabulary (``vocab: base``; with the base among the models, as for linear, that
+model's: ``vocab: N``), and a model's name keeps that model's vocabulary (``vocab: N``). What soup does
 not do is refused in one line naming the key: ``slices`` (layer ranges: a change of architecture),
 ``passthrough``, the ``tokenizer:`` section, and any key mergekit does not define. mergekit's ``dtype`` is its compute dtype;
 soup computes in float32 (float64 for float32 inputs) whatever it says, so results agree within one
@@ -69,7 +70,7 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
     base_name = _model_name(data.get("base_model"), "base_model") if data.get("base_model") is not None else None
     needs_base = load_method(method).needs_base
     base_listed = False
-    ingredients, per_model = [], []
+    ingredients, per_model, names = [], [], []
     for k, entry in enumerate(models):
         if isinstance(entry, str):
             entry = {"model": entry}
@@ -87,6 +88,7 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
         if name == base_name:
             base_listed = True  # a method without a base (linear, karcher...): mergekit averages it as a model
         ingredients.append(_source(name, base))
+        names.append(name)
         per_model.append(dict(params))
     if not ingredients:
         raise RecipeError("mergekit config: models: no model besides the base_model")
@@ -108,7 +110,7 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
         recipe["accumulate"] = "float64" if data["dtype"] in ("float64", "fp64") else "auto"
     source = data.get("tokenizer_source")
     if source is None and base_name is not None and "base" in chosen:
-        recipe["config_from"] = "base"  # mergekit's default: the base model's tokenizer and config
+        recipe["config_from"] = recipe["vocab"] = "base"  # mergekit's default: the base model's tokenizer
     elif source is not None:
         if source == "union":  # every model's tokens, rows souped by token string (soup.io.vocab)
             recipe["vocab"] = "union"
@@ -118,10 +120,8 @@ def from_mergekit(data: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
         if source == "base":
             if base_name is None:
                 raise RecipeError("mergekit config: tokenizer_source: base, but there is no base_model")
-            recipe["config_from"] = "base"
+            recipe["config_from"] = recipe["vocab"] = "base"  # the base's tokens only, as in mergekit
             return recipe
-        names = [_model_name(e["model"] if isinstance(e, Mapping) else e, "model") for e in models]
-        names = [n for n in names if n != base_name]
         if source not in names:
             raise RecipeError(f"mergekit config: tokenizer_source: {source!r} is none of the models")
         recipe["config_from"] = names.index(source)
