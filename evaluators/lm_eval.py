@@ -15,6 +15,12 @@ without the default filter's suffix; other filters keep theirs: ``"exact_match,s
 standard errors are left out). With several top-level tasks, each metric is named ``"task/metric"``
 and the unqualified ``"metric"`` is their unweighted mean. The recipe's ``metric`` is the primary.
 
+Per-example scores (racing, docs/racing.md): with one task whose ``metric`` lm-eval averages over
+documents (``acc``, ``acc_norm``, ``exact_match``...), ``examples()`` is the number of documents and
+``score_examples`` each document's logged value, lm-eval run on those documents only; the score's
+primary metric is then exactly their mean. Groups, several tasks, corpus-level metrics and randomly
+drawn few-shot examples give none (``soup.evaluators.lm_eval_examples`` says why).
+
 Example::
 
     ev = LMEvalEvaluator(tasks="arc_easy", metric="acc_norm", model="base-model/", limit=200)
@@ -148,8 +154,15 @@ class LMEvalEvaluator(Evaluator):
             EvaluatorError: see the class docstring.
         """
         self._load(candidate)
-        results = self._evaluate()
+        docs = self._docs if self._docs else None  # per-example scores on: log every document's value
+        results = self._evaluate(log=docs is not None)
         metrics, better_lower = _metrics(results)
+        if docs is not None and self.primary in metrics:  # exactly mean_score of them (score_is_mean)
+            values = per_document(results, docs)
+            if len(values) != docs.count:
+                raise EvaluatorError(f"lm-eval: {docs.task} logged {docs.metric} for {len(values)} of "
+                                     f"{docs.count} documents")
+            metrics[self.primary] = mean_score(list(values.values()))
         if self.primary not in metrics:
             raise EvaluatorError(f"lm-eval: metric {self.args['metric']!r} is not reported by "
                                  f"{', '.join(self._tasks)}; reported: {', '.join(metrics) or 'none'}")
@@ -159,11 +172,15 @@ class LMEvalEvaluator(Evaluator):
         return metrics
 
     def examples(self) -> int | None:
-        """Documents of the task, for per-example scores (``soup.evaluators.lm_eval_examples``: one task
-        whose primary metric lm-eval averages with ``mean``); None otherwise. Found once (the task is
-        loaded, no model is built)."""
+        """Documents of the task, for per-example scores: one task whose primary metric lm-eval averages
+        with ``mean``, each document's value its own (no randomly drawn few-shot examples, no sampled
+        generation: ``soup.evaluators.lm_eval_examples``). None otherwise: groups, several tasks,
+        corpus-level metrics (``brier_score``, perplexities, F1) and random few-shot are scored whole.
+        Found once (the task is loaded, no model is built)."""
         if self._docs is False:
-            self._docs = documents(self._tasks, self._task_manager, self.primary, self.args["limit"])
+            a = self.args
+            self._docs = documents(self._tasks, self._task_manager, self.primary, a["limit"],
+                                   a["num_fewshot"], a["gen_kwargs"])
             if self._docs is not None:
                 self.score_is_mean = True  # the primary metric: the mean of the documents' values
                 self.example_range = (0.0, 1.0) if self._docs.bounded else None
@@ -174,9 +191,12 @@ class LMEvalEvaluator(Evaluator):
         those documents only."""
         docs = self._docs if self._docs else None
         if docs is None:
-            raise EvaluatorError("lm-eval: per-example scores need one task whose metric is a mean")
+            raise EvaluatorError("lm-eval: no per-example scores here (examples() is None: see its docstring)")
+        wanted = sorted(set(int(i) for i in indices))  # lm-eval maps doc ids back only for a sorted list
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < docs.count:
+            raise EvaluatorError(f"lm-eval: document index out of range 0..{docs.count - 1}: "
+                                 f"{wanted[0] if wanted[0] < 0 else wanted[-1]}")
         self._load(candidate)
-        wanted = sorted(set(int(i) for i in indices))
         values = per_document(self._evaluate(samples={docs.task: wanted}), docs)
         missing = [i for i in wanted if i not in values]
         if missing:
@@ -234,9 +254,9 @@ class LMEvalEvaluator(Evaluator):
                                  f"{type(e).__name__}: {e}") from e
         self._model, self._lm, self._device = model, lm, device
 
-    def _evaluate(self, samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    def _evaluate(self, samples: dict[str, list[int]] | None = None, log: bool = False) -> dict[str, Any]:
         """``lm_eval.simple_evaluate`` on the resident model (``samples``: those documents only, their
-        values logged); the global random state is kept."""
+        values logged; ``log``: log every document's values); the global random state is kept."""
         import lm_eval
 
         a = self.args
@@ -247,7 +267,7 @@ class LMEvalEvaluator(Evaluator):
             results = lm_eval.simple_evaluate(
                 model=self._lm, tasks=list(self._tasks), task_manager=self._task_manager,
                 limit=None if samples is not None else a["limit"], num_fewshot=a["num_fewshot"],
-                bootstrap_iters=0, log_samples=samples is not None, **extra)
+                bootstrap_iters=0, log_samples=log or samples is not None, **extra)
         if not results or "results" not in results:
             raise EvaluatorError("lm-eval: simple_evaluate returned no results")
         return results

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_lm import build_tiny_lm  # noqa: E402
 
 from soup.errors import EvaluatorError  # noqa: E402
-from soup.soups.evaluate import Candidate, load_evaluator, run_evaluator  # noqa: E402
+from soup.soups.evaluate import Candidate, load_evaluator, mean_score, run_evaluator  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -106,11 +106,16 @@ def world(tmp_path_factory):
     other = suite / "other.yaml"
     other.write_text(TASK_YAML.format(name="soup_tiny_mc_2shot", data=data) + "num_fewshot: 2\n")
     (suite / "group.yaml").write_text(GROUP_YAML)
+    fewshot = root / "fewshot"  # 2-shot tasks: examples drawn at random (lm-eval's default) or the first two
+    fewshot.mkdir()
+    (fewshot / "random.yaml").write_text(TASK_YAML.format(name="soup_tiny_mc_random", data=data) + "num_fewshot: 2\n")
+    (fewshot / "first.yaml").write_text(TASK_YAML.format(name="soup_tiny_mc_first", data=data)
+                                        + "num_fewshot: 2\nfewshot_config:\n  sampler: first_n\n")
     with pytest.MonkeyPatch.context() as mp:  # the datasets library's Arrow cache, away from ~/.cache
         import datasets
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "datasets-cache")
         yield {"root": root, "base": base, "fts": fts, "tasks": tasks, "suite": suite, "other": other,
-               "data": data}
+               "data": data, "fewshot": fewshot}
 
 
 def weights(folder: Path) -> dict:
@@ -273,6 +278,18 @@ def test_identity_follows_task_files_and_lm_eval_version(world):
 # --- per-example scores (racing) -------------------------------------------------------------------
 
 
+def logged(folder: Path, task: str, include_path: Path, metric: str = "acc") -> tuple[list[float], float]:
+    """lm-eval's own run on every document of ``task`` for the weights in ``folder``: each document's
+    logged ``metric`` (by doc id) and the task's aggregate."""
+    manager = TaskManager(include_path=[str(include_path)], include_defaults=False)
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder}", tasks=[task],
+                                  task_manager=manager, device="cpu", batch_size=4, bootstrap_iters=0,
+                                  log_samples=True)
+    by_doc = {s["doc_id"]: float(s[metric]) for s in out["samples"][task]}
+    assert sorted(by_doc) == list(range(len(ROWS)))
+    return [by_doc[i] for i in range(len(ROWS))], out["results"][task][f"{metric},none"]
+
+
 def test_per_document_scores_are_lm_eval_s_own_logged_samples(world):
     """One task with a mean metric: ``examples()`` is its documents, ``score_examples`` each document's
     value as lm-eval logs it when it evaluates every document, their mean the task's score."""
@@ -283,17 +300,46 @@ def test_per_document_scores_are_lm_eval_s_own_logged_samples(world):
     cand = Candidate.from_state_dict(ft.name, weights(ft), key=ft.name)
     subset = ev.score_examples(cand, [5, 0, 3])
     every = ev.score_examples(cand, list(range(len(ROWS))))
-    manager = TaskManager(include_path=[str(world["tasks"])], include_defaults=False)
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={ft}", tasks=["soup_tiny_mc"],
-                                  task_manager=manager, device="cpu", batch_size=4, bootstrap_iters=0,
-                                  log_samples=True)
-    logged = {s["doc_id"]: s["acc"] for s in out["samples"]["soup_tiny_mc"]}
-    assert every == [logged[i] for i in range(len(ROWS))] and subset == [logged[5], logged[0], logged[3]]
-    assert sum(every) / len(every) == out["results"]["soup_tiny_mc"]["acc,none"]
-    assert ev.aggregate(every) == {"acc": out["results"]["soup_tiny_mc"]["acc,none"]}
+    expected, acc = logged(ft, "soup_tiny_mc", world["tasks"])
+    assert [expected[5], expected[0], expected[3]] != [expected[0], expected[3], expected[5]]  # order matters
+    assert every == expected and subset == [expected[5], expected[0], expected[3]]
+    assert sum(every) / len(every) == acc
+    assert ev.aggregate(every) == {"acc": acc}
+    score = run_evaluator(ev, cand)  # the whole score: the mean of the same values
+    assert score.value == score.metrics["acc"] == mean_score(every) == acc
+    with pytest.raises(EvaluatorError, match="out of range 0..7: 8"):
+        ev.score_examples(cand, [2, 8])
     ev.close()
     brier = load_evaluator("lm-eval", **args(world, metric="brier_score", direction="minimize"))
     assert brier.examples() is None  # not a mean: scored whole
     group = load_evaluator("lm-eval", **args(world, tasks="soup_tiny_suite",
                                              include_path=[str(world["tasks"]), str(world["suite"])], metric="acc"))
     assert group.examples() is None
+    several = load_evaluator("lm-eval", **args(world, tasks=["soup_tiny_mc", str(world["other"])], metric="acc"))
+    assert several.examples() is None
+    with pytest.raises(EvaluatorError, match="no per-example scores here"):
+        several.score_examples(cand, [0])
+
+
+def test_per_document_scores_with_few_shot_examples_only_when_each_document_s_own(world):
+    """Few-shot examples drawn at random depend on how many documents came before (one generator per
+    run): a subset would see other examples than a full run, so such a task gives no per-example scores.
+    The ``first_n`` sampler gives each document the same examples in any run: its values on a subset
+    are those of lm-eval's full run, and their mean is the score."""
+    ft, folder = world["fts"][2], world["fewshot"]
+    random_shots = load_evaluator("lm-eval", **args(world, tasks="soup_tiny_mc_random", include_path=str(folder),
+                                                    metric="acc"))
+    assert random_shots.examples() is None and not random_shots.score_is_mean
+    zero = load_evaluator("lm-eval", **args(world, tasks="soup_tiny_mc_random", include_path=str(folder),
+                                            metric="acc", num_fewshot=0))
+    assert zero.examples() == len(ROWS)  # num_fewshot: 0 overrides the task's 2: no examples drawn
+    ev = load_evaluator("lm-eval", **args(world, tasks="soup_tiny_mc_first", include_path=str(folder), metric="acc"))
+    assert ev.examples() == len(ROWS) and ev.score_is_mean
+    cand = Candidate.from_state_dict(ft.name, weights(ft), key=ft.name)
+    expected, acc = logged(ft, "soup_tiny_mc_first", folder)
+    sub = [7, 0, 3, 5]
+    assert [expected[i] for i in sub] != [expected[i] for i in sorted(sub)]  # the order asked for matters
+    assert ev.score_examples(cand, sub) == [expected[i] for i in sub]
+    assert ev.score_examples(cand, list(range(len(ROWS)))) == expected
+    assert run_evaluator(ev, cand).metrics["acc"] == mean_score(expected) == acc
+    ev.close()
