@@ -39,8 +39,7 @@ import torch
 
 from soup.errors import CheckpointError, IncompatibleIngredients, RecipeError
 
-__all__ = ["Vocab", "VocabPlan", "read_vocab", "plan_vocab", "check_vocab_mode", "vocab_indexed_by_name",
-           "TOKENIZER_FILES", "MODES"]
+__all__ = ["Vocab", "VocabPlan", "read_vocab", "plan_vocab", "check_vocab_mode", "vocab_indexed_by_name", "TOKENIZER_FILES", "MODES"]
 
 MODES = ("union", "first")
 # the files a tokenizer is made of (what the soup's tokenizer is written from)
@@ -48,8 +47,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
 FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")  # an added token's flags
 # the last name part of input embeddings and output heads (``model.embed_tokens.weight``)
-HEADS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "tok_embeddings", "embed_in", "embed_out", "output",
-         "shared")
+HEADS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "tok_embeddings", "embed_in", "embed_out", "output", "shared")
 _LAYER = re.compile(r"\.\d+\.")  # tensors inside numbered layers are never vocabulary-indexed
 MAX_PAD = 128  # the largest padding multiple inferred from the ingredients' row counts
 
@@ -304,7 +302,8 @@ def plan_vocab(checkpoints: Sequence[Any], mode: str | int = "union", *, n: int 
                 "tokenizer files (tokenizer.json, vocab.json...) to match its rows to tokens")
     _check_same_base(vocabs, labels, ref)
     tokens, origin = _output_tokens(vocabs, ref, n, union=mode == "union")
-    rows = sizes[ref] if len(tokens) <= sizes[ref] else _round_up(len(tokens), _pad_multiple(sizes[:n], vocabs[:n]))
+    m = _pad_multiple(sizes[:n], vocabs[:n])  # more tokens than the reference's rows: round up to the padding
+    rows = sizes[ref] if len(tokens) <= sizes[ref] else -(-len(tokens) // m) * m
     maps = [_row_map(tokens, v, size, rows) for v, size in zip(vocabs, sizes)]
     return VocabPlan(tokens, origin, rows, frozenset(names), maps, sizes, vocabs,
                      [ck.root for ck in checkpoints], ref, mode)
@@ -394,10 +393,6 @@ def _pad_multiple(sizes: Sequence[int], vocabs: Sequence[Vocab]) -> int:
     (at most MAX_PAD) dividing every padded row count; 1 when none is padded."""
     padded = [r for r, v in zip(sizes, vocabs) if r > v.size]
     return min([min(r & -r, MAX_PAD) for r in padded], default=1)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _common_prefix(a: list, b: list, limit: int) -> int:
