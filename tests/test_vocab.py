@@ -21,7 +21,7 @@ import soup
 import soup.engine.combine as combine
 import soup.io.vocab as vocab_io
 from soup.cli import app
-from soup.errors import IncompatibleIngredients, RecipeError
+from soup.errors import CheckpointError, IncompatibleIngredients, RecipeError
 from soup.io.vocab import plan_vocab, read_vocab
 from soup.io.checkpoint import open_checkpoint
 
@@ -450,3 +450,87 @@ def test_vocab_base_without_a_base_model_is_one_line(family, tmp_path):
                                           r"there is none$"):
         soup.merge(fts, tmp_path / "nope", vocab="base")
     assert not (tmp_path / "nope").exists()
+
+
+# ---- PEFT adapters trained on resized embeddings --------------------------------------------------------
+
+
+def lora_resized(base, out, tokens, seed):
+    """A LoRA adapter of ``base`` with ``tokens`` added and the embeddings resized (saved whole, as
+    ``modules_to_save``), its tokenizer saved beside it, as trainers do."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(base)
+    for t in tokens:
+        tok.add_special_tokens({"additional_special_tokens": [t]})
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                             modules_to_save=["embed_tokens", "lm_head"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resized(family, tmp_path_factory):
+    """Adapters of the family's base: ``a`` and ``a2`` add <image> (62 rows), ``o`` adds <ocr> (62 rows,
+    another token at id 61), ``b`` adds <ocr> then <image> (63 rows)."""
+    pytest.importorskip("peft")
+    base, _ = family
+    root = tmp_path_factory.mktemp("resized")
+    plan = {"a": ["<image>"], "a2": ["<image>"], "o": ["<ocr>"], "b": ["<ocr>", "<image>"]}
+    return base, {k: lora_resized(base, root / k, toks, seed) for seed, (k, toks) in enumerate(plan.items())}
+
+
+def test_adapters_of_different_vocabularies_are_refused_naming_the_adapter_and_tensor(resized, tmp_path):
+    """Same row count, other tokens (id 61 is <image> in a, <ocr> in o): averaging by position would mix
+    two tokens' rows, so it is refused before any work; so are other row counts and a base without them."""
+    base, ads = resized
+    out = tmp_path / "out"
+    how = "adapter soups do not match rows by token: merge each adapter into its base model"
+    with pytest.raises(IncompatibleIngredients, match=r"^adapter o: tensor base_model\.model\.\S+weight: its tokenizer "
+                       r"is not a's \(id 61 is '<ocr>' there, '<image>' in a\): " + how):
+        soup.adapter_soup([ads["a"], ads["o"]], out)
+    with pytest.raises(IncompatibleIngredients, match=r"^adapter b: tensor base_model\.model\.\S+weight has 63 rows "
+                       r"but 62 in a \(embeddings resized to another vocabulary\): " + how):
+        soup.adapter_soup([ads["a"], ads["b"]], out)
+    with pytest.raises(CheckpointError, match=r"^adapter a: tensor base_model\.model\.\S+ has 62 rows but "
+                       r"(model\.embed_tokens|lm_head)\.weight has 61 in the base base \(embeddings resized"):
+        soup.adapter_soup([ads["a"], ads["a2"]], out, merge_into=base)
+    assert not out.exists()
+    res = CliRunner().invoke(app, ["merge", str(ads["a"]), str(ads["o"]), "-o", str(out), "-q"])
+    assert res.exit_code == 1 and res.output.startswith("error: adapter o: tensor base_model.model."), res.output
+    assert len(res.output.strip().splitlines()) == 1 and "its tokenizer is not a's" in res.output, res.output
+    assert not out.exists()
+
+
+def test_trainable_token_indices_that_differ_are_refused(resized, tmp_path):
+    _, ads = resized
+    copies = []
+    for name, ids in (("a", [61]), ("a2", [60])):
+        copy = shutil.copytree(ads[name], tmp_path / name)
+        cfg = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": ids}))
+        copies.append(copy)
+    with pytest.raises(IncompatibleIngredients, match=r"^trainable_token_indices: \[61\] in a but \[60\] in a2$"):
+        soup.adapter_soup(copies, tmp_path / "out")
+
+
+def test_adapters_of_one_resized_vocabulary_are_souped_by_position(resized, tmp_path):
+    """One vocabulary (both add <image>): rows by position are rows by token; the soup's rows are the
+    float64 weighted mean."""
+    _, ads = resized
+    path = soup.adapter_soup([ads["a"], ads["a2"]], tmp_path / "out", weights=[0.75, 0.25]).path
+    got = load_file(str(path / "adapter_model.safetensors"))
+    x, y = (load_file(str(ads[k] / "adapter_model.safetensors")) for k in ("a", "a2"))
+    names = [n for n in x if "embed_tokens" in n or "lm_head" in n]
+    assert names and all(got[n].shape[0] == 62 for n in names)
+    for n in names:
+        torch.testing.assert_close(got[n].double(), 0.75 * x[n].double() + 0.25 * y[n].double(), rtol=0, atol=1e-6)

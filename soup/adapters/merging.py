@@ -39,6 +39,8 @@ from soup.io.manifest import Method, Selection
 from soup.options import MergeOptions, check_option_names
 from soup.engine.output import OutputDir, checkpoint_paths, input_paths
 from soup.adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, LoraModule, check_adapters, open_adapter
+from soup.adapters.peft_io import NOT_BY_TOKEN, base_tensor, first_difference, vocab_tensors
+from soup.io.vocab import read_vocab
 from soup.engine.plan import Job, Plan, normalise_weights
 from soup.progress import Reporter, RichReporter
 from soup.signals import graceful
@@ -194,6 +196,18 @@ class _Soup:
         first, base, n = self.ads[0], self.base, len(self.ads)
         targets = {m.weight: m for m in first.modules.values()}
         others = {first.base_name(t): t for t in first.others}
+        rows = vocab_tensors(first)  # tensors with a row per token: a resized vocabulary is refused first
+        for aname, count in rows.items():
+            info = base.tensors.get(base_tensor(aname))
+            if count is not None and info is not None and info.shape and info.shape[0] != count:
+                raise CheckpointError(f"adapter {first.label}: tensor {aname} has {count} rows but "
+                                      f"{base_tensor(aname)} has {info.shape[0]} in the base {base.label} (embeddings "
+                                      f"resized to another vocabulary): {NOT_BY_TOKEN}")
+        vb, va = (read_vocab(base.root), read_vocab(first.root)) if rows else (None, None)
+        if vb is not None and va is not None and vb.tokens != va.tokens:  # the output gets the base's tokenizer
+            i, t0, t1 = first_difference(vb, va)
+            raise CheckpointError(f"adapter {first.label}: tensor {min(rows)}: its tokenizer is not the base "
+                                  f"{base.label}'s (id {i} is {t1!r} there, {t0!r} in the base): {NOT_BY_TOKEN}")
         for m in first.modules.values():
             info = base.tensors.get(m.weight)
             want = m.shape[::-1] if self.transpose else m.shape
@@ -207,7 +221,8 @@ class _Soup:
             info = base.tensors.get(bname)
             if info is None or info.shape != first.checkpoint.tensors[aname].shape:
                 what = "has no such tensor" if info is None else f"has shape {list(info.shape)}"
-                raise CheckpointError(f"tensor {aname} (modules_to_save): the base {base.label} {what}")
+                raise CheckpointError(f"adapter {first.label}: tensor {aname} (modules_to_save): the base "
+                                      f"{base.label} {what}")
         jobs = []
         for name, info in base.tensors.items():
             floating = info.dtype.is_floating_point

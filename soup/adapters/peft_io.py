@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from soup.io.checkpoint import Checkpoint, open_checkpoint
+from soup.io.vocab import Vocab, read_vocab, vocab_indexed_by_name
 from soup.errors import CheckpointError, IncompatibleIngredients
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoraModule", "Adapter", "is_adapter", "open_adapter",
-           "check_adapters", "pattern_value"]
+           "check_adapters", "vocab_tensors", "base_tensor", "first_difference", "NOT_BY_TOKEN", "pattern_value"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -184,9 +185,10 @@ def check_adapters(adapters: list[Adapter]) -> None:
     Raises:
         IncompatibleIngredients: one line naming the module (or field) and the two adapters.
     """
+    _check_vocabularies(adapters)
     first = adapters[0]
     for other in adapters[1:]:
-        for key in ("task_type", "fan_in_fan_out"):
+        for key in ("task_type", "fan_in_fan_out", "trainable_token_indices"):
             if first.config.get(key) != other.config.get(key):
                 raise IncompatibleIngredients(f"{key}: {first.config.get(key)!r} in {first.label} but "
                                               f"{other.config.get(key)!r} in {other.label}")
@@ -212,6 +214,64 @@ def check_adapters(adapters: list[Adapter]) -> None:
             if t1.shape != t2.shape:
                 raise IncompatibleIngredients(f"tensor {name}: shape {list(t1.shape)} in {first.label} but "
                                               f"{list(t2.shape)} in {other.label}")
+
+
+NOT_BY_TOKEN = ("adapter soups do not match rows by token: merge each adapter into its base model (peft's "
+                "merge_and_unload, its tokenizer saved beside it) and soup those models, whose rows soup matches by "
+                "token (docs/vocab.md)")
+
+
+def vocab_tensors(adapter: Adapter) -> dict[str, int | None]:
+    """An adapter's tensors with a row per token, and their rows: copies of the input embeddings or output
+    head (``modules_to_save``, and what peft adds when it saw them resized: ``original_module``...), LoRA B
+    of an output head; trainable-token deltas (rows of the ids in ``trainable_token_indices``) as None."""
+    tensors = adapter.checkpoint.tensors
+    out: dict[str, int | None] = {m.b: m.shape[0] for m in adapter.modules.values() if vocab_indexed_by_name(m.weight)}
+    for n in adapter.others:
+        if "trainable_tokens" in n:
+            out[n] = None
+        elif tensors[n].shape and vocab_indexed_by_name(base_tensor(n)):
+            out[n] = tensors[n].shape[0]
+    return out
+
+
+def base_tensor(name: str) -> str:
+    """The base model's tensor an adapter tensor stands for: ``base_model.model.lm_head.modules_to_save.weight``
+    and ``base_model.model.lm_head.lora_B.weight`` -> ``lm_head.weight``."""
+    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    return re.sub(r"\.(lora_B|modules_to_save|original_module|base_layer)(?=\.)", "", name)
+
+
+def first_difference(a: Vocab, b: Vocab) -> tuple[int, str | None, str | None]:
+    """The first id whose token differs between two vocabularies: (id, its token in a, in b)."""
+    for i in range(max(a.size, b.size)):
+        x, y = (a.by_id[i] if i < a.size else None), (b.by_id[i] if i < b.size else None)
+        if x != y:
+            return i, x, y
+    tok = min(a.tokens.keys() ^ b.tokens.keys())  # one id, two strings: the other string
+    return a.tokens.get(tok, b.tokens.get(tok)), a.by_id[a.tokens[tok]] if tok in a.tokens else tok, tok
+
+
+def _check_vocabularies(adapters: list[Adapter]) -> None:
+    """Adapters trained on resized embeddings souped by position only when their vocabularies agree:
+    rows per token that differ in number, or tokenizers (saved beside the adapters) that differ where
+    such tensors exist, are refused in one line naming the adapter and the tensor."""
+    first = adapters[0]
+    rows0 = vocab_tensors(first)
+    for other in adapters[1:]:
+        rows = vocab_tensors(other)
+        for name in [n for n in rows0 if rows0[n] is not None and rows.get(n) not in (None, rows0[n])][:1]:
+            raise IncompatibleIngredients(f"adapter {other.label}: tensor {name} has {rows[name]} rows but "
+                                          f"{rows0[name]} in {first.label} (embeddings resized to another "
+                                          f"vocabulary): {NOT_BY_TOKEN}")
+        if not (rows0 or rows):
+            continue
+        v0, v1 = read_vocab(first.root), read_vocab(other.root)
+        if v0 is not None and v1 is not None and v0.tokens != v1.tokens:
+            i, t0, t1 = first_difference(v0, v1)
+            raise IncompatibleIngredients(f"adapter {other.label}: tensor {min(rows or rows0)}: its tokenizer is "
+                                          f"not {first.label}'s (id {i} is {t1!r} there, {t0!r} in {first.label}): "
+                                          f"{NOT_BY_TOKEN}")
 
 
 def _real(root: Path, base: str) -> str:

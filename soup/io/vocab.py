@@ -107,10 +107,14 @@ class VocabPlan:
         return tuple(i for i in range(n) if weights[i] == 0.0 and bool((self.maps[i][~held] >= 0).any()))
 
 
-def check_vocab_mode(mode: Any, labels: Sequence[str]) -> int:
-    """The reference ingredient of ``mode`` (``union``, ``first``, an index or a label), or RecipeError."""
+def check_vocab_mode(mode: Any, labels: Sequence[str], base: int | None = None) -> int:
+    """The reference of ``mode`` (``union``, ``first``, an index, a label; ``base``: index ``base``), or RecipeError."""
     if mode in MODES:
         return 0
+    if mode == "base" and "base" not in labels:  # a merge method's base model's vocabulary
+        if base is None:
+            raise RecipeError("vocab: base is the vocabulary of a merge method's base model, and there is none")
+        return base
     if isinstance(mode, str) and mode.isdigit():
         mode = int(mode)
     if isinstance(mode, int) and not isinstance(mode, bool):
@@ -267,12 +271,7 @@ def plan_vocab(checkpoints: Sequence[Any], mode: str | int = "union", *, n: int 
     """
     n = len(checkpoints) if n is None else n
     labels = [ck.label for ck in checkpoints]
-    if mode == "base" and "base" not in labels[:n]:  # the method's base model's vocabulary (mergekit's default)
-        if n == len(checkpoints):
-            raise RecipeError("vocab: base is the vocabulary of a merge method's base model, and there is none")
-        ref = n
-    else:
-        ref = check_vocab_mode(mode, labels[:n])
+    ref = check_vocab_mode(mode, labels[:n], base=n if n < len(checkpoints) else None)
     configs = [read_config(ck.root) for ck in checkpoints]
     _check_tied(checkpoints, configs)
     sizes = [_rows_of(ck, cfg) for ck, cfg in zip(checkpoints, configs)]
