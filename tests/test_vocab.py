@@ -361,6 +361,9 @@ def test_soup_json_and_the_report_say_where_each_added_token_came_from(family, t
     assert by_token["<image>"] == {"token": "<image>", "id": vocab_of(path)["<image>"], "from": ["a", "b", "c"]}
     assert by_token["<ocr>"]["from"] == ["b"] and by_token["<ocr>"]["id"] == vocab_of(path)["<ocr>"]
     assert "added tokens: <image> (a/b/c), <ocr> (b)" in format_report(read(path))
+    res = CliRunner().invoke(app, ["report", str(path)])
+    assert res.exit_code == 0 and "vocabulary: union, ids of a, 64 rows; added tokens: <image> (a/b/c), <ocr> (b)" \
+        in res.output.replace("\n", " "), res.output
     same = soup.merge([fts[0], fts[0]], tmp_path / "same").path
     assert read(same).vocabulary is None  # one vocabulary: nothing to record
 
@@ -378,6 +381,12 @@ def test_inspect_lists_the_tokens_each_ingredient_adds(family):
     res = CliRunner().invoke(app, ["inspect", *map(str, fts)])
     lines = res.output.splitlines()
     assert "  a adds <image>" in lines and "  b adds <image>, <ocr>" in lines and "  c adds <image>" in lines
+    res = CliRunner().invoke(app, ["inspect", "--diff", "-q", *map(str, fts)])
+    lines = res.output.splitlines()
+    assert "  a adds <image>" in lines and "  b adds <image>, <ocr>" in lines and "  c adds <image>" in lines
+    said = [ln for ln in lines if ln.startswith("vocabularies differ: rows souped by token")]
+    assert len(said) == 1 and "64 rows, the ids of a" in said[0], res.output
+    assert "model.embed_tokens.weight" in said[0] and "lm_head.weight" in said[0]
     assert soup.inspect(fts[0], fts[0])["vocabulary"] is None
 
 
