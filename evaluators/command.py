@@ -7,9 +7,8 @@ Placeholders, replaced in every argument of ``cmd``, in ``result``, ``cwd`` and 
 
 - ``{model}``: ``candidate.path()`` (the folder is written only when some argument uses it);
 - ``{output}``: a path in a fresh temporary folder that the command may write (removed afterwards).
-- ``{indices}``: with ``examples: N`` (racing), a JSON file listing the example indices to score; the
-  command gives one value per index as a JSON list (at ``per_example``, a key path; default the whole
-  JSON) in its result file or on stdout, and the score is their mean over all N.
+- ``{indices}``: with ``examples: N`` (per-example scores, for racing), a JSON file listing the example
+  indices to score (see below).
 
 A ``cmd`` string is split with ``shlex.split`` (POSIX shell quoting rules) *before* substitution, so
 a path with spaces stays one argument; no shell runs (pipes, ``&&``, globs and ``$VAR`` are not
@@ -26,6 +25,18 @@ Reading the score:
 (``runs.0.score`` or ``runs[0].score``); a dict key that itself contains dots is matched too. A
 mapping ``{metric: path}`` reads several metrics; ``primary`` names the one used for selection.
 
+Per-example scores (racing, docs/racing.md): with ``examples: N`` the command scores the examples whose
+indices (0..N-1) the ``{indices}`` file lists, as a JSON list of the indices, and gives one number per
+index, in that order, as a JSON list: in the ``result`` file when given, else on stdout (the whole of
+it, or its last line that parses as JSON), at the key path ``per_example`` (default: the whole JSON is
+the list). ``score`` runs it on all N and returns their mean (``mean_score``), so ``key`` and ``regex``
+are not used and are refused. A list of another length, a non-list or a non-finite value is one line.
+``example_range: [low, high]`` bounds each value (``[0, 1]`` for accuracy), for racing's scale.
+
+    CommandEvaluator(cmd="python bench.py --model {model} --only {indices}", examples=500,
+                     per_example="correct", example_range=[0, 1])
+    # bench.py reads the indices file and prints {"correct": [1, 0, 1, ...]}
+
 Example::
 
     CommandEvaluator(cmd="lm_eval --model hf --model_args pretrained={model} --tasks arc_easy "
@@ -38,9 +49,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import json
-import math
 import os
 import re
 import shlex
@@ -56,13 +65,14 @@ from typing import Any
 
 from soup.errors import EvaluatorError
 from soup.signals import child_process
-from soup.soups.evaluate import Candidate, Evaluator
+from soup.soups.evaluate import Candidate, Evaluator, mean_score
+
+from soup.evaluators.command_output import (as_float, check_examples, lookup_key, number_from_stdout,
+                                              parse_stdout_json, per_example_values, quote_tail, read_json_file)
 
 __all__ = ["CommandEvaluator", "lookup_key"]
 
 _TAIL_LINES = 20  # stderr lines quoted in errors
-_NUMBER = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\b(?:nan|inf(?:inity)?)\b)",
-                     re.IGNORECASE)
 
 
 class CommandEvaluator(Evaluator):
@@ -80,6 +90,9 @@ class CommandEvaluator(Evaluator):
         env: extra environment variables (values are strings; placeholders allowed).
         cwd: the working directory of the command.
         echo: copy the command's stderr to ours as it runs (progress bars of long benchmarks).
+        examples: N, the command's number of examples: per-example scores through ``{indices}``.
+        per_example: with ``examples``: the key path of the per-example list (default: the whole JSON).
+        example_range: with ``examples``: ``[low, high]``, the bounds of each per-example value.
 
     Raises:
         EvaluatorError: from ``score``: the command is not found, exits non-zero, times out, or its
@@ -124,6 +137,9 @@ class CommandEvaluator(Evaluator):
             raise EvaluatorError(f"command: key names metrics {sorted(key)}; say which is primary")
         self._examples = check_examples(examples, per_example, example_range,
                                         [*self._argv, cwd or "", *(str(v) for v in (env or {}).values())])
+        if self._examples is not None and (key is not None or regex is not None):
+            raise EvaluatorError("command: with examples: N the score is the mean of the per-example values; "
+                                 "drop key/regex (per_example names the list)")
         if self._examples is not None:
             self.score_is_mean = True  # the score is the mean of the per-example values (docstring)
             self.example_range = (float(example_range[0]), float(example_range[1])) if example_range else None
@@ -135,11 +151,14 @@ class CommandEvaluator(Evaluator):
             candidate: the candidate; its folder is written only if ``{model}`` is used.
 
         Returns:
-            A float, or ``{metric: value}`` when ``key`` is a mapping.
+            A float, or ``{metric: value}`` when ``key`` is a mapping; with ``examples: N``, the mean of
+            the N per-example values.
 
         Raises:
             EvaluatorError: see the class docstring.
         """
+        if self._examples is not None:
+            return mean_score(self._invoke(candidate, list(range(self._examples))))
         return self._invoke(candidate, None)
 
     def examples(self) -> int | None:
@@ -173,17 +192,17 @@ class CommandEvaluator(Evaluator):
             cwd = sub(a["cwd"]) if a["cwd"] else None
             stdout, stderr_tail = self._run(argv, env, cwd)
             if indices is not None:
-                data = _read_json_file(sub(a["result"]), argv, stderr_tail) if a["result"] else \
-                    _parse_stdout_json(stdout, argv, stderr_tail)
+                data = read_json_file(sub(a["result"]), argv, stderr_tail) if a["result"] else \
+                    parse_stdout_json(stdout, argv, stderr_tail)
                 got = lookup_key(data, a["per_example"], where="per_example") if a.get("per_example") else data
-                return per_example_values(got, len(indices), argv, stderr_tail)
+                return per_example_values(got, len(indices), argv, stderr_tail, self.example_range)
             if a["result"]:
-                data = _read_json_file(sub(a["result"]), argv, stderr_tail)
+                data = read_json_file(sub(a["result"]), argv, stderr_tail)
                 return self._extract(data, argv, stderr_tail, f"result file {sub(a['result'])}")
             if a["key"] is not None:
-                return self._extract(_parse_stdout_json(stdout, argv, stderr_tail), argv,
+                return self._extract(parse_stdout_json(stdout, argv, stderr_tail), argv,
                                      stderr_tail, "stdout")
-            return _number_from_stdout(stdout, self._regex, argv, stderr_tail)
+            return number_from_stdout(stdout, self._regex, argv, stderr_tail)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -236,10 +255,10 @@ class CommandEvaluator(Evaluator):
         name = Path(argv[0]).name
         if timed_out:
             raise EvaluatorError(f"command {name!r} timed out after {timeout} s and was killed"
-                                 + _quote_tail(tail))
+                                 + quote_tail(tail))
         if proc.returncode != 0:
             raise EvaluatorError(f"command {name!r} exited with status {proc.returncode}"
-                                 + _quote_tail(tail))
+                                 + quote_tail(tail))
         return b"".join(out_chunks).decode("utf-8", "replace"), tail
 
     # --- reading --------------------------------------------------------------------------------
@@ -247,88 +266,11 @@ class CommandEvaluator(Evaluator):
     def _extract(self, data: Any, argv: list[str], tail: str, where: str) -> float | dict[str, float]:
         key = self.args["key"]
         if key is None:  # a result file without key: the file must hold a number
-            return _as_float(data, argv, tail, where)
+            return as_float(data, argv, tail, where)
         if isinstance(key, Mapping):
-            return {metric: _as_float(lookup_key(data, path, where=where), argv, tail, where)
+            return {metric: as_float(lookup_key(data, path, where=where), argv, tail, where)
                     for metric, path in key.items()}
-        return _as_float(lookup_key(data, key, where=where), argv, tail, where)
-
-
-def check_examples(examples: Any, per_example: Any, example_range: Any, texts: Sequence[str]) -> int | None:
-    """The per-example arguments checked before any work: ``examples`` a whole number >= 1 given with an
-    ``{indices}`` placeholder the command reads; ``per_example`` and ``example_range`` only with it."""
-    if examples is None:
-        if per_example is not None or example_range is not None:
-            raise EvaluatorError("command: per_example and example_range need examples: N")
-        return None
-    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-        raise EvaluatorError(f"command: examples must be a whole number >= 1, got {examples!r}")
-    if not any("{indices}" in t for t in texts):
-        raise EvaluatorError("command: examples: N needs the {indices} placeholder in cmd, env or cwd "
-                             "(the file naming the examples to score)")
-    if example_range is not None and not (isinstance(example_range, (list, tuple)) and len(example_range) == 2 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in example_range)
-            and example_range[0] < example_range[1]):
-        raise EvaluatorError(f"command: example_range must be [low, high] with low < high, got {example_range!r}")
-    return examples
-
-
-def per_example_values(got: Any, n: int, argv: list[str], tail: str) -> list[float]:
-    """The command's per-example values: a list of ``n`` finite numbers, else one line saying what came."""
-    name = Path(argv[0]).name
-    if not isinstance(got, list):
-        raise EvaluatorError(f"command {name!r} gave {type(got).__name__} for its per-example scores, "
-                             "expected a JSON list" + _quote_tail(tail))
-    if len(got) != n:
-        raise EvaluatorError(f"command {name!r} gave {len(got)} per-example scores for {n} examples"
-                             + _quote_tail(tail))
-    out = [_as_float(v, argv, tail, f"per-example score {i}") for i, v in enumerate(got)]
-    if not all(math.isfinite(v) for v in out):
-        raise EvaluatorError(f"command {name!r} gave a non-finite per-example score" + _quote_tail(tail))
-    return out
-
-
-def lookup_key(data: Any, key: str | Sequence[str | int], *, where: str = "JSON") -> Any:
-    """Follow a dotted key path (``a.b[0].c`` or ``a.b.0.c``, or a list of parts) into JSON data.
-
-    Args:
-        data: parsed JSON.
-        key: the path; at a dict, the longest run of parts joined by ``.`` that is a key wins, so
-            keys containing dots work.
-        where: names the source in errors.
-
-    Returns:
-        The value at the path.
-
-    Raises:
-        EvaluatorError: a part is missing (names the available keys at that level).
-    """
-    if isinstance(key, str):
-        parts: list[str | int] = [p for p in re.sub(r"\[(\d+)\]", r".\1", key).split(".") if p != ""]
-    else:
-        parts = list(key)
-    node, i = data, 0
-    while i < len(parts):
-        if isinstance(node, Mapping):
-            for j in range(len(parts), i, -1):  # the longest dotted run that is a key
-                joined = ".".join(str(p) for p in parts[i:j])
-                if joined in node:
-                    node, i = node[joined], j
-                    break
-            else:
-                shown = ", ".join(map(str, list(node)[:12])) + (", ..." if len(node) > 12 else "")
-                raise EvaluatorError(f"key {key!r} not found in {where}: no {parts[i]!r} "
-                                     f"(available: {shown})")
-        elif isinstance(node, list):
-            try:
-                node, i = node[int(parts[i])], i + 1
-            except (ValueError, IndexError):
-                raise EvaluatorError(f"key {key!r} not found in {where}: {parts[i]!r} is not an "
-                                     f"index of a list of {len(node)}") from None
-        else:
-            raise EvaluatorError(f"key {key!r} not found in {where}: {parts[i - 1]!r} is a "
-                                 f"{type(node).__name__}, not an object or list")
-    return node
+        return as_float(lookup_key(data, key, where=where), argv, tail, where)
 
 
 def _kill_group(proc: subprocess.Popen, posix: bool) -> None:
@@ -352,66 +294,3 @@ def _kill_group(proc: subprocess.Popen, posix: bool) -> None:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
-
-
-def _quote_tail(tail: str) -> str:
-    return f"; stderr tail:\n{tail}" if tail else " (no stderr)"
-
-
-def _read_json_file(pattern: str, argv: list[str], tail: str) -> Any:
-    if any(c in pattern for c in "*?["):
-        matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
-        if not matches:
-            raise EvaluatorError(f"command {Path(argv[0]).name!r} wrote no file matching {pattern}"
-                                 + _quote_tail(tail))
-        path = max(matches, key=os.path.getmtime)
-    else:
-        path = pattern
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise EvaluatorError(f"command {Path(argv[0]).name!r} wrote no result file {path}"
-                             + _quote_tail(tail)) from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvaluatorError(f"cannot read result file {path} of command {Path(argv[0]).name!r}: {e}") from e
-
-
-def _parse_stdout_json(stdout: str, argv: list[str], tail: str) -> Any:
-    try:
-        return json.loads(stdout)
-    except json.JSONDecodeError:
-        pass
-    for line in reversed(stdout.splitlines()):
-        if line.strip().startswith(("{", "[")):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    raise EvaluatorError(f"command {Path(argv[0]).name!r} printed no JSON on stdout "
-                         f"(stdout ends: {stdout.strip()[-200:]!r})" + _quote_tail(tail))
-
-
-def _number_from_stdout(stdout: str, regex: re.Pattern | None, argv: list[str], tail: str) -> float:
-    name = Path(argv[0]).name
-    if regex is not None:
-        found = regex.findall(stdout)
-        if not found:
-            raise EvaluatorError(f"command {name!r}: regex {regex.pattern!r} matched nothing on "
-                                 f"stdout (stdout ends: {stdout.strip()[-200:]!r})" + _quote_tail(tail))
-        return _as_float(found[-1], argv, tail, "stdout")
-    found = _NUMBER.findall(stdout)
-    if not found:
-        raise EvaluatorError(f"command {name!r} printed no number on stdout "
-                             f"(stdout ends: {stdout.strip()[-200:]!r})" + _quote_tail(tail))
-    return float(found[-1])
-
-
-def _as_float(value: Any, argv: list[str], tail: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise EvaluatorError(f"command {Path(argv[0]).name!r}: {where} holds {value!r}, not a number")
-    try:
-        return float(value)
-    except ValueError:
-        raise EvaluatorError(f"command {Path(argv[0]).name!r}: {where} holds {value!r}, "
-                             f"not a number") from None

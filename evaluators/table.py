@@ -18,10 +18,17 @@ A row with one metric scores as that number; with several, as a mapping whose ``
 the first metric column of a CSV, or to ``score`` when every row of a JSON/YAML file has one.
 
 Per-example scores (racing, docs/racing.md), JSON/YAML only: a row ``{score: 0.75, examples: [1, 0, 1,
-1]}`` also gives one value per example (``examples`` is not a metric). When every row has such a list,
-all of one length, the evaluator offers them (``examples()`` = that length); the score must then be
-their mean (``score`` given and different is an error naming the row), and ``example_range`` is the
-range of the values in the file.
+1]}`` also gives one value per example of its primary metric (``primary``, default ``score``;
+``examples`` is not a metric). When every row has such a list, all of one length, the evaluator offers
+them (``examples()`` = that length, ``example_range`` the range of the values in the file) and a
+row's primary metric is exactly their mean (``mean_score``): left out, it is filled in; given, it must
+agree with the mean to within rounding (relative 1e-9), else it is an error naming the row. A row
+without a list among rows with one, lists of different lengths, a value that is not a finite number:
+each one line naming the row. CSV tables give no per-example scores::
+
+    {"ft-a": {"score": 0.75, "examples": [1, 0, 1, 1]},
+     "ft-b": {"examples": [0, 0, 1, 1]},           # score: 0.5, filled in
+     "ft-a+ft-b": {"score": 1.0, "examples": [1, 1, 1, 1]}}
 
 Example::
 
@@ -106,13 +113,15 @@ def load_table(path: str | Path) -> tuple[dict[str, dict[str, float]], list[str]
     raise EvaluatorError(f"{path}: a score table must be .csv, .json, .yaml or .yml")
 
 
-def load_examples(path: str | Path, table: Mapping[str, Mapping[str, float]]) -> dict[str, list[float]] | None:
+def load_examples(path: str | Path, table: dict[str, dict[str, float]],
+                  metric: str = "score") -> dict[str, list[float]] | None:
     """``{candidate: per-example values}`` when every row of a JSON/YAML table has an ``examples`` list of
-    one length (see the module docstring); None when no row has one.
+    one length (see the module docstring); None when no row has one. Each row's ``metric`` in ``table``
+    is set to the exact mean of its values.
 
     Raises:
-        EvaluatorError: some rows have one and others not, lengths differ, a value is not a number, or a
-            row's ``score`` is not the mean of its examples (each naming the row).
+        EvaluatorError: some rows have one and others not, lengths differ, a value is not a finite
+            number, or a row's ``metric`` is not the mean of its examples (each naming the row).
     """
     path = Path(path)
     if path.suffix.lower() not in (".json", ".yaml", ".yml"):
@@ -134,11 +143,12 @@ def load_examples(path: str | Path, table: Mapping[str, Mapping[str, float]]) ->
             raise EvaluatorError(f"{path}: {name}.examples must be a non-empty list of numbers")
         out[name] = [_number(v, f"{path}: {name}.examples[{i}]") for i, v in enumerate(values)]
         if not all(math.isfinite(v) for v in out[name]):
-            raise EvaluatorError(f"{path}: {name}.examples holds a non-finite value")
-        score = table.get(name, {}).get("score")
-        if score is not None and score != mean_score(out[name]):
-            raise EvaluatorError(f"{path}: {name}: score {score} is not the mean of its examples "
-                                 f"({mean_score(out[name])})")
+            raise EvaluatorError(f"{path}: {name}.examples holds a non-finite value "
+                                 f"(index {next(i for i, v in enumerate(out[name]) if not math.isfinite(v))})")
+        mean, row = mean_score(out[name]), table[name]
+        if metric in row and not math.isclose(row[metric], mean, rel_tol=1e-9, abs_tol=1e-12):
+            raise EvaluatorError(f"{path}: {name}: {metric} {row[metric]} is not the mean of its examples ({mean})")
+        row[metric] = mean  # exactly what the scorer builds from them
     lengths = {len(v) for v in out.values()}
     if len(lengths) > 1:
         first = next(iter(out))
@@ -175,6 +185,9 @@ class TableEvaluator(Evaluator):
     def __init__(self, *, path: str | Path, direction: str = "maximize",
                  primary: str | None = None) -> None:
         table, metrics = load_table(path)
+        examples = load_examples(path, table, primary or "score")  # fills each row's primary metric in
+        if examples is not None and (primary or "score") not in metrics:
+            metrics.append(primary or "score")
         if primary is None and len(metrics) > 1:
             if Path(path).suffix.lower() == ".csv":
                 primary = metrics[0]
@@ -187,7 +200,7 @@ class TableEvaluator(Evaluator):
             if "+" in name:
                 self._table.setdefault(soup_label([p.strip() for p in name.split("+")]), row)
         self._sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        self._examples = load_examples(path, table)
+        self._examples = examples
         if self._examples is not None:
             for name, values in list(self._examples.items()):
                 if "+" in name:
@@ -255,7 +268,10 @@ class TableEvaluator(Evaluator):
 
     def score_examples(self, candidate: Candidate, indices: Sequence[int]) -> list[float]:
         """The candidate's row's ``examples`` values at ``indices`` (looked up as ``score`` does)."""
-        keys = self.lookup_keys(candidate)
+        keys, n = self.lookup_keys(candidate), self.examples() or 0
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise EvaluatorError(f"table: example index out of range 0..{n - 1}: {bad[0]}")
         for key in keys:
             if self._examples and key in self._examples:
                 return [self._examples[key][i] for i in indices]

@@ -566,29 +566,3 @@ def test_table_with_per_example_values_races_and_checks_its_rows(tmp_path):
         table.write_text(json.dumps(bad))
         with pytest.raises(EvaluatorError, match=message):
             TableEvaluator(path=table)
-
-
-def test_command_per_example_scores_through_an_indices_file(tmp_path):
-    """``examples: N`` and ``{indices}``: the command reads the indices and prints one value each; the
-    values are checked (a JSON list of that length, numbers)."""
-    bench = script(tmp_path, """
-        import json, sys
-        indices = json.load(open(sys.argv[1]))
-        print("loading...")
-        print(json.dumps({"per_doc": [1.0 if i % 3 else 0.0 for i in indices], "mean": 0.5}))
-    """)
-    ev = CommandEvaluator(cmd=[sys.executable, str(bench), "{indices}"], key="mean", examples=30,
-                          per_example="per_doc", example_range=[0, 1])
-    assert ev.examples() == 30 and ev.score_is_mean and ev.example_range == (0.0, 1.0)
-    cand = tiny_candidate()
-    assert ev.score_examples(cand, [3, 4, 5, 9]) == [0.0, 1.0, 1.0, 0.0]
-    assert ev.score(cand) == 0.5  # the whole score still reads key
-    wrong = script(tmp_path, """
-        print("[1, 2]")
-    """, name="wrong.py")
-    with pytest.raises(EvaluatorError, match="gave 2 per-example scores for 3 examples"):
-        CommandEvaluator(cmd=[sys.executable, str(wrong), "{indices}"], examples=5).score_examples(cand, [0, 1, 2])
-    with pytest.raises(EvaluatorError, match=r"needs the \{indices\} placeholder"):
-        CommandEvaluator(cmd=[sys.executable, str(wrong)], examples=5)
-    with pytest.raises(EvaluatorError, match="need examples"):
-        CommandEvaluator(cmd=[sys.executable, str(wrong)], per_example="x")
