@@ -70,6 +70,9 @@ def test_command_per_example_scores_follow_the_indices_file(tmp_path):
     assert run_evaluator(ev, cand).value == expected == mean_score(everything)
     assert ev.aggregate(everything) == expected
     assert [json.loads(line) for line in log.read_text().splitlines()] == [asked, list(range(n))]
+    with pytest.raises(EvaluatorError, match="example index out of range 0..36: 37"):
+        ev.score_examples(cand, [0, 37])
+    assert len(log.read_text().splitlines()) == 2  # refused before any run
 
 
 def test_command_per_example_list_in_a_result_file_or_on_the_last_stdout_line(tmp_path):
