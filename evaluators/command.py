@@ -169,7 +169,9 @@ class CommandEvaluator(Evaluator):
         """Run the command with ``{indices}`` naming a JSON file of these example indices; read one value
         per index from ``per_example`` (a key path in the result file or stdout JSON; default: the whole
         JSON, a list)."""
-        n = self._examples or 0
+        if self._examples is None:
+            raise EvaluatorError("command: no per-example scores without examples: N")
+        n = self._examples
         bad = [i for i in indices if not 0 <= i < n]
         if bad:
             raise EvaluatorError(f"command: example index out of range 0..{n - 1}: {bad[0]}")

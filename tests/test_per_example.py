@@ -73,6 +73,8 @@ def test_command_per_example_scores_follow_the_indices_file(tmp_path):
     with pytest.raises(EvaluatorError, match="example index out of range 0..36: 37"):
         ev.score_examples(cand, [0, 37])
     assert len(log.read_text().splitlines()) == 2  # refused before any run
+    with pytest.raises(EvaluatorError, match="no per-example scores without examples: N"):
+        CommandEvaluator(cmd=[sys.executable, str(bench)]).score_examples(cand, [0])
 
 
 def test_command_per_example_list_in_a_result_file_or_on_the_last_stdout_line(tmp_path):
