@@ -137,12 +137,13 @@ def synthetic_skills(seed: int, labels: list[str], bad: int = 2) -> dict[str, fl
     return dict(zip(labels, skills))
 
 
-def run_pair(paths, make_evaluator, racing, seed):
-    """Greedy without and with racing: (counter, result) for each."""
+def run_pair(paths, make_evaluator, racing, race_seed, *, soup=greedy_soup, **options):
+    """A soup (greedy unless ``soup``) without and with racing (its examples' order from ``race_seed``):
+    (counter, result) for each."""
     out = []
-    for race in (False, dict(racing, seed=seed)):
+    for race in (False, dict(racing, seed=race_seed)):
         counter = Counting()
-        res = greedy_soup(paths, make_evaluator(counter), cache=None, racing=race)
+        res = soup(paths, make_evaluator(counter), cache=None, racing=race, **options)
         out.append((counter, res))
     return out
 
@@ -180,13 +181,8 @@ def run_search_pair(paths, make_evaluator, racing, seed, trials):
     """Search without and with racing (pruning): (counter, result) for each."""
     from soup.pipeline import search_soup
 
-    out = []
-    for race in (False, dict(racing, seed=seed)):
-        counter = Counting()
-        res = search_soup(paths, make_evaluator(counter), n_trials=trials, sampler="random", seed=seed,
-                          cache=None, racing=race)
-        out.append((counter, res))
-    return out
+    return run_pair(paths, make_evaluator, racing, seed, soup=search_soup, n_trials=trials, sampler="random",
+                    seed=seed)
 
 
 def summarise_search(runs: list, examples_per_eval: int, n_ingredients: int, trials: int) -> list[str]:
@@ -250,27 +246,23 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run_pair(paths, lambda c, s=seed: CountingDigits(c, split="val", seed=s), racing, seed))
             n_val = CountingDigits(Counting(), split="val", seed=0).examples()
             print("\n".join(summarise("digits (soup.demo)", runs, n_val, len(paths))), flush=True)
+        paths = synthetic_ingredients(root / "synthetic")
+        labels = [p.name for p in paths]
+
+        def synthetic_runs(seeds: int, run) -> list:
+            """``run(paths, make_evaluator, racing, seed)`` for each seed of the synthetic task."""
+            return [run(paths, lambda c, s=seed, k=synthetic_skills(seed, labels, args.bad): Synthetic(k, args.examples, s, c),
+                        racing, seed) for seed in range(seeds)]
+
         if args.synthetic_seeds:
-            paths = synthetic_ingredients(root / "synthetic")
-            labels = [p.name for p in paths]
-            runs = []
-            for seed in range(args.synthetic_seeds):
-                skills = synthetic_skills(seed, labels, args.bad)
-                make = (lambda c, s=seed, k=skills: Synthetic(k, args.examples, s, c))
-                runs.append(run_pair(paths, make, racing, seed))
+            runs = synthetic_runs(args.synthetic_seeds, run_pair)
             probe = Synthetic(synthetic_skills(0, labels, args.bad), args.examples, 0, Counting())
             pair = probe.disagreement(labels[:1], labels[1:2])
             step = probe.disagreement(labels[:3], labels[:4])
             print("\n".join(summarise("synthetic per-example task", runs, args.examples, len(paths))), flush=True)
             print(f"  disagreement (seed 0): two ingredients {pair:.3f}; a 3-soup and it + one {step:.3f}")
         if args.search_seeds:
-            paths = synthetic_ingredients(root / "synthetic")
-            labels = [p.name for p in paths]
-            runs = []
-            for seed in range(args.search_seeds):
-                skills = synthetic_skills(seed, labels, args.bad)
-                make = (lambda c, s=seed, k=skills: Synthetic(k, args.examples, s, c))
-                runs.append(run_search_pair(paths, make, racing, seed, args.trials))
+            runs = synthetic_runs(args.search_seeds, lambda *a: run_search_pair(*a, args.trials))
             print("\n".join(summarise_search(runs, args.examples, len(paths), args.trials)), flush=True)
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0
