@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import random
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -219,17 +218,6 @@ def run_race(scorer: Any, candidate: Sequence[float], pool: Sequence[float], *, 
         scale = None
     cs = ConfidenceSequence(n, racing.delta, scale)
     order = example_order(n, racing.seed)
-    other = 1 if len(scorer.evaluators) > 1 else 0
-
-    def both(first: Callable[[], list[float]], second: Callable[[], list[float]]) -> tuple[list, list]:
-        """The two sides of a batch: the pool's on a second device, at the same time, when there is one
-        (each side keeps its device for the whole race: its model is loaded once)."""
-        if not other:
-            return first(), second()
-        with ThreadPoolExecutor(1) as ex:  # left only once the pool's side has finished, even on an error
-            later = ex.submit(second)
-            return first(), later.result()
-
     seen_low, seen_high = float("inf"), float("-inf")
     used, stopped, kept = 0, STOP_EXHAUSTED, False
     cand_values: list[float] = []
@@ -237,8 +225,9 @@ def run_race(scorer: Any, candidate: Sequence[float], pool: Sequence[float], *, 
         while used < n:
             step = max(racing.min_examples, racing.batch) if used == 0 else racing.batch
             idx = order[used:used + step]
-            c, p = both(lambda: scorer.score_examples(candidate, name, idx, candidate=c_obj, **cs_),
-                        lambda: scorer.score_examples(pool, pool_name, idx, candidate=p_obj, evaluator=other, **ps_))
+            # the pool's side on a second device (or worker) at the same time, each side keeping its device
+            c, p = scorer.examples_many([(candidate, name, idx, cs_), (pool, pool_name, idx, ps_)],
+                                        candidates=[c_obj, p_obj])
             used += len(idx)
             cand_values += c
             seen_low, seen_high = min([seen_low, *c, *p]), max([seen_high, *c, *p])
@@ -310,10 +299,11 @@ def run_rank(scorer: Any, candidates: Sequence[tuple[Sequence[float], str]], *, 
         while used < n and active:
             step = max(racing.min_examples, racing.batch) if used == 0 else racing.batch
             idx = order[used:used + step]
-            fresh = _spread(sorted(active), len(scorer.evaluators), lambda i: scorer.score_examples(
-                candidates[i][0], candidates[i][1], idx, candidate=objs[i], evaluator=i % len(scorer.evaluators)))
-            for i in sorted(active):
-                values[i] += fresh[i]
+            running = sorted(active)  # each keeps its device (``slots``): its model is loaded once
+            fresh = scorer.examples_many([(candidates[i][0], candidates[i][1], idx, {}) for i in running],
+                                         candidates=[objs[i] for i in running], slots=running)
+            for i, got in zip(running, fresh):
+                values[i] += got
                 low_seen, high_seen = min(low_seen, *values[i][-len(idx):]), max(high_seen, *values[i][-len(idx):])
             used += len(idx)
             for (i, j), cs in pairs.items():
@@ -351,16 +341,3 @@ def run_rank(scorer: Any, candidates: Sequence[tuple[Sequence[float], str]], *, 
         scorer._record(name, w, shown, cached=False, examples=examples[i], of=n, stopped=stopped[i])
     return Ranking(ranked, full, estimates, examples, stopped)
 
-
-def _spread(items: Sequence[int], devices: int, run: Callable[[int], list[float]]) -> dict[int, list[float]]:
-    """``run(i)`` for each item, item ``i`` on device ``i % devices`` (so each keeps its device, and its
-    model stays loaded, for the whole ranking): the devices at once, each its own items in order."""
-    if devices <= 1 or len(items) <= 1:
-        return {i: run(i) for i in items}
-    mine = {d: [i for i in items if i % devices == d] for d in range(devices)}
-    with ThreadPoolExecutor(devices) as ex:  # left once every device has finished, even on an error
-        done = [ex.submit(lambda group=group: {i: run(i) for i in group}) for group in mine.values() if group]
-        out: dict[int, list[float]] = {}
-        for future in done:
-            out.update(future.result())
-    return out

@@ -27,8 +27,8 @@ from typing import Any
 
 from soup.soups.cache import ScoreCache, candidate_key, evaluator_key
 from soup.io.checkpoint import Checkpoint
-from soup.soups.evaluate import (Candidate, Evaluator, Score, mean_score, run_aggregate, run_evaluator,
-                                 run_examples)
+from soup.soups.evaluate import Candidate, Evaluator, Score, mean_score, run_aggregate, run_evaluator
+from soup.soups.examples import ExampleScores
 from soup.soups.racing import STOP_CACHED, STOP_FULL, Race, Racing, Ranking, run_race, run_rank
 from soup.merging import merge
 from soup.soups.construction import byte_options, first_nonzero, math_device, merge_arguments, write_candidate
@@ -39,7 +39,7 @@ from soup.engine.rules import Rule
 __all__ = ["Scorer", "Race", "merge_arguments"]
 
 
-class Scorer:
+class Scorer(ExampleScores):
     """Score candidates (weighted means of ``checkpoints``) with cached, possibly parallel, evaluations.
 
     Args:
@@ -89,6 +89,7 @@ class Scorer:
         self.examples_evaluated = 0  # examples scored in this run (a whole evaluation counts every example)
         self.examples_full = 0  # what evaluating every candidate whole would have scored (its cache hits excepted)
         self._count_lock = threading.Lock()
+        self._memo_lock = threading.Lock()
 
     @property
     def direction(self) -> str:
@@ -183,7 +184,7 @@ class Scorer:
         ev, n = self.evaluators[evaluator], self._known_examples()
         # one evaluator whose score is built from its per-example scores (``aggregate``): those are evaluated
         # (the missing ones) and cached, for races to reuse; ``score``'s value by the evaluator's contract
-        per_example = n is not None and (ev.score_is_mean or type(ev).aggregate is not Evaluator.aggregate)
+        per_example = n is not None and self._from_examples(ev)
         with (make() if make is not None else self.candidate(weights, name, groups, method)) as cand:
             score = None
             if per_example:
@@ -194,11 +195,15 @@ class Scorer:
                     Score(mean_score(values), {"score": mean_score(values)}, "score")
             if score is None:
                 score = run_evaluator(ev, cand)
-                with self._count_lock:
-                    self.examples_evaluated += n or 0
+                self.count_evaluated(n or 0)
         self.verify("its score was not cached")  # a score never belongs to bytes that are gone
         self.cache.put(self._ekey, key, score, name=name, identity=self.identity)
         return score, False
+
+    @staticmethod
+    def _from_examples(ev: Evaluator) -> bool:
+        """True if ``ev``'s score is built from its per-example scores (their mean, or its ``aggregate``)."""
+        return bool(ev.score_is_mean) or type(ev).aggregate is not Evaluator.aggregate
 
     def verify(self, doing: str) -> None:
         """CheckpointError if an ingredient (or the method's base) changed on disk since it was opened."""
@@ -248,60 +253,6 @@ class Scorer:
 
     # ---- per-example scores and racing (soup.soups.racing) -----------------------------------------
 
-    def example_count(self) -> int | None:
-        """How many examples comparisons can race on: the evaluator's ``examples()`` when candidates are
-        evaluated in this process (on several devices, a race's two sides and a ranking's candidates are
-        spread over them); None (whole scores only) with a worker queue or an evaluator without them."""
-        if self._queue is not None:
-            return None
-        return self._known_examples()
-
-    def _known_examples(self) -> int | None:
-        try:
-            n = self.evaluator.examples()
-        except Exception as e:  # a plug-in's own failure: named, like its other calls
-            from soup.errors import EvaluatorError
-
-            raise EvaluatorError(f"evaluator {self.evaluator.label}: examples() failed: {type(e).__name__}: {e}") from e
-        if n is None:
-            return None
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            from soup.errors import EvaluatorError
-
-            raise EvaluatorError(f"evaluator {self.evaluator.label}: examples() returned {n!r}, "
-                                 "expected a whole number >= 1 or None")
-        return n
-
-    def score_examples(self, weights: Sequence[float], name: str, indices: Sequence[int], *,
-                       groups: Mapping[str, Sequence[float]] | None = None, method: Mapping[str, Any] | None = None,
-                       candidate: Candidate | None = None, evaluator: int = 0) -> list[float]:
-        """Per-example scores of the soup with ``weights`` on ``indices``: those already known (this run,
-        the cache) are read, the others evaluated in one call (by ``evaluators[evaluator]``) and stored.
-        ``candidate``: the candidate object to evaluate (kept across a race's batches)."""
-        key = self.key(weights, groups, method)
-        have = self._example_memo.get(key)
-        if have is None:
-            have = self._example_memo[key] = self.cache.get_examples(self._ekey, key)
-            if len(self._example_memo) > 16:  # the few candidates of the current comparisons
-                self._example_memo.pop(next(iter(self._example_memo)))
-        missing = list(dict.fromkeys(i for i in indices if i not in have))
-        if missing:
-            own = candidate is None
-            extra = (groups, method) if method is not None else (groups,)  # AdapterScorer has no method
-            cand = candidate if candidate is not None else self.candidate(weights, name, *extra)
-            try:
-                values = run_examples(self.evaluators[evaluator], cand, missing)
-            finally:
-                if own:
-                    cand.close()
-            self.verify("its per-example scores were not cached")
-            fresh = dict(zip(missing, values))
-            self.cache.put_examples(self._ekey, key, fresh)
-            have.update(fresh)
-            with self._count_lock:  # a race's two sides may run on two devices at once
-                self.examples_evaluated += len(missing)
-        return [have[i] for i in indices]
-
     def peek(self, weights: Sequence[float], groups: Mapping[str, Sequence[float]] | None = None,
              method: Mapping[str, Any] | None = None) -> Score | None:
         """The score cache's entry for the soup with ``weights``: nothing is evaluated or recorded."""
@@ -310,8 +261,15 @@ class Scorer:
     def full_score(self, weights: Sequence[float], name: str, *, candidate: Candidate | None = None,
                    groups: Mapping[str, Sequence[float]] | None = None,
                    method: Mapping[str, Any] | None = None) -> tuple[Score, bool]:
-        """The soup's score on every example, unrecorded: ``(score, evaluated here)``; ``candidate``: the
-        race's candidate object, used (not closed) if something must be evaluated."""
+        """The soup's score on every example, unrecorded: ``(score, evaluated)``; ``candidate``: the
+        race's candidate object, used (not closed) if something must be evaluated. With a worker queue,
+        the missing examples are spread over the workers and aggregated here (a score built from
+        per-example scores), or a worker scores the candidate whole."""
+        if self._queue is not None and self.peek(weights, groups, method) is None:
+            n, extra = self._known_examples(), {k: v for k, v in (("groups", groups), ("method", method)) if v}
+            if n is None or not self._from_examples(self.evaluator):
+                return self._queue.score_many([(weights, name, groups, method)], record=False)[0], True
+            self.examples_many([(weights, name, range(n), extra)])  # then every example is known here
         score, cached = self._evaluate(weights, name, groups=groups, method=method,
                                        make=(lambda: nullcontext(candidate)) if candidate else None)
         return score, not cached

@@ -1,10 +1,17 @@
 """The coordinator's side: ``EvaluationQueue`` creates the queue study, enqueues the Scorer's
 candidates as WAITING trials, waits for their scores (evaluating queued candidates here meanwhile,
 unless ``local_worker=False``) and marks its run done on ``close()``.
+
+A race's batches go through it too (``examples_many``): a trial then asks for one candidate's scores
+on some examples (a *part*: ``indices`` and ``candidate`` in its user attributes, ``values`` when done),
+so the workers share one comparison as well as whole candidates.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import socket
 import time
@@ -19,10 +26,13 @@ from soup.errors import EvaluatorError, SoupError
 from soup.soups.evaluate import Score
 from soup.workers.queue import _Claims, _open_storage, _Queue, _retrying
 from soup.workers.runner import _Runner
-from soup.workers.settings import POLL_MAX, POLL_MIN, QueueSettings, _now, _trial_id, queue_identity, queue_name
+from soup.workers.settings import (POLL_MAX, POLL_MIN, QueueSettings, _me, _now, _trial_id, queue_identity,
+                                   queue_name)
 
 if TYPE_CHECKING:
     from soup.soups.scorer import Scorer
+
+PART = 16  # the fewest examples a part of one request (a trial) is given
 
 
 class EvaluationQueue:
@@ -72,12 +82,14 @@ class EvaluationQueue:
             self._parallelism = (time.monotonic(), value)
         return value
 
-    def score_many(self, candidates: Sequence[tuple], *, steps: Sequence[str] | None = None) -> list[Score]:
+    def score_many(self, candidates: Sequence[tuple], *, steps: Sequence[str] | None = None,
+                   record: bool = True) -> list[Score]:
         """Score ``(weights, name[, groups[, method]])`` candidates through the queue; results in the order given.
 
         Scores already in the cache (or COMPLETE in the queue from an earlier run) are not queued
         again. The first failure propagates; scores received before it stay in the cache. ``steps``
         (progress lines) are not printed here: each result is, with the worker that evaluated it.
+        ``record``: each is recorded in the scorer's history (False: a race's full score, recorded by it).
         """
         sc, q = self.scorer, self.queue
         items = [(list(c[0]), c[1], c[2] if len(c) > 2 else None, c[3] if len(c) > 3 else None) for c in candidates]
@@ -99,10 +111,50 @@ class EvaluationQueue:
                 before = f" ({len(want) - queued} queued before)" if len(want) > queued else ""
                 sc.reporter.step(f"queued {queued} candidate(s) in study {q.name}{before}")
             self._wait(want, items, results)
+        n = sc.example_count() or 0
         for (w, name, _, _), key in zip(items, keys):
             score, cached = results[key]
-            sc._record(name, w, score, cached=cached)
+            if record:
+                sc.examples_full += 0 if cached else n
+                sc._record(name, w, score, cached=cached)
         return [results[key][0] for key in keys]
+
+    def examples_many(self, requests: Sequence[tuple]) -> list[list[float]]:
+        """Per-example scores of ``(weights, name, indices, {groups, method})`` requests (one side of a
+        comparison's batch each) through the queue; results in the order given.
+
+        The examples not yet known (this run, the cache) are queued, one trial per part: a request's
+        are split into parts when the live devices outnumber the requests (at least ``PART`` examples
+        each), so one comparison's batch runs on every worker at once; each worker builds the
+        candidates it takes (and keeps its last two built across the batches of a comparison).
+        """
+        sc, q = self.scorer, self.queue
+        per = max(1, -(-self.parallelism() // max(1, len(requests))))
+        items: list[tuple] = []
+        want: dict[str, int] = {}
+        for weights, name, indices, extra in requests:
+            groups, method = extra.get("groups"), extra.get("method")
+            key = sc.key(weights, groups, method)
+            have = sc.known_examples(key, indices)
+            missing = list(dict.fromkeys(i for i in indices if i not in have))
+            parts = min(per, -(-len(missing) // PART))
+            for p in range(parts):
+                part = missing[p * len(missing) // parts:(p + 1) * len(missing) // parts]
+                task = f"{key}#{hashlib.sha256(json.dumps(part).encode()).hexdigest()[:16]}"
+                if task not in want:
+                    want[task] = len(items)
+                    items.append((list(weights), name, groups, method, part, key))
+        if want:
+            trials = q.trials_by_key()
+            for task, k in want.items():
+                if not any(self._usable(t) for t in trials.get(task, [])):
+                    self._enqueue(task, *items[k])
+            self._wait(dict(want), items, {})
+        out = []
+        for weights, name, indices, extra in requests:
+            have = sc.known_examples(sc.key(weights, extra.get("groups"), extra.get("method")), indices)
+            out.append([have[i] for i in indices])
+        return out
 
     def _usable(self, t: Any) -> bool:
         """A trial that gives (or will give) this key's score: done, queued or being evaluated."""
@@ -111,7 +163,10 @@ class EvaluationQueue:
         return t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
 
     def _enqueue(self, key: str, weights: Sequence[float], name: str,
-                 groups: Mapping[str, Sequence[float]] | None, method: Mapping[str, Any] | None = None) -> None:
+                 groups: Mapping[str, Sequence[float]] | None, method: Mapping[str, Any] | None = None,
+                 indices: Sequence[int] | None = None, candidate: str | None = None) -> None:
+        """Queue a WAITING trial: the candidate whole, or (``indices``) its scores on those examples
+        (``key`` then names the part; ``candidate`` is the candidate's key)."""
         import optuna
         from optuna.distributions import FloatDistribution
         from optuna.trial import TrialState
@@ -121,6 +176,8 @@ class EvaluationQueue:
         attrs = {"key": key, "name": name, "weights": [float(w) for w in weights],
                  "groups": {p: [float(x) for x in g] for p, g in (groups or {}).items()}, "run": self.run_id,
                  "method": dict(method) if method else None}
+        if indices is not None:
+            attrs.update(indices=[int(i) for i in indices], candidate=candidate)
         self.queue.study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=params,
                                                              distributions=dists, user_attrs=attrs))
 
@@ -138,12 +195,19 @@ class EvaluationQueue:
                 k = want[key]
                 name = items[k][1]
                 done = next((t for t in trials if t.state == TrialState.COMPLETE), None)
+                if done is not None and len(items[k]) > 4:  # a part: its per-example scores
+                    self._take_part(done, items[k])
+                    del want[key]
+                    orphaned.pop(key, None)
+                    continue
                 if done is not None:
                     score = Score(float(done.value), dict(done.user_attrs.get("metrics") or {"score": done.value}),
                                   str(done.user_attrs.get("primary", "score")))
                     sc.cache.put(sc._ekey, key, score, name=name, identity=sc.identity)
                     ours = done.user_attrs.get("run") == self.run_id
                     results[key] = (score, bool(done.user_attrs.get("cached")) or not ours)
+                    if not results[key][1] and done.user_attrs.get("worker") != _me():  # counted here if here
+                        sc.count_evaluated(sc.example_count() or 0)  # a whole evaluation: every example
                     del want[key]
                     orphaned.pop(key, None)
                     sc.reporter.step(f"{name}: {score.value:.6g} (by {done.user_attrs.get('worker', '?')})")
@@ -178,6 +242,18 @@ class EvaluationQueue:
                 continue
             time.sleep(pause)
             pause = min(POLL_MAX, pause * 1.5)
+
+    def _take_part(self, done: Any, item: tuple) -> None:
+        """A COMPLETE part's per-example scores, checked, into the scorer's memo and cache."""
+        name, indices, key = item[1], item[4], item[5]
+        values = done.user_attrs.get("values")
+        if not isinstance(values, list) or len(values) != len(indices) or \
+                not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise EvaluatorError(f"{name}: worker {done.user_attrs.get('worker', '?')} returned no per-example "
+                                 f"scores for its {len(indices)} examples")
+        ours = done.user_attrs.get("run") == self.run_id and done.user_attrs.get("worker") != _me()
+        fresh = 0 if done.user_attrs.get("cached") or not ours else int(done.user_attrs.get("evaluated", len(values)))
+        self.scorer.store_examples(key, dict(zip(indices, map(float, values))), evaluated=fresh)
 
     def _forget_dead_runs(self) -> None:
         """Mark done the runs of coordinators on this host that were killed (their pid is gone)."""

@@ -163,15 +163,17 @@ class _Queue:
         self.claims.close()
         self.storage.remove_session()
 
-    def complete(self, trial: optuna.trial.FrozenTrial, score: Score, *, cached: bool, seconds: float) -> bool:
-        """Store ``score`` as the trial's value; False if the trial was handed on meanwhile."""
+    def complete(self, trial: optuna.trial.FrozenTrial, score: Score, *, cached: bool, seconds: float,
+                 **extra: Any) -> bool:
+        """Store ``score`` as the trial's value (and ``extra`` user attributes: a part's ``values``,
+        ``evaluated``); False if the trial was handed on meanwhile."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         tid = _trial_id(trial)
         try:
             for k, v in (("metrics", dict(score.metrics)), ("primary", score.primary), ("cached", cached),
-                         ("seconds", round(seconds, 3))):
+                         ("seconds", round(seconds, 3)), *extra.items()):
                 self.storage.set_trial_user_attr(tid, k, v)
             self.storage.set_trial_state_values(tid, TrialState.COMPLETE, [float(score.value)])
         except UpdateFinishedTrialError:

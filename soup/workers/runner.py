@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from soup.soups.cache import display_url
 from soup.errors import SoupError, redact
 from soup.progress import Reporter
+from soup.soups.evaluate import Score, mean_score
 from soup.workers.queue import _Queue
 from soup.workers.settings import _me, _trial_id
 
@@ -39,6 +40,7 @@ class _Runner:
         self._lock = threading.Lock()
         self._free = list(range(len(scorer.evaluators)))[::-1]
         self._claimed: dict[int, Any] = {}  # trial id -> FrozenTrial, while evaluated here
+        self._held: dict[int, list[tuple[str, Any]]] = {}  # slot -> its last candidates built for parts
         self._threaded = len(self._free) > 1
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []  # raised in evaluation threads, re-raised by step()
@@ -101,16 +103,21 @@ class _Runner:
             weights = [float(w) for w in attrs["weights"]]
             groups = attrs.get("groups") or None
             method = attrs.get("method") or None
-            if len(weights) != len(sc.checkpoints) or sc.key(weights, groups, method) != attrs["key"]:
+            key = attrs.get("candidate") or attrs["key"]
+            if len(weights) != len(sc.checkpoints) or sc.key(weights, groups, method) != key:
                 raise SoupError(f"{name}: this worker builds another candidate than the coordinator "
                                 f"(its ingredients, rules or dtype differ)")
-            score, cached = sc._evaluate(weights, name, groups=groups, method=method, evaluator=slot)
+            extra: dict[str, Any] = {}
+            if attrs.get("indices") is not None:  # a part of a race: per-example scores on these examples
+                score, cached, extra = self._part(slot, key, weights, name, groups, method, attrs["indices"])
+            else:
+                score, cached = sc._evaluate(weights, name, groups=groups, method=method, evaluator=slot)
         except Exception as e:  # the evaluator's failure: the coordinator reports it
             self.queue.fail(trial, redact(str(e)) or type(e).__name__)
             if not self.coordinator:
                 self.reporter.warn(f"{name}: {redact(str(e))}")
         else:
-            if self.queue.complete(trial, score, cached=cached, seconds=time.monotonic() - start):
+            if self.queue.complete(trial, score, cached=cached, seconds=time.monotonic() - start, **extra):
                 self.evaluated += 1
             else:
                 self.reporter.warn(f"{name}: finished after it was handed to another worker "
@@ -118,6 +125,31 @@ class _Runner:
         with self._lock:
             self._claimed.pop(_trial_id(trial), None)
             self._free.append(slot)
+
+    def _part(self, slot: int, key: str, weights: list[float], name: str, groups: Any, method: Any,
+              indices: Any) -> tuple[Score, bool, dict[str, Any]]:
+        """Score a candidate on some examples (a part of a race): ``(mean, cached, {values, evaluated})``.
+        The slot keeps its last two candidates built, so a race's next batches reuse them."""
+        sc = self.scorer
+        n = sc.example_count()
+        if n is None or not isinstance(indices, list) or \
+                not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in indices):
+            raise SoupError(f"{name}: this worker's evaluator has other examples than the coordinator's "
+                            f"({n if n is not None else 'no'} per-example scores)")
+        known = sc.known_examples(key, indices)
+        fresh = sum(1 for i in dict.fromkeys(indices) if i not in known)
+        held = self._held.setdefault(slot, [])
+        cand = next((c for k, c in held if k == key), None)
+        if cand is None:
+            extra = (groups, method) if method is not None else (groups,)  # AdapterScorer has no method
+            cand = sc.candidate(weights, name, *extra)
+            held.append((key, cand))
+            while len(held) > 2:
+                held.pop(0)[1].close()
+        values = sc.score_examples(weights, name, indices, groups=groups, method=method, candidate=cand,
+                                   evaluator=slot)
+        return Score(mean_score(values), {"score": mean_score(values)}, "score"), fresh == 0, \
+            {"values": values, "evaluated": fresh}
 
     def _register(self, **extra: Any) -> None:
         self.queue.study.set_user_attr(f"worker:{self.id}", {
@@ -142,6 +174,9 @@ class _Runner:
         """Stop: candidates still evaluated here are handed back to the queue (another worker takes
         them at once); normally there are none."""
         self._stop.set()
+        for held in self._held.values():  # the candidates a slot kept across a race's batches
+            for _, cand in held:
+                cand.close()
         with self._lock:
             claimed = list(self._claimed.values())
         for trial in claimed:
