@@ -155,3 +155,21 @@ def test_workers_share_the_batches_of_one_race(tmp_path):
     # soup's missing examples (one request) in three parts
     sizes = Counter(len(t.user_attrs["indices"]) for t in _parts(storage))
     assert sizes[128] == 4 and sizes[32] >= 2 and max(sizes) == 128, sizes
+
+
+def test_search_trials_raced_through_the_queue_are_pruned_as_in_one_process(tmp_path, monkeypatch):
+    recipe = _kitchen(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    from soup.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    paths = [tmp_path / f"ing{i}" for i in range(4)]
+    kw = dict(evaluator=r.evaluator.name, n_trials=8, sampler="random", seed=3)
+    queued = soup.search_soup(paths, evaluator_args=r.evaluator.args, out=tmp_path / "soup-out",
+                              storage=f"sqlite:///{tmp_path / 'study.db'}", **kw)
+    alone = soup.search_soup(paths, evaluator_args=dict(r.evaluator.args, log=str(tmp_path / "ref.log")),
+                             out=tmp_path / "ref", cache=None, **kw)
+    assert queued.weights == alone.weights
+    assert _steps(tmp_path / "soup-out") == _steps(tmp_path / "ref")
+    assert any(s[3] == "separated" for s in _steps(tmp_path / "ref"))  # some trial was pruned
+    assert _parts(f"sqlite:///{tmp_path / 'study.db'}")

@@ -1,7 +1,7 @@
 """Search trials raced against the best trial so far, and pruned once they are surely worse.
 
-``SearchSoup`` asks optuna for a trial, then, when the evaluator gives per-example scores (one
-evaluator in this process: ``Scorer.example_count``) and the strategy's ``racing`` is on, scores it
+``SearchSoup`` asks optuna for a trial, then, when the evaluator gives per-example scores
+(``Scorer.example_count``; in this process or through the worker queue) and ``racing`` is on, scores it
 with ``Scorer.race`` against the best COMPLETE trial on the run's shared, seeded examples, with
 ``early="reject"``: after ``min_examples`` the race stops as soon as the confidence sequence of the
 mean paired difference says the trial is worse than the best (at 1 - delta). Such a trial cannot be
