@@ -319,8 +319,9 @@ def _history(scorer: Scorer) -> list[Trial]:
 
 def _step(k: int, t: Mapping[str, Any]) -> Step:
     """A trajectory step from a strategy's dict (a plug-in's missing keys get neutral values)."""
+    raced = {key: t.get(key) for key in ("examples", "of", "stopped") if t.get(key) is not None}
     return Step(int(t.get("step", k + 1)), str(t.get("tried", "?")), float(t.get("score", float("nan"))),
-                bool(t.get("kept", False)), [str(p) for p in t.get("pool") or []])
+                bool(t.get("kept", False)), [str(p) for p in t.get("pool") or []], **raced)
 
 
 def maximum_soup(ingredients: Sequence[IngredientSpec], evaluator: EvaluatorSpec, *, p: int = 1,

@@ -529,3 +529,21 @@ def test_races_spread_over_two_devices_decide_as_on_one(six):
     assert sum(sum(ev.counts.values()) for ev in Tracked.instances) == sum(single.counts.values())
     assert [(t["tried"], t.get("stopped"), t.get("examples")) for t in two.trajectory] == \
         [(t["tried"], t.get("stopped"), t.get("examples")) for t in one.trajectory]
+
+
+def test_the_plot_shows_each_evaluation_stopped_early_hollow_with_its_examples(six, tmp_path):
+    pytest.importorskip("matplotlib")
+    from soup.finish.report import make_figure
+
+    res = greedy_soup(six, PerExample(SKILLS, n=2000), cache=None, out=tmp_path / "soup")
+    history = res.manifest.evaluation.history
+    partial = [t for t in history if t.partial]
+    assert partial  # something stopped early
+    ax = make_figure(res.manifest).axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(labels) == len(history)  # every evaluation, in order
+    assert [lab for lab in labels if lab.endswith("/2000")] == \
+        [f"{lab.rsplit(' ', 1)[0]} {t.examples}/2000" for lab, t in zip(labels, history) if t.partial]
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none" and len(line.get_xdata()) == 1]
+    xs = sorted(float(line.get_xdata()[0]) for line in hollow)
+    assert xs == [float(i) for i, t in enumerate(history) if t.partial and ax.get_ylim()[0] <= t.score <= ax.get_ylim()[1]]

@@ -240,6 +240,7 @@ STYLES = {
     "soup": ("*", "tab:red", "the soup"),
     "step kept": ("o", "tab:green", "kept"),
     "step rejected": ("x", "tab:gray", "rejected"),
+    "stopped early": ("o", "tab:orange", "stopped early: mean over the examples used/of"),  # drawn hollow
 }
 
 
@@ -262,7 +263,8 @@ def _panel(ax: Any, title: str, points: list[tuple[str, float, str]], keep: Sequ
         if not math.isfinite(score):
             continue
         if lo <= score <= hi:
-            ax.plot(x, score, marker=marker, color=colour, markersize=11 if marker == "*" else 6, linestyle="")
+            ax.plot(x, score, marker=marker, color=colour, markersize=11 if marker == "*" else 6, linestyle="",
+                    markerfacecolor="none" if style == "stopped early" else colour)
             continue
         off_scale, below = True, score < lo
         edge = lo + inset if below else hi - inset
@@ -271,7 +273,8 @@ def _panel(ax: Any, title: str, points: list[tuple[str, float, str]], keep: Sequ
                     ha="center", fontsize=7, color=colour)
     for style in styles:
         marker, colour, text = STYLES[style]
-        handles.append(Line2D([], [], marker=marker, color=colour, linestyle="", label=text))
+        handles.append(Line2D([], [], marker=marker, color=colour, linestyle="", label=text,
+                              markerfacecolor="none" if style == "stopped early" else colour))
     if off_scale:
         handles.append(Line2D([], [], marker="v", color="black", linestyle="", label="off scale (value written)"))
     ax.set_xticks(range(len(points)), [p[0] for p in points], rotation=40, ha="right", fontsize=7)
@@ -296,11 +299,13 @@ def _style(m: Manifest, label: str) -> str:
 
 
 def _history_points(m: Manifest, rec: Scoring) -> list[tuple[str, float, str]]:
+    """Every evaluation in order; one a race stopped early is drawn hollow at the mean over the examples
+    it used, those written in its label (``+b 256/2000``): never shown as a score."""
     pts = []
     for t in rec.history:
-        if t.partial:  # a race stopped early: a mean over some examples, not a score to plot among scores
-            continue
-        if m.is_soup_trial(t):
+        if t.partial:
+            pts.append((f"{t.ingredient or _short(m, t)} {t.examples}/{t.of}", t.score, "stopped early"))
+        elif m.is_soup_trial(t):
             pts.append((_short(m, t), t.score, "soup"))
         elif t.ingredient is not None:
             pts.append((t.ingredient, t.score, _style(m, t.ingredient)))
@@ -342,7 +347,8 @@ def make_figure(manifest: Manifest) -> Any:
             _panel(ax, f"validation: every evaluation, in order ({who})", _history_points(m, rec), _keep(m, rec),
                    rec.soup_score, "evaluation")
         elif kind == "trajectory":
-            pts = [(("+" if t.kept else "x ") + t.tried, t.score, "step kept" if t.kept else "step rejected")
+            pts = [(("+" if t.kept else "x ") + t.tried + (f" {t.examples}/{t.of}" if t.partial else ""), t.score,
+                    "stopped early" if t.partial else "step kept" if t.kept else "step rejected")
                    for t in rec.trajectory]
             kept = [(x, t.score) for x, t in enumerate(rec.trajectory) if t.kept and math.isfinite(t.score)]
             _panel(ax, f"{m.method.name} trajectory (candidate scores)", pts, [s for _, s in kept], None, "step")

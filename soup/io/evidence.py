@@ -86,6 +86,14 @@ class Step:
     score: float
     kept: bool
     pool: list[str] = field(default_factory=list)  # the pool after this step
+    examples: int | None = None  # a raced step: the examples it used (``Trial.examples``)
+    of: int | None = None
+    stopped: str | None = None
+
+    @property
+    def partial(self) -> bool:
+        """True when ``score`` is a mean over the examples a race used, not the candidate's score."""
+        return self.stopped == "separated"
 
 
 @dataclass(frozen=True)
@@ -145,10 +153,17 @@ def _trial_dict(t: Trial) -> dict[str, Any]:
     return d
 
 
+def _step_dict(t: Step) -> dict[str, Any]:
+    d = {"step": t.step, "tried": t.tried, "score": t.score, "kept": t.kept, "pool": t.pool}
+    for key in ("examples", "of", "stopped"):  # optional: written only when known
+        if getattr(t, key) is not None:
+            d[key] = getattr(t, key)
+    return d
+
+
 def evaluation_dict(ev: Evaluation) -> dict[str, Any]:
     d = scoring_dict(ev)
-    d["trajectory"] = [{"step": t.step, "tried": t.tried, "score": t.score, "kept": t.kept, "pool": t.pool}
-                       for t in ev.trajectory]
+    d["trajectory"] = [_step_dict(t) for t in ev.trajectory]
     d["test"] = scoring_dict(ev.test) if ev.test is not None else None
     if ev.examples is not None:
         d["examples"] = dict(ev.examples)
@@ -197,7 +212,8 @@ def read_evaluation(r: Reader, ev: Mapping[str, Any]) -> Evaluation:
                                tried=r.get(t, "tried", str, f"{where}.tried", required=True),
                                score=r.get(t, "score", float, f"{where}.score", required=True),
                                kept=r.get(t, "kept", bool, f"{where}.kept", required=True),
-                               pool=[str(p) for p in pool]))
+                               pool=[str(p) for p in pool], examples=r.get(t, "examples", int, f"{where}.examples"),
+                               of=r.get(t, "of", int, f"{where}.of"), stopped=r.get(t, "stopped", str, f"{where}.stopped")))
     test = r.get(ev, "test", dict, "evaluation.test")
     examples = r.get(ev, "examples", dict, "evaluation.examples")
     if examples is not None and (set(examples) != {"evaluated", "full"} or not all(
