@@ -12,7 +12,7 @@ score cache, ``racing=False`` (every candidate scored on every example) and raci
   small bonus for averaging more (``0.04 * log k``, k the effective number of members: |S| for a
   uniform soup); noise is the weighted mean of the members' own errors (``0.1 * N(0, 1)`` per
   ingredient and example: a soup errs where its members err) plus ``0.02 * N(0, 1)`` of its own.
-- **search** (``--search-seeds``): weight search on the synthetic task, ``--trials`` trials of the
+- **search** (``--search-seeds``): weight search on the digits and the synthetic task, ``--trials`` trials of the
   ``random`` sampler (it asks the same trials whatever the results, so both runs try the same soups and
   "same best trial" is a fair check), each trial raced against the best so far and pruned once surely
   worse. Two ingredients disagree on about 11% of the examples; a greedy
@@ -185,7 +185,8 @@ def run_search_pair(paths, make_evaluator, racing, seed, trials):
                     seed=seed)
 
 
-def summarise_search(runs: list, examples_per_eval: int, n_ingredients: int, trials: int) -> list[str]:
+def summarise_search(runs: list, examples_per_eval: int, n_ingredients: int, trials: int,
+                     name: str = "search on the synthetic task") -> list[str]:
     full_total = sum(f.total for (f, _), _ in runs)
     race_total = sum(r.total for _, (r, _) in runs)
     same = sum(fr.weights == rr.weights for (_, fr), (_, rr) in runs)
@@ -194,7 +195,7 @@ def summarise_search(runs: list, examples_per_eval: int, n_ingredients: int, tri
     race_scores = [rr.soup_score.value for _, (_, rr) in runs]
     used = sorted(t.examples for t in pruned)
     return [
-        f"search on the synthetic task: {len(runs)} seeds, {n_ingredients} ingredients, {trials} random trials "
+        f"{name}: {len(runs)} seeds, {n_ingredients} ingredients, {trials} random trials "
         f"+ seeds, {examples_per_eval} examples per evaluation",
         f"  examples evaluated, racing / full: {race_total:,} / {full_total:,} = {race_total / full_total:.3f}"
         f"   (target <= 0.4)",
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-seeds", type=int, default=200)
     ap.add_argument("--examples", type=int, default=5000, help="examples of the synthetic task")
     ap.add_argument("--bad", type=int, default=2, help="bad ingredients (of 8) in the synthetic task")
-    ap.add_argument("--search-seeds", type=int, default=20, help="seeds of the search runs (synthetic task)")
+    ap.add_argument("--search-seeds", type=int, default=20, help="seeds of the search runs (synthetic task; "
+                    "the digits' first ones)")
     ap.add_argument("--trials", type=int, default=30, help="trials per search run")
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--batch", type=int, default=64)
@@ -240,12 +242,18 @@ def main(argv: list[str] | None = None) -> int:
                     self.counter.add(candidate, len(indices))
                     return super().score_examples(candidate, indices)
 
-            runs = []
+            runs, searches = [], []
             for seed in range(args.digits_seeds):
                 paths = build_ingredients(root / f"digits-{seed}", seed=seed)
-                runs.append(run_pair(paths, lambda c, s=seed: CountingDigits(c, split="val", seed=s), racing, seed))
+                make = lambda c, s=seed: CountingDigits(c, split="val", seed=s)  # noqa: E731
+                runs.append(run_pair(paths, make, racing, seed))
+                if seed < args.search_seeds:
+                    searches.append(run_search_pair(paths, make, racing, seed, args.trials))
             n_val = CountingDigits(Counting(), split="val", seed=0).examples()
             print("\n".join(summarise("digits (soup.demo)", runs, n_val, len(paths))), flush=True)
+            if searches:
+                print("\n".join(summarise_search(searches, n_val, len(paths), args.trials, "search on the digits")),
+                      flush=True)
         paths = synthetic_ingredients(root / "synthetic")
         labels = [p.name for p in paths]
 

@@ -8,7 +8,7 @@ token loss of one sentence (``PerplexityEvaluator`` with ``model=``: the number 
 before any candidate, so greedy and search race). Every seed draws new training data and new
 fine-tunes, then runs greedy (and, with ``--search-trials``, search with the random sampler) twice
 without a score cache: racing off and on. For the first ``--lm-eval-seeds`` seeds, greedy also runs
-with lm-eval on a local multiple-choice task over the same sentences (a sentence's first half; its
+(and search) with lm-eval on a local multiple-choice task over the same sentences (a sentence's first half; its
 true ending against another sentence's and its own shuffled; ``acc`` per question). Printed as
 ``bench_racing.py`` prints its tasks.
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"racing: {racing}")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    greedy_runs, search_runs, mc_runs = [], [], []
+    greedy_runs, search_runs, mc_runs, mc_search_runs = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="soup-bench-racing-lm-") as tmp:
         for seed in range(args.seeds):
             paths, base, val = task(Path(tmp) / f"seed{seed}", seed, args.ingredients, args.examples)
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                             model=str(base), batch_size=64, device="cpu")
 
                 mc_runs.append(run_pair(paths, make_mc, racing, seed))
+                if args.search_trials:
+                    mc_search_runs.append(run_search_pair(paths, make_mc, racing, seed, args.search_trials))
             print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     name = f"perplexity on a tiny Llama (greedy; {args.ingredients - 1} fine-tunes + 1 on shuffled words)"
     print("\n".join(summarise(name, greedy_runs, args.examples, args.ingredients)))
@@ -220,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         name = "lm-eval local multiple-choice task on the same fine-tunes (greedy; acc per question)"
         print("\n".join(summarise(name, mc_runs, args.mc_examples, args.ingredients)))
     if search_runs:
-        lines = summarise_search(search_runs, args.examples, args.ingredients, args.search_trials)
-        print("\n".join(lines).replace("search on the synthetic task", "search, perplexity on a tiny Llama"))
+        print("\n".join(summarise_search(search_runs, args.examples, args.ingredients, args.search_trials,
+                                         "search, perplexity on a tiny Llama")))
+    if mc_search_runs:
+        print("\n".join(summarise_search(mc_search_runs, args.mc_examples, args.ingredients, args.search_trials,
+                                         "search, lm-eval local multiple-choice task")))
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0
 
