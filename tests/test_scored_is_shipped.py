@@ -271,3 +271,32 @@ def test_two_checkpoints_with_one_header_size_and_time_have_different_fingerprin
     (twin / "model.safetensors").write_bytes(paths[0].read_bytes())
     os.utime(twin / "model.safetensors", ns=(stamp, stamp))
     assert open_checkpoint(twin).fingerprint == a.fingerprint  # the same bytes: the same soup, the same scores
+
+
+def test_a_changed_chat_template_or_config_beside_the_weights_is_scored_afresh(tmp_path):
+    """The cache key names the files a candidate carries beside its weights (config, tokenizer, chat
+    template: its config source's), which an evaluator reads as much as the weights: an edited template
+    is never answered with the old template's score; the other ingredients' scores stay cached."""
+    import json
+
+    from soup.soups.cache import ScoreCache
+
+    paths = [write_checkpoint(tmp_path / f"ft{i}", make_state(i)) for i in range(3)]
+    for p in paths:
+        (p / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    seen: list[tuple[str, str]] = []
+
+    def by_template(candidate):  # the template's length counts: a stale score would be visible
+        template = json.loads((candidate.path() / "tokenizer_config.json").read_text())["chat_template"]
+        seen.append((candidate.name, template))
+        return len(template) + float(candidate.state_dict("cpu")["model.norm.weight"].float().mean())
+
+    cache = ScoreCache(tmp_path / "scores.db")
+    first = maximum_soup(paths, by_template, p=1, cache=cache, out=tmp_path / "a")
+    assert len(seen) == 3
+    (paths[1] / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages | tojson }}"}))
+    seen.clear()
+    second = maximum_soup(paths, by_template, p=1, cache=cache, out=tmp_path / "b")
+    assert seen == [("ft1", "{{ messages | tojson }}")]  # only ft1 again, with its new template
+    assert second.scores["ft1"] == pytest.approx(first.scores["ft1"] + len(" | tojson"))
+    assert second.scores["ft0"] == first.scores["ft0"] and second.scores["ft2"] == first.scores["ft2"]

@@ -130,8 +130,35 @@ class Scorer(ExampleScores):
         extra = byte_options(args)
         if self._vocab_digest() is not None:  # vocabularies that differ: the token alignment changes the bytes
             extra = dict(extra or {}, vocab_plan=self._vocab_digest())
+        support = self._support_digest(args["weights"])
+        if support is not None:  # the config, tokenizer and template files the candidate carries
+            extra = dict(extra or {}, support=support)
         return candidate_key([c.fingerprint for c in self.checkpoints], args["weights"],
                              rules=[r.to_dict() for r in self.rules_for(groups)], dtype=self.dtype, extra=extra)
+
+    def _support_digest(self, weights: Sequence[float]) -> str | None:
+        """A digest of the files a candidate carries beside its weights (``support_files``: config,
+        tokenizer, chat templates, processor files), which an evaluator reads as much as the weights:
+        those of its config source (the first ingredient with a weight), and, when the vocabularies
+        differ, every member's. Hashed once per ingredient; None when there are none."""
+        first = next((j for j, w in enumerate(weights) if w), None)
+        if first is None:
+            return None
+        members = [first] if self._vocab_digest() is None else [j for j, w in enumerate(weights) if w]
+        digests = [d for d in (self._support_files_digest(j) for j in members) if d is not None]
+        return hashlib.sha256("\0".join(digests).encode()).hexdigest() if digests else None
+
+    def _support_files_digest(self, i: int) -> str | None:
+        memo = self.__dict__.setdefault("_support_memo", {})
+        if i not in memo:
+            from soup.io.modelfiles import support_files
+
+            root, digest = self.checkpoints[i].root, hashlib.sha256()
+            names = support_files(root).files if root is not None and Path(root).is_dir() else []
+            for name in names:
+                digest.update(name.encode() + b"\0" + (Path(root) / name).read_bytes() + b"\0")
+            memo[i] = digest.hexdigest() if names else None
+        return memo[i]
 
     def _vocab_digest(self) -> str | None:
         """A digest of the token alignment when the ingredients' vocabularies differ (their tokenizer
