@@ -42,6 +42,8 @@ class RaceEval(Evaluator):
         c = float(candidate.state_dict("cpu")["model.norm.weight"].double().mean())
         ability = max(0.0, 1.0 - abs(c - 1.0))
         time.sleep(float(self.args.get("delay", 0)))
+        if self.args.get("fail") and self.args["fail"] in candidate.name:
+            raise RuntimeError("this candidate breaks the evaluator")
         with open(self.args["log"], "a") as f:
             f.write(f"{os.getpid()} {candidate.key} {','.join(map(str, indices))}\\n")
         return [1.0 if u(i) < ability else 0.0 for i in indices]
@@ -173,3 +175,19 @@ def test_search_trials_raced_through_the_queue_are_pruned_as_in_one_process(tmp_
     assert _steps(tmp_path / "soup-out") == _steps(tmp_path / "ref")
     assert any(s[3] == "separated" for s in _steps(tmp_path / "ref"))  # some trial was pruned
     assert _parts(f"sqlite:///{tmp_path / 'study.db'}")
+
+
+def test_a_part_that_fails_on_a_worker_stops_the_run_with_one_error_naming_it(tmp_path):
+    from soup.errors import EvaluatorError
+    from soup.recipe import load_recipe
+    from soup.run import run_recipe
+
+    recipe = _kitchen(tmp_path, fail="(+ing2)")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with pytest.raises(EvaluatorError, match=r"raceeval failed on greedy candidate 3/4 \(\+ing2\).*: RuntimeError: "
+                                             r"this candidate breaks the evaluator \(on worker .* pid \d+\)"):
+        run_recipe(load_recipe(recipe), storage=storage)
+    study = _queue(storage)
+    assert [r["done"] for k, r in study.user_attrs.items() if k.startswith("run:")] == [True]
+    assert not [t for t in study.trials if t.state.name in ("WAITING", "RUNNING")]  # nothing left queued
+    assert _parts(storage) and not (tmp_path / "soup-out").exists()
