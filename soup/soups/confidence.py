@@ -4,8 +4,8 @@
 constructor, ``update``, ``interval``): an anytime-valid two-sided confidence sequence (CS) for the mean
 of ``n`` numbers in ``[-scale, scale]`` seen one at a time in a uniformly random order. It is the
 *hedged capital* CS of Waudby-Smith & Ramdas, "Estimating means of bounded random variables by betting"
-(JRSSB 2023; Sec. 4, Thm. 3, the hedged capital process, and its sampling-without-replacement form,
-Sec. 6), which uses the without-replacement mean of the remaining values from Waudby-Smith & Ramdas,
+(JRSSB 2023; the hedged capital process of its Thm. 3, in the form for sampling without replacement
+that the paper gives), with the without-replacement mean of the unseen values from Waudby-Smith & Ramdas,
 "Confidence sequences for sampling without replacement" (NeurIPS 2020). In ``[0, 1]``
 (``x = (value + scale) / (2 scale)``), for each candidate mean ``m`` of all ``n`` values:
 
@@ -44,7 +44,6 @@ __all__ = ["BettingSequence"]
 TRUNCATE = 0.5  # c: a bet never risks more than this fraction of the capital (the paper's default 1/2)
 GRID = 1024  # candidate means kept between the running interval's ends
 ROWS = 64  # factors multiplied before one log: each in [1 - c, 1 + lam], lam <= sqrt(12 log(2/delta)): no overflow
-CHUNK = 1024  # values per block when the capitals are recomputed (memory: CHUNK * grid floats)
 
 
 class BettingSequence:
@@ -73,7 +72,7 @@ class BettingSequence:
             raise ValueError(f"BettingSequence: grid={grid!r} must be >= 8")
         self.n, self.delta, self.scale, self.grid = int(n), float(delta), scale, int(grid)
         self.log_threshold = math.log(2 / self.delta)  # theta = 1/2: each capital against 2/delta
-        self._values = np.empty(min(self.n, 4096))  # the raw values, in order (grown by doubling)
+        self._store = np.empty((3, min(self.n, 4096)))  # per value: raw value, bet, sum of x before (grown)
         self.t = 0
         self._seen_scale = 0.0
         self._low, self._high = -math.inf, math.inf  # the running intersection, in value units
@@ -83,7 +82,7 @@ class BettingSequence:
     @property
     def values(self) -> np.ndarray:
         """The values observed so far, in order."""
-        return self._values[:self.t]
+        return self._store[0, :self.t]
 
     def update(self, values: Sequence[float], scale: float | None = None) -> None:
         """Observe more values (in sampling order); ``scale``: the plug-in range seen so far."""
@@ -95,17 +94,17 @@ class BettingSequence:
         if self.scale is not None and new.size and np.abs(new).max() > self.scale * (1 + 1e-12):
             raise ValueError(f"BettingSequence: a value of size {np.abs(new).max():g} is outside "
                              f"[-scale, scale] (scale={self.scale:g})")
-        if self.t + new.size > self._values.size:
-            grown = np.empty(min(self.n, max(2 * self._values.size, self.t + new.size)))
-            grown[:self.t] = self._values[:self.t]
-            self._values = grown
-        self._values[self.t:self.t + new.size] = new
+        if self.t + new.size > self._store.shape[1]:  # doubling: O(1) amortised per value
+            grown = np.empty((3, min(self.n, max(2 * self._store.shape[1], self.t + new.size))))
+            grown[:, :self.t] = self._store[:, :self.t]
+            self._store = grown
+        self._store[0, self.t:self.t + new.size] = new
         self.t += new.size
         if scale is not None:
             self._seen_scale = max(self._seen_scale, float(scale))
         if new.size:
             self._seen_scale = max(self._seen_scale, float(np.abs(new).max()))
-        self._look(new.size)
+        self._look()
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -123,44 +122,40 @@ class BettingSequence:
         self._m = np.linspace(0.0, 1.0, self.grid)  # (grid,) candidate means of x
         self._log_plus = np.zeros(self.grid)  # log K+_t(m)
         self._log_minus = np.zeros(self.grid)  # log K-_t(m)
-        self._lams = np.empty(0)  # (fed,) the predictable bets (kept to recompute on a new grid)
-        self._prev = np.empty(0)  # (fed,) sum of x before each value
 
-    def _look(self, added: int) -> None:
+    def _look(self) -> None:
         s = self.scale if self.scale is not None else self._seen_scale
         if self.t == 0:
             return
         if self.t == self.n:  # every value seen: the exact mean (fsum: the same whatever the order)
-            mean = math.fsum(self._values[:self.n].tolist()) / self.n
+            mean = math.fsum(self._store[0, :self.n].tolist()) / self.n
             self._low, self._high = max(self._low, mean), min(self._high, mean)
             return
         if s <= 0:  # every value so far is 0 and nothing bounds them: no information yet
             return
         if s != self._used_scale:  # a new plug-in scale: every x changes, start from the first value
             self._restart(s)
-        x = (self._values[self._fed:self.t] + s) / (2 * s)
+        x = (self._store[0, self._fed:self.t] + s) / (2 * s)
         np.clip(x, 0.0, 1.0, out=x)
         fresh = self._fed == 0
         lams, prev = self._bets(x)
-        self._lams, self._prev = np.concatenate([self._lams, lams]), np.concatenate([self._prev, prev])
+        self._store[1, self._fed:self.t], self._store[2, self._fed:self.t] = lams, prev  # for a new grid
         first = self._fed + 1
         self._fed = self.t
         if fresh:  # the first grid spans what is still possible
             self._m = self._span(self._grid_bounds(s))
         self._accumulate(self._m, self._log_plus, self._log_minus, x, lams, prev, first)
         lo, hi = self._endpoints()
-        self._low, self._high = max(self._low, 2 * s * lo - s), min(self._high, 2 * s * hi - s)
+        self._low, self._high = max(self._low, float(2 * s * lo - s)), min(self._high, float(2 * s * hi - s))
         lo, hi = self._grid_bounds(s)
         keep = (self._m >= lo) & (self._m <= hi)  # candidates still inside: the rest is excluded for good
         if keep.sum() < self.grid // 4 and hi > lo:  # shrunk: recompute on a grid over what is left
             self._m = self._span((lo, hi))
             self._log_plus, self._log_minus = np.zeros(self.grid), np.zeros(self.grid)
-            xs = (self._values[:self.t] + s) / (2 * s)
+            xs = (self._store[0, :self.t] + s) / (2 * s)
             np.clip(xs, 0.0, 1.0, out=xs)
-            for a in range(0, self.t, CHUNK):
-                b = min(self.t, a + CHUNK)
-                self._accumulate(self._m, self._log_plus, self._log_minus, xs[a:b], self._lams[a:b],
-                                 self._prev[a:b], a + 1)
+            self._accumulate(self._m, self._log_plus, self._log_minus, xs, self._store[1, :self.t],
+                             self._store[2, :self.t], 1)
         elif not keep.all():
             self._m, self._log_plus, self._log_minus = self._m[keep], self._log_plus[keep], self._log_minus[keep]
 
