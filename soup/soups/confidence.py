@@ -13,12 +13,14 @@ that the paper gives), with the without-replacement mean of the unseen values fr
     K+_t(m) = prod_{i<=t} (1 + min(lam_i, c / mu_i(m)) (x_i - mu_i(m)))
     K-_t(m) = prod_{i<=t} (1 - min(lam_i, c / (1 - mu_i(m))) (x_i - mu_i(m)))
 
-Under the true mean both are nonnegative martingales started at 1, so is ``max(theta K+, (1-theta) K-)``
-bounded by their mixture, and Ville's inequality keeps it below ``1/delta`` at every ``t`` with
-probability ``>= 1 - delta``: the CS is ``{m : K+_t(m) < 1/(theta delta), K-_t(m) < 1/((1-theta) delta)}``
-(``theta = 1/2``: ``2/delta`` each). ``lam_i`` is the predictable plug-in bet (a function of ``x_1..x_{i-1}``
-only): ``sqrt(2 log(2/delta) / (var_{i-1} i log(1 + i)))``, ``var`` the running variance with a prior
-``1/4``; ``c = 1/2`` truncates it so a factor never falls below ``1 - c``.
+Under the true mean both are nonnegative martingales started at 1 (the bets are predictable and
+``mu_i`` is then the mean of what is left), so by Ville's inequality the hedged capital
+``max(theta K+, (1-theta) K-)`` stays below ``1/delta`` at every ``t`` with probability ``>= 1 - delta``: the CS
+is ``{m : K+_t(m) < 1/(theta delta), K-_t(m) < 1/((1-theta) delta)}`` (the paper's max form; a candidate
+``m`` whose ``mu_i`` left ``[0, 1]`` is impossible and excluded); ``theta = 1/2``: each against ``2/delta``.
+``lam_i`` is the predictable plug-in bet (a function of ``x_1..x_{i-1}`` only):
+``sqrt(2 log(2/delta) / (var_{i-1} i log(1 + i)))``, ``var`` the running variance with a prior ``1/4``;
+``c = 1/2`` truncates it so a factor never falls below ``1 - c``.
 
 Why: a bet compounds each example's evidence instead of bounding it by a quadratic (the
 empirical-Bernstein CS), so the interval is tighter for the same data, most of all when the
@@ -55,7 +57,8 @@ class BettingSequence:
         delta: 1 - coverage, over all looks together.
         scale: the bound on ``|value|``; None: the largest ``|value|`` or ``scale`` passed to ``update``
             so far (a plug-in; when it grows, the capitals are recomputed from the stored values).
-        grid: candidate means kept (resolution of the endpoints: the interval's width / ``grid``).
+        grid: candidate means kept (the endpoints are within 4 x the interval's width / ``grid`` of
+            the exact CS's, and outside it).
 
     Raises:
         ValueError: ``n < 1``, ``delta`` outside (0, 1), ``scale <= 0`` or ``grid < 8``.
