@@ -1,5 +1,5 @@
-"""Racing's confidence sequences compared (issue 21): the empirical-Bernstein CS racing uses today
-(``soup.soups.racing.ConfidenceSequence``) against the hedged-capital betting CS
+"""Racing's confidence sequences compared (issue 21): the empirical-Bernstein CS racing used before
+(``soup.soups.confidence.BernsteinSequence``) against the hedged-capital betting CS
 (``soup.soups.confidence.BettingSequence``), both for sampling without replacement.
 
 On synthetic finite populations of paired differences (``{-1, 0, 1}`` with a given fraction of
@@ -28,9 +28,9 @@ from multiprocessing import Pool
 import numpy as np
 
 from soup.soups.confidence import BettingSequence
-from soup.soups.racing import ConfidenceSequence
+from soup.soups.confidence import BernsteinSequence
 
-CLASSES = {"old EB": ConfidenceSequence, "betting": BettingSequence}
+CLASSES = {"old EB": BernsteinSequence, "betting": BettingSequence}
 
 
 def ternary(n: int, nonzero: float, mean: float) -> np.ndarray | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from soup.soups.confidence import TRUNCATE, BettingSequence
-from soup.soups.racing import ConfidenceSequence
+from soup.soups.confidence import BernsteinSequence
 
 
 def ternary(n, nonzero, mean):
@@ -160,7 +160,7 @@ def test_agrees_with_racing_cs_in_direction():
         v = ternary(2000, 0.11, mean)
         for seed in range(4):
             order = np.random.default_rng(seed).permutation(v)
-            old, new = ConfidenceSequence(2000, 0.05, 1.0), BettingSequence(2000, 0.05, 1.0)
+            old, new = BernsteinSequence(2000, 0.05, 1.0), BettingSequence(2000, 0.05, 1.0)
             first = {}
             for a in range(0, 2000, 64):
                 for name, cs in (("old", old), ("new", new)):

@@ -22,7 +22,8 @@ from soup.errors import RecipeError
 from soup.pipeline import greedy_soup
 from soup.soups.cache import ScoreCache
 from soup.soups.evaluate import Candidate, Evaluator, mean_score
-from soup.soups.racing import ConfidenceSequence, Racing, example_order, parse_racing
+from soup.soups.confidence import BernsteinSequence, BettingSequence
+from soup.soups.racing import Racing, example_order, parse_racing
 
 LABELS = "abcdef"
 
@@ -82,16 +83,18 @@ def kept(res):
 # ---- the confidence sequence --------------------------------------------------------------------
 
 
-def _false_separations(make_population, streams, n, delta, batch=32, min_examples=64, scale=1.0):
-    """Fraction of streams (a population of n paired differences, shuffled by the seed) where the CS,
-    looked at after every batch, ever excludes the population's true mean before every value is used."""
+def _false_separations(make_population, streams, n, delta, batch=32, min_examples=64, scale=1.0,
+                       sequence=BettingSequence):
+    """Fraction of streams (a population of n paired differences, shuffled by the seed) where the CS
+    (racing's, or ``sequence``), looked at after every batch, ever excludes the population's true mean
+    before every value is used."""
     false = 0
     for seed in range(streams):
         rng = random.Random(seed)
         pop = make_population(rng, n)
         rng.shuffle(pop)
         truth = math.fsum(pop) / n
-        cs, used = ConfidenceSequence(n, delta, scale), 0
+        cs, used = sequence(n, delta, scale), 0
         while used < n:
             step = max(min_examples, batch) if used == 0 else batch
             cs.update(pop[used:used + step], scale=None if scale else max(map(abs, pop[:used + step])))
@@ -114,16 +117,18 @@ def _skewed(rng, n):  # many small gains, a few large losses: mean exactly 0
 
 
 def _continuous(rng, n):  # losses-like differences, centred
-    pop = [max(-1.0, min(1.0, rng.gauss(0, 0.3))) for _ in range(n)]
+    pop = [max(-0.9, min(0.9, rng.gauss(0, 0.3))) for _ in range(n)]  # centred, still inside [-1, 1]
     m = math.fsum(pop) / n
     return [x - m for x in pop]
 
 
+@pytest.mark.parametrize("sequence", [BettingSequence, BernsteinSequence])
 @pytest.mark.parametrize("population", [_accuracy_like, _skewed, _continuous])
-def test_confidence_sequence_holds_its_error_rate(population):
-    """2000 streams with zero-mean paired differences: false separations <= delta, measured."""
+def test_confidence_sequence_holds_its_error_rate(population, sequence):
+    """2000 streams with zero-mean paired differences: false separations <= delta, measured (racing's
+    betting CS and the empirical-Bernstein one it used before)."""
     delta = 0.05
-    rate = _false_separations(population, 2000, 400, delta)
+    rate = _false_separations(population, 2000, 400, delta, sequence=sequence)
     assert rate <= delta, rate
 
 
@@ -143,7 +148,7 @@ def test_confidence_sequence_error_rate_at_a_loose_delta():
 def test_confidence_sequence_separates_a_clear_difference_and_tightens():
     pop = [-1.0] * 300 + [0.0] * 700  # mean -0.3
     random.Random(0).shuffle(pop)
-    cs = ConfidenceSequence(1000, 0.05, 1.0)
+    cs = BettingSequence(1000, 0.05, 1.0)
     cs.update(pop[:128])
     assert cs.interval[1] < 0  # separated from 0 after 128 of 1000
     width = cs.interval[1] - cs.interval[0]
@@ -547,3 +552,17 @@ def test_the_plot_shows_each_evaluation_stopped_early_hollow_with_its_examples(s
     hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none" and len(line.get_xdata()) == 1]
     xs = sorted(float(line.get_xdata()[0]) for line in hollow)
     assert xs == [float(i) for i, t in enumerate(history) if t.partial and ax.get_ylim()[0] <= t.score <= ax.get_ylim()[1]]
+
+
+def test_a_per_example_score_outside_the_evaluators_range_is_one_error_naming_the_example(six, tmp_path):
+    from soup.errors import EvaluatorError
+
+    class OutOfRange(PerExample):
+        def score_examples(self, candidate, indices):
+            out = super().score_examples(candidate, indices)
+            return [1.5 if i == indices[3] else v for i, v in zip(indices, out)]
+
+    with pytest.raises(EvaluatorError, match=r"returned 1\.5 for example \d+ \(\w\), outside its example_range "
+                                             r"\(0\.0, 1\.0\)"):
+        greedy_soup(six, OutOfRange(SKILLS, n=400), cache=None, out=tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()

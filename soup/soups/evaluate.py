@@ -296,7 +296,14 @@ def run_examples(evaluator: Evaluator, candidate: Candidate, indices: Sequence[i
     if len(values) != len(indices):
         raise EvaluatorError(f"{what} returned {len(values)} per-example scores for {len(indices)} examples "
                              f"({candidate.name})")
-    return [_finite(evaluator, candidate, v, "per-example score") for v in values]
+    out = [_finite(evaluator, candidate, v, "per-example score") for v in values]
+    bounds = evaluator.example_range
+    if bounds is not None:  # races bound each paired difference by the range: a value outside breaks that
+        for i, v in zip(indices, out):
+            if not float(bounds[0]) <= v <= float(bounds[1]):
+                raise EvaluatorError(f"{what} returned {v!r} for example {i} ({candidate.name}), outside its "
+                                     f"example_range {tuple(bounds)}")
+    return out
 
 
 def _call(evaluator: Evaluator, candidate: Candidate, call: Callable[[], Any], kind: str) -> Any:
