@@ -16,9 +16,8 @@ way), by ``module:Class`` or by ``path/to/file.py:Class``; keyword arguments com
 Contract: ``score`` may be called many times on one instance, from one thread at a time; an
 evaluator may keep a model resident between calls. ``close()`` releases it.
 
-Optional per-example scores (racing, ``soup.soups.racing``; docs/racing.md): an evaluator that can
-score a candidate on a subset of its examples implements ``examples()`` and ``score_examples``; the
-scorer then compares candidates on shared examples and stops as soon as the decision is clear.
+Optional per-example scores (racing, docs/racing.md): an evaluator that scores a candidate on a subset
+of its examples implements ``examples()`` and ``score_examples``; candidates then race on shared examples.
 """
 
 from __future__ import annotations
@@ -181,7 +180,7 @@ class Evaluator(ABC):
     the evaluator's ``direction`` (1.0/0.0 for right/wrong, a loss...), each a function of the candidate
     and its example only (never of the other indices: cached scores from different calls are mixed),
     their mean over every example ranking candidates as ``score`` does. ``example_range = (low, high)``
-    bounds each per-example score (racing's scale; None: the range seen so far). ``score_is_mean``:
+    bounds each per-example score (racing's scale, checked; None: the range seen). ``score_is_mean``:
     ``score`` is exactly ``mean_score`` of every per-example score (a float), so the scorer builds full
     scores from cached per-example ones and reads a tolerance on their scale; False (perplexity: token
     losses per example, a perplexity as the score): a full score is always ``score``'s.
@@ -255,9 +254,8 @@ def run_evaluator(evaluator: Evaluator, candidate: Candidate) -> Score:
 
     A plug-in that raises, calls ``sys.exit`` or returns something other than a finite number (or a
     mapping of them) is an error naming the evaluator and the candidate; the plug-in's own text is
-    passed through ``redact`` so a token it saw never reaches the terminal. A real stop signal
-    (Ctrl-C, SIGTERM: see ``soup.signals``) propagates; a ``KeyboardInterrupt`` the plug-in raised
-    itself is an error.
+    passed through ``redact`` so a token it saw never reaches the terminal. A real stop signal (Ctrl-C,
+    SIGTERM: ``soup.signals``) propagates; a ``KeyboardInterrupt`` the plug-in raised is an error.
     """
     return to_score(evaluator, candidate, _call(evaluator, candidate, lambda: evaluator.score(candidate), ""))
 
@@ -297,12 +295,10 @@ def run_examples(evaluator: Evaluator, candidate: Candidate, indices: Sequence[i
         raise EvaluatorError(f"{what} returned {len(values)} per-example scores for {len(indices)} examples "
                              f"({candidate.name})")
     out = [_finite(evaluator, candidate, v, "per-example score") for v in values]
-    bounds = evaluator.example_range
-    if bounds is not None:  # races bound each paired difference by the range: a value outside breaks that
-        for i, v in zip(indices, out):
-            if not float(bounds[0]) <= v <= float(bounds[1]):
-                raise EvaluatorError(f"{what} returned {v!r} for example {i} ({candidate.name}), outside its "
-                                     f"example_range {tuple(bounds)}")
+    low, high = evaluator.example_range or (-math.inf, math.inf)  # races bound each difference by it
+    if (bad := next(((i, v) for i, v in zip(indices, out) if not low <= v <= high), None)) is not None:
+        raise EvaluatorError(f"{what} returned {bad[1]!r} for example {bad[0]} ({candidate.name}), outside its "
+                             f"example_range ({low}, {high})")
     return out
 
 
