@@ -146,19 +146,17 @@ def scoring_dict(s: Scoring) -> dict[str, Any]:
 
 
 def _trial_dict(t: Trial) -> dict[str, Any]:
-    d = {"candidate": t.candidate, "weights": t.weights, "score": t.score, "metrics": t.metrics, "cached": t.cached}
-    for key in ("examples", "of", "stopped"):  # optional: written only when known
-        if getattr(t, key) is not None:
-            d[key] = getattr(t, key)
-    return d
+    return _raced({"candidate": t.candidate, "weights": t.weights, "score": t.score, "metrics": t.metrics,
+                   "cached": t.cached}, t)
 
 
 def _step_dict(t: Step) -> dict[str, Any]:
-    d = {"step": t.step, "tried": t.tried, "score": t.score, "kept": t.kept, "pool": t.pool}
-    for key in ("examples", "of", "stopped"):  # optional: written only when known
-        if getattr(t, key) is not None:
-            d[key] = getattr(t, key)
-    return d
+    return _raced({"step": t.step, "tried": t.tried, "score": t.score, "kept": t.kept, "pool": t.pool}, t)
+
+
+def _raced(d: dict[str, Any], t: Trial | Step) -> dict[str, Any]:
+    """``d`` with what a race recorded of ``t`` (examples, of, stopped): optional, written only when known."""
+    return {**d, **{key: getattr(t, key) for key in ("examples", "of", "stopped") if getattr(t, key) is not None}}
 
 
 def evaluation_dict(ev: Evaluation) -> dict[str, Any]:
