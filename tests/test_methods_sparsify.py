@@ -458,3 +458,28 @@ def test_exact_sums_of_float32_blocks_equal_the_exact_rational_sum():
     exact = [float(sum(Fraction(v) for v in x[r].double().tolist()) + sum(Fraction(v) for v in x[r, :7].double().tolist()))
              for r in range(3)]
     assert as32.totals() == as64.totals() == mixed.totals() == exact
+
+
+def _splitmix_reference(seed: int, name: str, i: int, stream: int) -> float:
+    """splitmix64 in plain Python integers (mod 2^64), as ``uniform`` documents it."""
+    import hashlib
+
+    mask = (1 << 64) - 1
+    key = int.from_bytes(hashlib.blake2b(f"{seed}\0{name}\0{stream}".encode(), digest_size=8).digest(), "little") >> 2
+    z = (i * 0x9E3779B97F4A7C15 + key) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return (z >> 11) / (1 << 53)
+
+
+def test_the_counter_based_draws_are_splitmix64_and_the_masks_compare_exactly():
+    from soup.methods.base import uniform_below
+
+    idx = [0, 1, 2, 12345, 2 ** 40 + 7]
+    for i in idx:
+        assert uniform(9, NAME, i, i + 1, stream=2).item() == _splitmix_reference(9, NAME, i, 2)
+    u = uniform(9, NAME, 1000, 201000, stream=1)
+    for p in (0.0, 1e-12, 0.1, 1 / 3, 0.5, 0.9, 1.0):
+        assert torch.equal(uniform_below(p, 9, NAME, 1000, 201000, stream=1), u < p), p
+    assert uniform_below(0.3, 9, NAME, 1000, 201000, stream=1).float().mean().item() == pytest.approx(0.3, abs=0.005)

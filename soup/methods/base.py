@@ -29,6 +29,7 @@ A new method is one file: a subclass with a name, a reference, its parameters an
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["MergeMethod", "Param", "TensorParams", "TensorInput", "At", "uniform"]
+__all__ = ["MergeMethod", "Param", "TensorParams", "TensorInput", "At", "uniform", "uniform_below"]
 
 
 @dataclass(frozen=True)
@@ -150,16 +151,19 @@ def _key(seed: int, name: str) -> int:
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's multipliers
 
 
-def _mix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (wrapping arithmetic; logical shifts by masking)."""
-    def shr(v: torch.Tensor, k: int) -> torch.Tensor:
-        return (v >> k) & ((1 << (64 - k)) - 1)
-
-    m1 = torch.tensor(_M1 - (1 << 64), dtype=torch.int64, device=z.device)
-    m2 = torch.tensor(_M2 - (1 << 64), dtype=torch.int64, device=z.device)
-    z = (z ^ shr(z, 30)) * m1
-    z = (z ^ shr(z, 27)) * m2
-    return z ^ shr(z, 31)
+def _bits(seed: int, name: str, start: int, stop: int, stream: int, device: torch.device | str) -> torch.Tensor:
+    """53 random bits (int64) per flat index in ``[start, stop)``: splitmix64 (its finaliser with wrapping
+    arithmetic, logical shifts by masking) on the index stepped by the golden gamma and keyed by
+    (seed, name, stream); computed in place, one scratch tensor."""
+    z = torch.arange(start, stop, dtype=torch.int64, device=device)
+    z.mul_(0x9E3779B97F4A7C15 - (1 << 64)).add_(_key(seed, f"{name}\0{stream}"))
+    t = torch.empty_like(z)
+    for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        z.bitwise_xor_(t.bitwise_and_((1 << (64 - shift)) - 1))
+        if mult is not None:
+            z.mul_(mult - (1 << 64))
+    return z.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)
 
 
 def uniform(seed: int, name: str, start: int, stop: int, *, stream: int = 0,
@@ -169,8 +173,11 @@ def uniform(seed: int, name: str, start: int, stop: int, *, stream: int = 0,
     Counter-based: value i depends only on (seed, name, stream, i), so any block split and any device
     give the same values. ``stream`` separates independent draws (e.g. one per ingredient).
     """
-    key = _key(seed, f"{name}\0{stream}")
-    idx = torch.arange(start, stop, dtype=torch.int64, device=device)
-    gamma = 0x9E3779B97F4A7C15 - (1 << 64)
-    z = _mix(idx * gamma + torch.tensor(key, dtype=torch.int64, device=device))
-    return ((z >> 11) & ((1 << 53) - 1)).to(torch.float64) * (1.0 / (1 << 53))
+    return _bits(seed, name, start, stop, stream, device).to(torch.float64).mul_(1.0 / (1 << 53))
+
+
+def uniform_below(p: float, seed: int, name: str, start: int, stop: int, *, stream: int = 0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """``uniform(...) < p`` exactly, without the float64 values: u = bits / 2^53, so u < p exactly when
+    bits < ceil(p * 2^53) (scaling by a power of two is exact)."""
+    return _bits(seed, name, start, stop, stream, device) < math.ceil(float(p) * (1 << 53))

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from soup.errors import RecipeError
-from soup.methods.base import At, MergeMethod, Param, TensorInput, TensorParams, uniform
+from soup.methods.base import At, MergeMethod, Param, TensorInput, TensorParams, uniform, uniform_below
 from soup.methods.select import ExactSums, kth_largest
 
 __all__ = [
@@ -134,7 +134,7 @@ def interval_keep(magnitude: torch.Tensor, bound: tuple[float, float]) -> torch.
 def dare_keep(seed: int, at: At, stream: int, density: float,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's mask: keep element j with probability ``density`` (``u_j < density``, u from ``uniform``)."""
-    return uniform(seed, at.name, at.start, at.stop, stream=stream, device=device) < density
+    return uniform_below(density, seed, at.name, at.start, at.stop, stream=stream, device=device)
 
 
 def della_probabilities(magnitude: torch.Tensor, shape: tuple[int, ...], density: float,
