@@ -17,7 +17,7 @@ from typing import Any
 from soup.errors import EvaluatorError
 from soup.soups.evaluate import Candidate, run_examples
 
-__all__ = ["ExampleScores", "ExampleRequest", "spread"]
+__all__ = ["ExampleScores", "ExampleRequest", "spread", "soup_keywords"]
 
 # one side of a comparison's batch: (weights, name, example indices, {groups, method} when set)
 ExampleRequest = tuple[Sequence[float], str, Sequence[int], Mapping[str, Any]]
@@ -87,8 +87,7 @@ class ExampleScores:
         missing = list(dict.fromkeys(i for i in indices if i not in have))
         if missing:
             own = candidate is None
-            extra = (groups, method) if method is not None else (groups,)  # AdapterScorer has no method
-            cand = candidate if candidate is not None else self.candidate(weights, name, *extra)
+            cand = candidate if candidate is not None else self.candidate(weights, name, **soup_keywords(groups, method))
             try:
                 values = run_examples(self.evaluators[evaluator], cand, missing)
             finally:
@@ -122,6 +121,17 @@ class ExampleScores:
 
         got = spread(range(len(requests)), devices, lambda i: where[i] % devices, one)
         return [got[i] for i in range(len(requests))]
+
+
+def soup_keywords(groups: Mapping[str, Sequence[float]] | None, method: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A candidate's other weights and method as scorer keywords, only those set (an adapter scorer
+    takes no ``method``)."""
+    out: dict[str, Any] = {}
+    if groups:
+        out["groups"] = dict(groups)
+    if method is not None:
+        out["method"] = dict(method)
+    return out
 
 
 def spread(items: Sequence[int], devices: int, device: Callable[[int], int],

@@ -17,11 +17,12 @@ partial means at the same step, unpaired, with no error guarantee).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from soup.soups.evaluate import Score
+from soup.soups.examples import soup_keywords
 from soup.soups.racing import STOP_SEPARATED, Racing
 
 __all__ = ["Best", "race_trial"]
@@ -47,10 +48,10 @@ def race_trial(scorer: Any, trial: Any, soup: tuple[list[float], dict[str, list[
     number of examples used, in either case.
     """
     weights, groups, method = soup
-    mine = _soup(groups, method)
+    mine = soup_keywords(groups, method)
     race = scorer.race(weights, best.weights, name=name, pool_name=best.name, keep=_not_worse(scorer),
                        racing=racing, pool_score=best.score, early="reject", candidate_soup=mine,
-                       pool_soup=_soup(best.groups, best.method))
+                       pool_soup=soup_keywords(best.groups, best.method))
     if race.examples:
         trial.report(race.estimate, race.examples)
     if race.stopped == STOP_SEPARATED and not race.kept:
@@ -62,13 +63,3 @@ def race_trial(scorer: Any, trial: Any, soup: tuple[list[float], dict[str, list[
 
 def _not_worse(scorer: Any) -> Callable[[float, float], bool]:
     return lambda candidate, best: not scorer.better(best, candidate)
-
-
-def _soup(groups: Mapping[str, Sequence[float]] | None, method: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A side's other weights as ``Scorer`` keywords (only those set: an adapter scorer takes no method)."""
-    out: dict[str, Any] = {}
-    if groups:
-        out["groups"] = dict(groups)
-    if method is not None:
-        out["method"] = dict(method)
-    return out

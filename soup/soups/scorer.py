@@ -28,7 +28,7 @@ from typing import Any
 from soup.soups.cache import ScoreCache, candidate_key, evaluator_key
 from soup.io.checkpoint import Checkpoint
 from soup.soups.evaluate import Candidate, Evaluator, Score, mean_score, run_aggregate, run_evaluator
-from soup.soups.examples import ExampleScores
+from soup.soups.examples import ExampleScores, soup_keywords
 from soup.soups.racing import STOP_CACHED, STOP_FULL, Race, Racing, Ranking, run_race, run_rank
 from soup.merging import merge
 from soup.soups.construction import byte_options, first_nonzero, math_device, merge_arguments, write_candidate
@@ -90,6 +90,7 @@ class Scorer(ExampleScores):
         self.examples_full = 0  # what evaluating every candidate whole would have scored (its cache hits excepted)
         self._count_lock = threading.Lock()
         self._memo_lock = threading.Lock()
+        self._support_memo: dict[int, str | None] = {}  # ingredient -> digest of its support files
 
     @property
     def direction(self) -> str:
@@ -149,7 +150,7 @@ class Scorer(ExampleScores):
         return hashlib.sha256("\0".join(digests).encode()).hexdigest() if digests else None
 
     def _support_files_digest(self, i: int) -> str | None:
-        memo = self.__dict__.setdefault("_support_memo", {})
+        memo = self._support_memo
         if i not in memo:
             from soup.io.modelfiles import support_files
 
@@ -293,10 +294,10 @@ class Scorer(ExampleScores):
         the missing examples are spread over the workers and aggregated here (a score built from
         per-example scores), or a worker scores the candidate whole."""
         if self._queue is not None and self.peek(weights, groups, method) is None:
-            n, extra = self._known_examples(), {k: v for k, v in (("groups", groups), ("method", method)) if v}
+            n = self._known_examples()
             if n is None or not self._from_examples(self.evaluator):
                 return self._queue.score_many([(weights, name, groups, method)], record=False)[0], True
-            self.examples_many([(weights, name, range(n), extra)])  # then every example is known here
+            self.examples_many([(weights, name, range(n), soup_keywords(groups, method))])  # then all known here
         score, cached = self._evaluate(weights, name, groups=groups, method=method,
                                        make=(lambda: nullcontext(candidate)) if candidate else None)
         return score, not cached

@@ -132,9 +132,9 @@ class EvaluationQueue:
         per = max(1, -(-self.parallelism() // max(1, len(requests))))
         items: list[tuple] = []
         want: dict[str, int] = {}
-        for weights, name, indices, extra in requests:
+        keys = [sc.key(weights, extra.get("groups"), extra.get("method")) for weights, _, _, extra in requests]
+        for (weights, name, indices, extra), key in zip(requests, keys):
             groups, method = extra.get("groups"), extra.get("method")
-            key = sc.key(weights, groups, method)
             have = sc.known_examples(key, indices)
             missing = list(dict.fromkeys(i for i in indices if i not in have))
             parts = min(per, -(-len(missing) // PART))
@@ -150,11 +150,8 @@ class EvaluationQueue:
                 if not any(self._usable(t) for t in trials.get(task, [])):
                     self._enqueue(task, *items[k])
             self._wait(dict(want), items, {})
-        out = []
-        for weights, name, indices, extra in requests:
-            have = sc.known_examples(sc.key(weights, extra.get("groups"), extra.get("method")), indices)
-            out.append([have[i] for i in indices])
-        return out
+        known = [sc.known_examples(key, indices) for (_, _, indices, _), key in zip(requests, keys)]
+        return [[have[i] for i in indices] for (_, _, indices, _), have in zip(requests, known)]
 
     def _usable(self, t: Any) -> bool:
         """A trial that gives (or will give) this key's score: done, queued or being evaluated."""

@@ -16,6 +16,7 @@ from soup.soups.cache import display_url
 from soup.errors import SoupError, redact
 from soup.progress import Reporter
 from soup.soups.evaluate import Score, mean_score
+from soup.soups.examples import soup_keywords
 from soup.workers.queue import _Queue
 from soup.workers.settings import _me, _trial_id
 
@@ -141,8 +142,7 @@ class _Runner:
         held = self._held.setdefault(slot, [])
         cand = next((c for k, c in held if k == key), None)
         if cand is None:
-            extra = (groups, method) if method is not None else (groups,)  # AdapterScorer has no method
-            cand = sc.candidate(weights, name, *extra)
+            cand = sc.candidate(weights, name, **soup_keywords(groups, method))
             held.append((key, cand))
             while len(held) > 2:
                 held.pop(0)[1].close()
