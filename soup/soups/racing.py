@@ -22,7 +22,7 @@ form for sampling *without replacement* from a finite population. Why this one:
 - betting: each example's evidence compounds, so it adapts to the small variance of paired differences
   (most ``d_i`` are 0 for accuracy) better than the closed-form empirical-Bernstein CS of the same
   papers (``BernsteinSequence``, which racing used before): measured in ``benchmarks/bench_confidence.py``,
-  0.6-0.95x the examples to separate, both holding their error rate; the price, about 1 ms of CPU per
+  0.60-1.00x the examples to separate, both holding their error rate; the price, about 1 ms of CPU per
   batch of 64 on a grid of candidate means, is nothing beside scoring 64 examples with a model.
 
 It needs the range of the differences: ``Evaluator.example_range`` (low, high) bounds each score, so
